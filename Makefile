@@ -1,0 +1,73 @@
+# podbroker: `make demo` runs the whole thing locally; `make test` runs every check.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export PODBROKER_CACHE ?= $(HOME)/.cache/podbroker
+export UV_CACHE_DIR ?= $(PODBROKER_CACHE)/uv
+EXTRAS := broker,airflow,postgres,dev
+
+.PHONY: help venv binaries postgres-packages lint typecheck imports check unit test demo bench lock clean
+
+help:
+	@echo "make demo   - local OpenBao + control plane + broker + example DAG runs + audit report"
+	@echo "make test   - install everything needed, then ruff, mypy, import-linter and all tests"
+	@echo "make bench  - launch latency benchmarks (printed tables)"
+	@echo "make lock   - re-resolve constraints.txt from pyproject.toml"
+
+$(BIN)/uv:
+	@echo "==> creating $(VENV)"
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check uv==0.13.8
+
+$(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/uv
+	@echo "==> installing podbroker[$(EXTRAS)] with pinned versions (constraints.txt)"
+	$(BIN)/uv pip install --python $(BIN)/python -q -c constraints.txt -e ".[$(EXTRAS)]"
+	@touch $@
+
+venv: $(VENV)/.installed
+
+lock: | $(BIN)/uv
+	$(BIN)/uv pip compile pyproject.toml --extra broker --extra airflow --extra postgres \
+	  --extra dev --python-version 3.11 -c deploy/python-pins.txt -o constraints.txt \
+	  --no-header --annotation-style line -q
+
+# Control-plane binaries: built once from pinned Go modules into $(PODBROKER_CACHE),
+# or taken from $$KUBEBUILDER_ASSETS.
+binaries:
+	@echo "==> control-plane binaries (etcd, kube-apiserver, controller-manager, scheduler, kubectl, kwok)"
+	@bash deploy/devstack/build-binaries.sh >/dev/null
+
+postgres-packages:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && [ -z "$$PODBROKER_PG_BINDIR" ]; then \
+	  echo "==> installing PostgreSQL from Debian's packages"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	fi
+
+lint: venv
+	$(BIN)/ruff check broker airflow_plugin tests
+	$(BIN)/ruff format --check broker airflow_plugin tests
+
+typecheck: venv
+	$(BIN)/mypy
+
+imports: venv
+	$(BIN)/lint-imports
+
+check: lint typecheck imports
+
+unit: venv
+	$(BIN)/pytest tests/unit -q
+
+test: venv binaries postgres-packages check
+	$(BIN)/pytest tests -q -p no:cacheprovider
+
+demo: venv binaries postgres-packages
+	$(BIN)/podbroker dev demo
+
+bench: venv binaries postgres-packages
+	$(BIN)/python -m tests.bench.launch_latency
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

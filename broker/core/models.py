@@ -1,0 +1,74 @@
+"""Plain data shared by the broker, its adapters and the Airflow side (pydantic only)."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SECRET_NAME_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,126}[a-z0-9])?$"
+ENV_VAR_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+_ENV_RE = re.compile(ENV_VAR_PATTERN)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TaskIdentity(Strict):
+    """Which Airflow task instance a launch is for; the idempotency key of a launch."""
+
+    dag_id: Annotated[str, Field(min_length=1, max_length=250)]
+    task_id: Annotated[str, Field(min_length=1, max_length=250)]
+    run_id: Annotated[str, Field(min_length=1, max_length=250)]
+    try_number: Annotated[int, Field(ge=0)] = 1
+    map_index: int = -1
+
+
+class EnvDelivery(Strict):
+    """Deliver a secret's keys as environment variables: each key upper-cased behind
+    ``prefix`` (``prefix="DB_"``: key ``password`` -> ``DB_PASSWORD``), or exactly as
+    ``mapping`` says (key -> variable); keys outside the mapping are not delivered."""
+
+    type: Literal["env"] = "env"
+    prefix: str | None = None
+    mapping: dict[str, Annotated[str, Field(pattern=ENV_VAR_PATTERN)]] | None = None
+
+    @model_validator(mode="after")
+    def _one_style(self) -> EnvDelivery:
+        if self.prefix is not None and self.mapping is not None:
+            raise ValueError("give either prefix or mapping, not both")
+        if self.prefix is not None and self.prefix and not _ENV_RE.match(self.prefix):
+            raise ValueError(f"prefix {self.prefix!r} is not a valid environment variable start")
+        return self
+
+
+class FileDelivery(Strict):
+    """Deliver a secret's keys as files (one per key, mode 0400) under ``mount_path``."""
+
+    type: Literal["file"] = "file"
+    mount_path: Annotated[str, Field(pattern=r"^/[A-Za-z0-9._/-]*$", max_length=250)]
+
+    @model_validator(mode="after")
+    def _safe_path(self) -> FileDelivery:
+        if ".." in self.mount_path.split("/"):
+            raise ValueError("mount_path must not contain '..'")
+        return self
+
+
+Delivery = Annotated[EnvDelivery | FileDelivery, Field(discriminator="type")]
+
+
+class SecretRequest(Strict):
+    """One secret a task asks for, by logical name, and how it wants it."""
+
+    name: Annotated[str, Field(pattern=SECRET_NAME_PATTERN)]
+    delivery: Delivery = Field(default_factory=EnvDelivery)
+
+
+class Caller(Strict):
+    """An authenticated caller of the broker API."""
+
+    identity: str  # e.g. "system:serviceaccount:airflow:airflow-worker" or "static:dev"
+    allowed_dag_globs: tuple[str, ...] = ()

@@ -1,0 +1,90 @@
+"""Session-scoped real servers (OpenBao, Kubernetes control plane, PostgreSQL, Airflow
+home). Each starts on first use and stops at the end of the session; tests isolate
+themselves with unique names (namespaces, mounts, DAG ids), not restarts."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import hvac
+import pytest
+from kubernetes import client
+
+from broker.devstack.airflow_env import prepare_airflow_home
+from broker.devstack.kube import ControlPlane, start_control_plane
+from broker.devstack.openbao import OpenBao, start_openbao
+from broker.devstack.postgres import Postgres, start_postgres
+from broker.devstack.procs import reap_stale_processes
+from broker.devstack.stack import make_stack_folder
+
+TESTS_DIR = Path(__file__).parent
+
+
+@pytest.fixture(scope="session")
+def stack_folder() -> Path:
+    for stale in reap_stale_processes():
+        print(f"stopped a leftover process from a crashed run: {stale}")
+    return make_stack_folder("podbroker-test-")
+
+
+@pytest.fixture(scope="session")
+def vault(stack_folder: Path) -> Iterator[OpenBao]:
+    server = start_openbao(stack_folder / "openbao")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def kube(stack_folder: Path) -> Iterator[ControlPlane]:
+    plane = start_control_plane(stack_folder / "kube")
+    yield plane
+    plane.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres(stack_folder: Path) -> Iterator[Postgres]:
+    server = start_postgres(stack_folder / "postgres")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def airflow_env(stack_folder: Path) -> dict[str, str]:
+    """Environment for `airflow` commands: SQLite home migrated, tests/dags as DAG folder."""
+    return prepare_airflow_home(stack_folder / "airflow", TESTS_DIR / "dags")
+
+
+@pytest.fixture
+def vault_root(vault: OpenBao) -> hvac.Client:
+    return hvac.Client(url=vault.url, token=vault.root_token)
+
+
+@pytest.fixture
+def kube_api(kube: ControlPlane) -> Iterator[client.ApiClient]:
+    api = kube.api_client()
+    yield api
+    api.close()
+
+
+@pytest.fixture
+def unique() -> str:
+    """A short unique suffix for names (namespaces, mounts, DAG ids) in one test."""
+    return uuid.uuid4().hex[:8]
+
+
+@pytest.fixture
+def namespace(kube_api: client.ApiClient, unique: str) -> Iterator[str]:
+    """A fresh namespace, deleted after the test."""
+    name = f"t-{unique}"
+    core = client.CoreV1Api(kube_api)
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+    yield name
+    core.delete_namespace(name)
+
+
+def pytest_report_header() -> list[str]:
+    assets = os.environ.get("KUBEBUILDER_ASSETS")
+    return [f"control-plane binaries: {assets or 'built from pinned Go modules (cached)'}"]
