@@ -1,0 +1,14 @@
+"""The `podbroker` command. Each area adds its own sub-app here with one add_typer line."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="podbroker",
+    help="Secrets-brokering pod launcher for Airflow on Kubernetes with Vault/OpenBao.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,  # locals may hold secret values
+)
+
+# Sub-apps (one line each, keep sorted):
