@@ -52,8 +52,12 @@ def start_openbao(folder: Path) -> OpenBao:
         f'audit "file" "to-file" {{\n  options {{\n    file_path = "{audit_log}"\n  }}\n}}\n'
     )
     argv = [
-        find_bao(), "server", "-dev", f"-dev-root-token-id={root_token}",
-        f"-dev-listen-address=127.0.0.1:{port}", f"-config={config}",
+        find_bao(),
+        "server",
+        "-dev",
+        f"-dev-root-token-id={root_token}",
+        f"-dev-listen-address=127.0.0.1:{port}",
+        f"-config={config}",
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
     process = ManagedProcess("openbao", argv, folder / "openbao.log", env=env).start()

@@ -19,7 +19,8 @@ _VALIDITY = dt.timedelta(days=2)
 
 def _key_pem(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:
     return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
 
@@ -41,16 +42,24 @@ class LocalCA:
         now = dt.datetime.now(dt.UTC)
         self._cert = (
             x509.CertificateBuilder()
-            .subject_name(name).issuer_name(name)
+            .subject_name(name)
+            .issuer_name(name)
             .public_key(self._key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + _VALIDITY)
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + _VALIDITY)
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(
-                    digital_signature=True, key_cert_sign=True, crl_sign=True,
-                    content_commitment=False, key_encipherment=False, data_encipherment=False,
-                    key_agreement=False, encipher_only=False, decipher_only=False,
+                    digital_signature=True,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    encipher_only=False,
+                    decipher_only=False,
                 ),
                 critical=True,
             )
@@ -60,8 +69,13 @@ class LocalCA:
         self.cert_path.write_bytes(self._cert.public_bytes(serialization.Encoding.PEM))
 
     def issue(
-        self, name: str, *, common_name: str, organizations: tuple[str, ...] = (),
-        server: bool = False, client: bool = False,
+        self,
+        name: str,
+        *,
+        common_name: str,
+        organizations: tuple[str, ...] = (),
+        server: bool = False,
+        client: bool = False,
     ) -> CertPair:
         """Issue a leaf certificate. Server certs are valid for 127.0.0.1 and localhost."""
         key = ec.generate_private_key(ec.SECP256R1())
@@ -75,20 +89,24 @@ class LocalCA:
         now = dt.datetime.now(dt.UTC)
         builder = (
             x509.CertificateBuilder()
-            .subject_name(x509.Name(attributes)).issuer_name(self._cert.subject)
+            .subject_name(x509.Name(attributes))
+            .issuer_name(self._cert.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + _VALIDITY)
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + _VALIDITY)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         )
         if server:
             builder = builder.add_extension(
-                x509.SubjectAlternativeName([
-                    x509.DNSName("localhost"),
-                    x509.DNSName("kubernetes.default.svc"),
-                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                ]),
+                x509.SubjectAlternativeName(
+                    [
+                        x509.DNSName("localhost"),
+                        x509.DNSName("kubernetes.default.svc"),
+                        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                    ]
+                ),
                 critical=False,
             )
         cert = builder.sign(self._key, hashes.SHA256())
@@ -105,7 +123,10 @@ def write_service_account_keys(folder: Path) -> CertPair:
     pair = CertPair(cert=folder / "sa.pub", key=folder / "sa.key")
     pair.key.write_bytes(_key_pem(key))
     pair.key.chmod(0o600)
-    pair.cert.write_bytes(key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo,
-    ))
+    pair.cert.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM,
+            serialization.PublicFormat.SubjectPublicKeyInfo,
+        )
+    )
     return pair

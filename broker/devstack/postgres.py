@@ -16,9 +16,14 @@ from broker.devstack.procs import ManagedProcess, StackError, free_port, wait_un
 def find_postgres_bindir() -> Path:
     """$PODBROKER_PG_BINDIR, else the newest /usr/lib/postgresql/*/bin with initdb."""
     explicit = os.environ.get("PODBROKER_PG_BINDIR")
-    dirs = [explicit] if explicit else sorted(
-        glob.glob("/usr/lib/postgresql/*/bin"), key=lambda d: int(Path(d).parent.name),
-        reverse=True,
+    dirs = (
+        [explicit]
+        if explicit
+        else sorted(
+            glob.glob("/usr/lib/postgresql/*/bin"),
+            key=lambda d: int(Path(d).parent.name),
+            reverse=True,
+        )
     )
     for folder in dirs:
         if folder and (Path(folder) / "initdb").exists():
@@ -40,8 +45,10 @@ class Postgres:
         return f"{driver}://{self.superuser}:{self.password}@{self.host}:{self.port}/{database}"
 
     def dsn(self, database: str = "postgres") -> str:
-        return (f"host={self.host} port={self.port} user={self.superuser} "
-                f"password={self.password} dbname={database}")
+        return (
+            f"host={self.host} port={self.port} user={self.superuser} "
+            f"password={self.password} dbname={database}"
+        )
 
     def stop(self) -> None:
         self.process.stop()
@@ -67,25 +74,50 @@ def start_postgres(folder: Path) -> Postgres:
     if os.geteuid() == 0:
         shutil.chown(folder, "postgres")
         shutil.chown(pwfile, "postgres")
-    initdb = _run_as_postgres_user([
-        str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "scram-sha-256",
-        f"--pwfile={pwfile}", "--no-sync", "-E", "UTF8",
-    ])
+    initdb = _run_as_postgres_user(
+        [
+            str(bindir / "initdb"),
+            "-D",
+            str(data),
+            "-U",
+            "postgres",
+            "-A",
+            "scram-sha-256",
+            f"--pwfile={pwfile}",
+            "--no-sync",
+            "-E",
+            "UTF8",
+        ]
+    )
     result = subprocess.run(initdb, capture_output=True, text=True, check=False)
     pwfile.unlink()
     if result.returncode != 0:
         raise StackError(f"PostgreSQL: initdb failed: {result.stderr.strip()}")
     port = free_port()
-    argv = _run_as_postgres_user([
-        str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-h", "127.0.0.1",
-        "-k", str(folder), "-c", "fsync=off", "-c", "max_connections=200",
-    ])
+    argv = _run_as_postgres_user(
+        [
+            str(bindir / "postgres"),
+            "-D",
+            str(data),
+            "-p",
+            str(port),
+            "-h",
+            "127.0.0.1",
+            "-k",
+            str(folder),
+            "-c",
+            "fsync=off",
+            "-c",
+            "max_connections=200",
+        ]
+    )
     process = ManagedProcess("postgres", argv, folder / "postgres.log").start()
     pg_isready = bindir / "pg_isready"
 
     def ready() -> bool:
         check = subprocess.run(
-            [str(pg_isready), "-h", "127.0.0.1", "-p", str(port)], capture_output=True,
+            [str(pg_isready), "-h", "127.0.0.1", "-p", str(port)],
+            capture_output=True,
             check=False,
         )
         return check.returncode == 0

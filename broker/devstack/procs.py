@@ -28,7 +28,11 @@ def free_port() -> int:
 
 
 def wait_until(
-    check: Callable[[], bool], *, timeout: float, what: str, interval: float = 0.1,
+    check: Callable[[], bool],
+    *,
+    timeout: float,
+    what: str,
+    interval: float = 0.1,
     alive: ManagedProcess | None = None,
 ) -> None:
     """Poll ``check`` until it returns True; raise StackError naming ``what`` on timeout
@@ -99,17 +103,28 @@ class ManagedProcess:
         log = self.log_path.open("ab")
         try:
             self.popen = subprocess.Popen(
-                list(self.argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=self.env, cwd=self.cwd, start_new_session=True,
+                list(self.argv),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                cwd=self.cwd,
+                start_new_session=True,
             )
         except FileNotFoundError as exc:
             raise StackError(f"{self.name}: cannot run {self.argv[0]!r}: {exc.strerror}") from exc
         finally:
             log.close()
-        self._record().write_text(json.dumps({
-            "name": self.name, "pid": self.popen.pid, "owner": os.getpid(),
-            "argv": [str(a) for a in self.argv],
-        }))
+        self._record().write_text(
+            json.dumps(
+                {
+                    "name": self.name,
+                    "pid": self.popen.pid,
+                    "owner": os.getpid(),
+                    "argv": [str(a) for a in self.argv],
+                }
+            )
+        )
         return self
 
     def _record(self) -> Path:

@@ -53,7 +53,8 @@ def _timed(progress: Callable[[str], None], what: str, start: Callable[[], T]) -
 
 @contextlib.contextmanager
 def local_stack(
-    folder: Path | None = None, progress: Callable[[str], None] = lambda _: None,
+    folder: Path | None = None,
+    progress: Callable[[str], None] = lambda _: None,
     keep_folder: bool = False,
 ) -> Iterator[LocalStack]:
     """Start every part, yield the stack, stop every part (also on Ctrl-C or error)."""
@@ -66,8 +67,11 @@ def local_stack(
         started.append(vault.stop)
         postgres = _timed(progress, "PostgreSQL", lambda: start_postgres(folder / "postgres"))
         started.append(postgres.stop)
-        kube = _timed(progress, "Kubernetes control plane (etcd, apiserver, controllers, kwok)",
-                      lambda: start_control_plane(folder / "kube"))
+        kube = _timed(
+            progress,
+            "Kubernetes control plane (etcd, apiserver, controllers, kwok)",
+            lambda: start_control_plane(folder / "kube"),
+        )
         started.append(kube.stop)
         yield LocalStack(folder, vault, kube, postgres)
     finally:

@@ -1,0 +1,246 @@
+"""The audit event model: what the broker records before each decision and action.
+
+Pure data (pydantic only). The store (``broker.audit``) chains and signs these; the
+report (``broker.core.report``) reads them. An event names secrets, Vault paths,
+versions, lease ids and token accessors, never secret values: :class:`AuditEvent`
+refuses :class:`~broker.core.secret_value.SecretValue` objects and value-like keys
+anywhere in ``details``.
+
+Builders (``launch_requested(...)``, ``decision(...)`` ...) fix the ``details`` layout
+of each kind; the report relies on it, so the service should use them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Final
+
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator
+
+from broker.core.models import Caller, TaskIdentity
+from broker.core.secret_value import SecretValue
+
+
+class EventKind(StrEnum):
+    LAUNCH_REQUESTED = "launch_requested"
+    DECISION = "decision"
+    SECRETS_RESOLVED = "secrets_resolved"
+    SECRET_CREATED = "secret_created"
+    POD_CREATED = "pod_created"
+    POD_FINISHED = "pod_finished"
+    SECRET_DELETED = "secret_deleted"
+    LEASES_REVOKED = "leases_revoked"
+    LAUNCH_KILLED = "launch_killed"
+    LAUNCH_FAILED = "launch_failed"
+    RECONCILER_CLEANUP = "reconciler_cleanup"
+    POLICY_APPLIED = "policy_applied"
+
+
+# Keys whose presence in ``details`` suggests someone is about to record a value.
+# Names of secrets, paths, versions, lease ids and accessors are fine; these are not.
+FORBIDDEN_DETAIL_KEYS: Final = frozenset({
+    "value", "values", "secret_value", "secret_values", "password", "passwd",
+    "token", "client_token", "private_key", "data", "plaintext",
+})
+
+_MAX_DEPTH: Final = 8
+
+
+class AuditEventError(ValueError):
+    """An event would carry something it must not (a value, non-JSON data)."""
+
+
+def _check_json(value: object, where: str, depth: int = 0) -> object:
+    """Return ``value`` as plain JSON data, refusing secret values and value-like keys."""
+    if depth > _MAX_DEPTH:
+        raise AuditEventError(f"details nested deeper than {_MAX_DEPTH} at {where}")
+    if isinstance(value, SecretValue):
+        # Never echo the value (or even its mask) beyond naming where it was.
+        raise AuditEventError(f"details carry a SecretValue at {where}; record names, not values")
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise AuditEventError(f"details carry a non-finite number at {where}")
+        return value
+    if isinstance(value, Mapping):
+        out: dict[str, object] = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise AuditEventError(f"details keys must be strings at {where}")
+            if key.lower() in FORBIDDEN_DETAIL_KEYS:
+                raise AuditEventError(
+                    f"details key {key!r} at {where} looks like a secret value; not recorded"
+                )
+            out[key] = _check_json(item, f"{where}.{key}", depth + 1)
+        return out
+    if isinstance(value, list | tuple):
+        return [_check_json(item, f"{where}[{i}]", depth + 1) for i, item in enumerate(value)]
+    raise AuditEventError(f"details carry a {type(value).__name__} at {where}; JSON data only")
+
+
+def _utc(value: datetime) -> datetime:
+    if value.tzinfo is None:
+        raise ValueError("event time must be timezone-aware")
+    # Microsecond precision survives every store round trip; keep exactly that.
+    return value.astimezone(UTC)
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class AuditEvent(BaseModel):
+    """One thing the broker decided or did. ``details`` is JSON (kind-specific layout,
+    see the builders below); ``secret_names`` lists logical secret names involved."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    time: datetime = Field(default_factory=utc_now)
+    kind: EventKind
+    launch_id: str | None = None
+    caller: str | None = None
+    dag_id: str | None = None
+    task_id: str | None = None
+    run_id: str | None = None
+    try_number: int | None = None
+    map_index: int | None = None
+    secret_names: tuple[str, ...] = ()
+    teams: tuple[str, ...] = ()
+    details: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("time")
+    @classmethod
+    def _time_utc(cls, value: datetime) -> datetime:
+        return _utc(value)
+
+    @field_validator("details", mode="before")
+    @classmethod
+    def _details_json(cls, value: object) -> object:
+        if not isinstance(value, Mapping):
+            raise AuditEventError("details must be a mapping")
+        return _check_json(value, "details")
+
+    @field_validator("secret_names", "teams", mode="before")
+    @classmethod
+    def _names(cls, value: object) -> object:
+        if isinstance(value, str | bytes):
+            raise AuditEventError("give a list of names, not one string")
+        if isinstance(value, Iterable):
+            items = list(value)
+            if any(isinstance(item, SecretValue) for item in items):
+                raise AuditEventError("names list carries a SecretValue; record names only")
+            return tuple(items)
+        return value
+
+    @field_serializer("time")
+    def _ser_time(self, value: datetime) -> str:
+        return format_time(value)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """Plain JSON data; the exact form that is hashed and stored."""
+        return self.model_dump(mode="json")
+
+    def canonical_json(self) -> str:
+        return canonical_json(self.to_json_dict())
+
+    @classmethod
+    def from_json_dict(cls, data: Mapping[str, Any]) -> AuditEvent:
+        return cls.model_validate(dict(data))
+
+    def task_key(self) -> tuple[str, str] | None:
+        if self.dag_id is None:
+            return None
+        return (self.dag_id, self.task_id or "")
+
+
+def format_time(value: datetime) -> str:
+    """ISO 8601 in UTC with microseconds and a ``Z``: one spelling per instant."""
+    return _utc(value).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def canonical_json(data: object) -> str:
+    """Sorted keys, no spaces, ASCII only: the same bytes for the same data, always."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      allow_nan=False)
+
+
+# -- builders: one per kind, fixing the details layout ---------------------------------
+
+
+def _task_fields(task: TaskIdentity | None) -> dict[str, Any]:
+    if task is None:
+        return {}
+    return {"dag_id": task.dag_id, "task_id": task.task_id, "run_id": task.run_id,
+            "try_number": task.try_number, "map_index": task.map_index}
+
+
+def _caller(caller: Caller | str | None) -> str | None:
+    return caller.identity if isinstance(caller, Caller) else caller
+
+
+def launch_requested(*, launch_id: str, caller: Caller | str, task: TaskIdentity,
+                     secret_names: Sequence[str], namespace: str | None = None,
+                     image: str | None = None, time: datetime | None = None) -> AuditEvent:
+    """Written before anything else happens for a launch request."""
+    details: dict[str, Any] = {}
+    if namespace is not None:
+        details["namespace"] = namespace
+    if image is not None:
+        details["image"] = image
+    return AuditEvent(time=time or utc_now(), kind=EventKind.LAUNCH_REQUESTED,
+                      launch_id=launch_id, caller=_caller(caller), **_task_fields(task),
+                      secret_names=tuple(secret_names), details=details)
+
+
+def decision(*, launch_id: str | None, caller: Caller | str | None, task: TaskIdentity,
+             secret_names: Sequence[str], allowed: bool,
+             matched_grants: Mapping[str, Sequence[str]] | Sequence[str] = (),
+             reasons: Sequence[str] = (), denied: Sequence[str] = (),
+             teams: Sequence[str] = (), time: datetime | None = None) -> AuditEvent:
+    """The policy decision. ``matched_grants``: grant ids, or secret name -> grant ids."""
+    grants: object = ({k: list(v) for k, v in matched_grants.items()}
+                      if isinstance(matched_grants, Mapping) else list(matched_grants))
+    return AuditEvent(
+        time=time or utc_now(), kind=EventKind.DECISION, launch_id=launch_id,
+        caller=_caller(caller), **_task_fields(task), secret_names=tuple(secret_names),
+        teams=tuple(teams),
+        details={"allowed": allowed, "matched_grants": grants, "reasons": list(reasons),
+                 "denied": list(denied)},
+    )
+
+
+def secrets_resolved(*, launch_id: str, caller: Caller | str | None, task: TaskIdentity,
+                     secrets: Sequence[Mapping[str, Any]], token_accessor: str | None = None,
+                     teams: Sequence[str] = (), time: datetime | None = None) -> AuditEvent:
+    """Secrets read from Vault for a launch. Each entry of ``secrets``: ``name``, and
+    any of ``path``, ``version``, ``lease_id``, ``keys`` (key names, not values)."""
+    entries = [dict(entry) for entry in secrets]
+    for entry in entries:
+        if "name" not in entry:
+            raise AuditEventError("each resolved secret entry needs a 'name'")
+    details: dict[str, Any] = {"secrets": entries}
+    if token_accessor is not None:
+        details["token_accessor"] = token_accessor
+    return AuditEvent(time=time or utc_now(), kind=EventKind.SECRETS_RESOLVED,
+                      launch_id=launch_id, caller=_caller(caller), **_task_fields(task),
+                      secret_names=tuple(str(e["name"]) for e in entries), teams=tuple(teams),
+                      details=details)
+
+
+def launch_event(kind: EventKind, *, launch_id: str | None, task: TaskIdentity | None = None,
+                 caller: Caller | str | None = None, secret_names: Sequence[str] = (),
+                 teams: Sequence[str] = (), time: datetime | None = None,
+                 **details: Any) -> AuditEvent:
+    """Any other kind. Usual details: secret_created/secret_deleted ``namespace``,
+    ``secret``; pod_created ``namespace``, ``pod``; pod_finished ``phase``,
+    ``exit_code``; leases_revoked ``lease_ids``; launch_killed ``reason``, ``by``;
+    launch_failed ``error``, ``stage``; reconciler_cleanup ``action``, ``object``;
+    policy_applied ``source``, ``teams``, ``grants``, ``digest``."""
+    return AuditEvent(time=time or utc_now(), kind=kind, launch_id=launch_id,
+                      caller=_caller(caller), **_task_fields(task),
+                      secret_names=tuple(secret_names), teams=tuple(teams), details=details)
