@@ -29,10 +29,10 @@ class EventKind(StrEnum):
     LAUNCH_REQUESTED = "launch_requested"
     DECISION = "decision"
     SECRETS_RESOLVED = "secrets_resolved"
-    SECRET_CREATED = "secret_created"
+    SECRET_CREATED = "secret_created"  # noqa: S105 (an event name)
     POD_CREATED = "pod_created"
     POD_FINISHED = "pod_finished"
-    SECRET_DELETED = "secret_deleted"
+    SECRET_DELETED = "secret_deleted"  # noqa: S105 (an event name)
     LEASES_REVOKED = "leases_revoked"
     LAUNCH_KILLED = "launch_killed"
     LAUNCH_FAILED = "launch_failed"
@@ -42,10 +42,21 @@ class EventKind(StrEnum):
 
 # Keys whose presence in ``details`` suggests someone is about to record a value.
 # Names of secrets, paths, versions, lease ids and accessors are fine; these are not.
-FORBIDDEN_DETAIL_KEYS: Final = frozenset({
-    "value", "values", "secret_value", "secret_values", "password", "passwd",
-    "token", "client_token", "private_key", "data", "plaintext",
-})
+FORBIDDEN_DETAIL_KEYS: Final = frozenset(
+    {
+        "value",
+        "values",
+        "secret_value",
+        "secret_values",
+        "password",
+        "passwd",
+        "token",
+        "client_token",
+        "private_key",
+        "data",
+        "plaintext",
+    }
+)
 
 _MAX_DEPTH: Final = 8
 
@@ -165,8 +176,9 @@ def format_time(value: datetime) -> str:
 
 def canonical_json(data: object) -> str:
     """Sorted keys, no spaces, ASCII only: the same bytes for the same data, always."""
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
-                      allow_nan=False)
+    return json.dumps(
+        data, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    )
 
 
 # -- builders: one per kind, fixing the details layout ---------------------------------
@@ -175,48 +187,92 @@ def canonical_json(data: object) -> str:
 def _task_fields(task: TaskIdentity | None) -> dict[str, Any]:
     if task is None:
         return {}
-    return {"dag_id": task.dag_id, "task_id": task.task_id, "run_id": task.run_id,
-            "try_number": task.try_number, "map_index": task.map_index}
+    return {
+        "dag_id": task.dag_id,
+        "task_id": task.task_id,
+        "run_id": task.run_id,
+        "try_number": task.try_number,
+        "map_index": task.map_index,
+    }
 
 
 def _caller(caller: Caller | str | None) -> str | None:
     return caller.identity if isinstance(caller, Caller) else caller
 
 
-def launch_requested(*, launch_id: str, caller: Caller | str, task: TaskIdentity,
-                     secret_names: Sequence[str], namespace: str | None = None,
-                     image: str | None = None, time: datetime | None = None) -> AuditEvent:
+def launch_requested(
+    *,
+    launch_id: str,
+    caller: Caller | str,
+    task: TaskIdentity,
+    secret_names: Sequence[str],
+    namespace: str | None = None,
+    image: str | None = None,
+    time: datetime | None = None,
+) -> AuditEvent:
     """Written before anything else happens for a launch request."""
     details: dict[str, Any] = {}
     if namespace is not None:
         details["namespace"] = namespace
     if image is not None:
         details["image"] = image
-    return AuditEvent(time=time or utc_now(), kind=EventKind.LAUNCH_REQUESTED,
-                      launch_id=launch_id, caller=_caller(caller), **_task_fields(task),
-                      secret_names=tuple(secret_names), details=details)
-
-
-def decision(*, launch_id: str | None, caller: Caller | str | None, task: TaskIdentity,
-             secret_names: Sequence[str], allowed: bool,
-             matched_grants: Mapping[str, Sequence[str]] | Sequence[str] = (),
-             reasons: Sequence[str] = (), denied: Sequence[str] = (),
-             teams: Sequence[str] = (), time: datetime | None = None) -> AuditEvent:
-    """The policy decision. ``matched_grants``: grant ids, or secret name -> grant ids."""
-    grants: object = ({k: list(v) for k, v in matched_grants.items()}
-                      if isinstance(matched_grants, Mapping) else list(matched_grants))
     return AuditEvent(
-        time=time or utc_now(), kind=EventKind.DECISION, launch_id=launch_id,
-        caller=_caller(caller), **_task_fields(task), secret_names=tuple(secret_names),
-        teams=tuple(teams),
-        details={"allowed": allowed, "matched_grants": grants, "reasons": list(reasons),
-                 "denied": list(denied)},
+        time=time or utc_now(),
+        kind=EventKind.LAUNCH_REQUESTED,
+        launch_id=launch_id,
+        caller=_caller(caller),
+        **_task_fields(task),
+        secret_names=tuple(secret_names),
+        details=details,
     )
 
 
-def secrets_resolved(*, launch_id: str, caller: Caller | str | None, task: TaskIdentity,
-                     secrets: Sequence[Mapping[str, Any]], token_accessor: str | None = None,
-                     teams: Sequence[str] = (), time: datetime | None = None) -> AuditEvent:
+def decision(
+    *,
+    launch_id: str | None,
+    caller: Caller | str | None,
+    task: TaskIdentity,
+    secret_names: Sequence[str],
+    allowed: bool,
+    matched_grants: Mapping[str, Sequence[str]] | Sequence[str] = (),
+    reasons: Sequence[str] = (),
+    denied: Sequence[str] = (),
+    teams: Sequence[str] = (),
+    time: datetime | None = None,
+) -> AuditEvent:
+    """The policy decision. ``matched_grants``: grant ids, or secret name -> grant ids."""
+    grants: object = (
+        {k: list(v) for k, v in matched_grants.items()}
+        if isinstance(matched_grants, Mapping)
+        else list(matched_grants)
+    )
+    return AuditEvent(
+        time=time or utc_now(),
+        kind=EventKind.DECISION,
+        launch_id=launch_id,
+        caller=_caller(caller),
+        **_task_fields(task),
+        secret_names=tuple(secret_names),
+        teams=tuple(teams),
+        details={
+            "allowed": allowed,
+            "matched_grants": grants,
+            "reasons": list(reasons),
+            "denied": list(denied),
+        },
+    )
+
+
+def secrets_resolved(
+    *,
+    launch_id: str,
+    caller: Caller | str | None,
+    task: TaskIdentity,
+    secrets: Sequence[Mapping[str, Any]],
+    token_accessor: str | None = None,
+    teams: Sequence[str] = (),
+    time: datetime | None = None,
+) -> AuditEvent:
     """Secrets read from Vault for a launch. Each entry of ``secrets``: ``name``, and
     any of ``path``, ``version``, ``lease_id``, ``keys`` (key names, not values)."""
     entries = [dict(entry) for entry in secrets]
@@ -226,21 +282,41 @@ def secrets_resolved(*, launch_id: str, caller: Caller | str | None, task: TaskI
     details: dict[str, Any] = {"secrets": entries}
     if token_accessor is not None:
         details["token_accessor"] = token_accessor
-    return AuditEvent(time=time or utc_now(), kind=EventKind.SECRETS_RESOLVED,
-                      launch_id=launch_id, caller=_caller(caller), **_task_fields(task),
-                      secret_names=tuple(str(e["name"]) for e in entries), teams=tuple(teams),
-                      details=details)
+    return AuditEvent(
+        time=time or utc_now(),
+        kind=EventKind.SECRETS_RESOLVED,
+        launch_id=launch_id,
+        caller=_caller(caller),
+        **_task_fields(task),
+        secret_names=tuple(str(e["name"]) for e in entries),
+        teams=tuple(teams),
+        details=details,
+    )
 
 
-def launch_event(kind: EventKind, *, launch_id: str | None, task: TaskIdentity | None = None,
-                 caller: Caller | str | None = None, secret_names: Sequence[str] = (),
-                 teams: Sequence[str] = (), time: datetime | None = None,
-                 **details: Any) -> AuditEvent:
+def launch_event(
+    kind: EventKind,
+    *,
+    launch_id: str | None,
+    task: TaskIdentity | None = None,
+    caller: Caller | str | None = None,
+    secret_names: Sequence[str] = (),
+    teams: Sequence[str] = (),
+    time: datetime | None = None,
+    **details: Any,
+) -> AuditEvent:
     """Any other kind. Usual details: secret_created/secret_deleted ``namespace``,
     ``secret``; pod_created ``namespace``, ``pod``; pod_finished ``phase``,
     ``exit_code``; leases_revoked ``lease_ids``; launch_killed ``reason``, ``by``;
     launch_failed ``error``, ``stage``; reconciler_cleanup ``action``, ``object``;
     policy_applied ``source``, ``teams``, ``grants``, ``digest``."""
-    return AuditEvent(time=time or utc_now(), kind=kind, launch_id=launch_id,
-                      caller=_caller(caller), **_task_fields(task),
-                      secret_names=tuple(secret_names), teams=tuple(teams), details=details)
+    return AuditEvent(
+        time=time or utc_now(),
+        kind=kind,
+        launch_id=launch_id,
+        caller=_caller(caller),
+        **_task_fields(task),
+        secret_names=tuple(secret_names),
+        teams=tuple(teams),
+        details=details,
+    )

@@ -1,0 +1,291 @@
+"""The audit store: one interface over SQLite (default) and PostgreSQL (several replicas).
+
+Appends are serialised so that concurrent writers (threads, processes, replicas) build
+one unbroken chain: PostgreSQL locks the chain-head row (``SELECT ... FOR UPDATE``),
+SQLite takes the write lock up front (``BEGIN IMMEDIATE``). An append is committed
+(durable) before it returns; any database failure becomes
+:class:`~broker.errors.AuditUnavailableError`, and the caller must not go on with the
+action the event describes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, Final
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from pydantic import ValidationError
+from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.pool import NullPool
+
+from broker.audit import migrations
+from broker.audit.chain import (
+    AuditRecord,
+    ChainHead,
+    StoredRow,
+    VerifyResult,
+    make_row,
+    sign_head,
+    verify_rows,
+)
+from broker.audit.keys import key_id
+from broker.core.audit_events import AuditEvent, AuditEventError
+from broker.errors import AuditUnavailableError, InvalidRequestError
+
+_BATCH: Final = 500
+_COLUMNS: Final = (
+    "position, time, kind, launch_id, dag_id, event_json, prev_hash, hash, signature, key_id"
+)
+
+
+def _make_engine(url: str, create: bool) -> tuple[Engine, str]:
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise InvalidRequestError(f"audit store URL is not a database URL: {exc}") from None
+    shown = parsed.render_as_string(hide_password=True)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        if not parsed.database or parsed.database == ":memory:":
+            raise InvalidRequestError("audit store: SQLite needs a file (sqlite:///path/audit.db)")
+        path = Path(parsed.database)
+        if create:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        elif not path.exists():
+            raise InvalidRequestError(f"audit store {shown}: no such file")
+        # NullPool: each operation opens the file afresh; safe across fork and threads.
+        engine = create_engine(parsed, poolclass=NullPool, connect_args={"timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
+            # Let SQLAlchemy's begin event (below) issue BEGIN itself.
+            dbapi_conn.isolation_level = None
+            cursor = dbapi_conn.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=FULL")  # committed means on disk
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn: Connection) -> None:
+            immediate = conn.get_execution_options().get("podbroker_write", False)
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    elif backend == "postgresql":
+        engine = create_engine(
+            parsed,
+            pool_pre_ping=True,
+            pool_size=2,
+            max_overflow=4,
+            connect_args={"connect_timeout": 5},
+        )
+    else:
+        raise InvalidRequestError(
+            f"audit store {shown}: only sqlite:/// and postgresql+psycopg:// URLs are supported"
+        )
+    return engine, shown
+
+
+class AuditStore:
+    """Append-only, hash-chained, signed event log. Use :func:`open_audit_store`."""
+
+    def __init__(
+        self, engine: Engine, shown_url: str, signing_key: Ed25519PrivateKey | None
+    ) -> None:
+        self._engine = engine
+        self.url = shown_url  # password hidden
+        self._key = signing_key
+
+    def _unavailable(self, exc: BaseException, doing: str) -> AuditUnavailableError:
+        # Name the failure class only: driver messages can quote parameters.
+        cause = type(getattr(exc, "orig", None) or exc).__name__
+        return AuditUnavailableError(f"audit store {self.url} unavailable while {doing} ({cause})")
+
+    def _write(self) -> Connection:
+        return self._engine.connect().execution_options(podbroker_write=True)
+
+    def append(self, event: AuditEvent) -> AuditRecord:
+        """INSERT the next record and UPDATE the chain head in one committed transaction."""
+        if self._key is None:
+            raise AuditUnavailableError(
+                f"audit store {self.url} was opened without a signing key; it cannot record events"
+            )
+        if not isinstance(event, AuditEvent):
+            raise TypeError("append takes an AuditEvent")
+        key = self._key
+        try:
+            with self._write() as conn, conn.begin():
+                head = conn.execute(
+                    text(
+                        "SELECT position, hash FROM audit_head WHERE id = 1"  # noqa: S608 (constants)
+                        + (" FOR UPDATE" if conn.dialect.name == "postgresql" else "")
+                    )
+                ).one()
+                row = make_row(event, int(head.position) + 1, str(head.hash), key)
+                conn.execute(
+                    text(
+                        f"INSERT INTO audit_records ({_COLUMNS}) VALUES (:position, :time, :kind, "  # noqa: S608
+                        ":launch_id, :dag_id, :event_json, :prev_hash, :hash, :signature, :key_id)"
+                    ),
+                    row.__dict__,
+                )
+                conn.execute(
+                    text(
+                        "UPDATE audit_head SET position = :p, hash = :h, "
+                        "signature = :s, key_id = :k WHERE id = 1"
+                    ),
+                    {
+                        "p": row.position,
+                        "h": row.hash,
+                        "s": sign_head(key, row.position, row.hash),
+                        "k": row.key_id,
+                    },
+                )
+        except SQLAlchemyError as exc:
+            raise self._unavailable(exc, "appending") from exc
+        return AuditRecord(
+            position=row.position,
+            event=event,
+            prev_hash=row.prev_hash,
+            hash=row.hash,
+            signature=row.signature,
+            key_id=row.key_id,
+        )
+
+    def ping(self) -> None:
+        """SELECT the schema version; raise AuditUnavailableError if unreachable or unready."""
+        try:
+            with self._engine.connect() as conn:
+                version = migrations.check_version(conn)
+        except SQLAlchemyError as exc:
+            raise self._unavailable(exc, "pinging") from exc
+        except migrations.SchemaError as exc:
+            raise AuditUnavailableError(f"audit store {self.url}: {exc}") from exc
+        if version < migrations.LATEST:
+            raise AuditUnavailableError(
+                f"audit store {self.url}: schema version {version}, "
+                f"needs {migrations.LATEST} (run the migrations)"
+            )
+
+    def head(self) -> ChainHead | None:
+        try:
+            with self._engine.connect() as conn:
+                row = conn.execute(
+                    text("SELECT position, hash, signature, key_id FROM audit_head WHERE id = 1")
+                ).first()
+        except SQLAlchemyError as exc:
+            raise self._unavailable(exc, "reading the chain head") from exc
+        if row is None:
+            return None
+        return ChainHead(int(row.position), str(row.hash), str(row.signature), str(row.key_id))
+
+    def last_position(self) -> int:
+        head = self.head()
+        return 0 if head is None else head.position
+
+    def rows(self, start: int = 0, end: int | None = None) -> Iterator[StoredRow]:
+        """Stored rows with ``start <= position < end``, in position order, in batches
+        (keyset pagination: no cursor is held open between batches)."""
+        after = start - 1
+        while True:
+            params: dict[str, Any] = {"after": after, "limit": _BATCH}
+            bound = ""
+            if end is not None:
+                bound = " AND position < :end"
+                params["end"] = end
+            try:
+                with self._engine.connect() as conn:
+                    batch = conn.execute(
+                        text(
+                            f"SELECT {_COLUMNS} FROM audit_records WHERE position > :after{bound} "  # noqa: S608
+                            "ORDER BY position LIMIT :limit"
+                        ),
+                        params,
+                    ).all()
+            except SQLAlchemyError as exc:
+                raise self._unavailable(exc, "reading records") from exc
+            for r in batch:
+                yield StoredRow(
+                    int(r.position),
+                    r.time,
+                    r.kind,
+                    r.launch_id,
+                    r.dag_id,
+                    r.event_json,
+                    str(r.prev_hash),
+                    str(r.hash),
+                    r.signature,
+                    r.key_id,
+                )
+            if len(batch) < _BATCH:
+                return
+            after = int(batch[-1].position)
+
+    def records(self, start: int = 0, end: int | None = None) -> Iterator[AuditRecord]:
+        """Records with ``start <= position < end`` (positions start at 1)."""
+        for row in self.rows(start, end):
+            try:
+                yield AuditRecord.from_row(row)
+            except (ValueError, ValidationError, AuditEventError) as exc:
+                raise InvalidRequestError(
+                    f"audit record {row.position} is unreadable; run `podbroker audit verify`"
+                ) from exc
+
+    def events(self) -> Iterator[AuditEvent]:
+        for record in self.records():
+            yield record.event
+
+    def verify(self, public_key: Ed25519PublicKey | Iterable[Ed25519PublicKey]) -> VerifyResult:
+        """Walk the whole chain; ``public_key`` may be several (key rotation)."""
+        keys = [public_key] if isinstance(public_key, Ed25519PublicKey) else list(public_key)
+        head = self.head()
+        return verify_rows(self.rows(), head, keys)
+
+    @property
+    def signing_key_id(self) -> str | None:
+        return None if self._key is None else key_id(self._key.public_key())
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    def __enter__(self) -> AuditStore:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+def open_audit_store(
+    url: str, signing_key: Ed25519PrivateKey | None = None, *, create: bool = True
+) -> AuditStore:
+    """Connect and bring the schema up to date (``create=True``) or check it is current.
+
+    ``url``: ``sqlite:///path/audit.db`` or ``postgresql+psycopg://user:pw@host/db``.
+    Without ``signing_key`` the store is read-only (verify, report, export)."""
+    engine, shown = _make_engine(url, create)
+    try:
+        if create:
+            with engine.connect().execution_options(podbroker_write=True) as conn, conn.begin():
+                migrations.migrate(conn)
+        else:
+            with engine.connect() as conn:
+                version = migrations.check_version(conn)
+            if version < migrations.LATEST:
+                raise InvalidRequestError(
+                    f"audit store {shown}: schema version {version}, expected {migrations.LATEST}"
+                )
+    except SQLAlchemyError as exc:
+        engine.dispose()
+        cause = type(getattr(exc, "orig", None) or exc).__name__
+        raise AuditUnavailableError(
+            f"audit store {shown} unavailable while opening ({cause})"
+        ) from exc
+    except migrations.SchemaError as exc:
+        engine.dispose()
+        raise InvalidRequestError(f"audit store {shown}: {exc}") from exc
+    except BaseException:
+        engine.dispose()
+        raise
+    return AuditStore(engine, shown, signing_key)
