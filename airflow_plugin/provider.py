@@ -39,7 +39,7 @@ def get_provider_info() -> dict[str, Any]:
                     },
                     "placeholders": {
                         "host": "https://podbroker.podbroker.svc:8443",
-                        "password": "leave empty in a cluster: the ServiceAccount token file is used",
+                        "password": "empty in a cluster: the ServiceAccount token file is used",
                     },
                 },
                 "conn-fields": {

@@ -63,7 +63,9 @@ class BrokerSettings:
         """The token for ``Authorization: Bearer``; reads the token file each time."""
         if self.auth_method == "static_token":
             if not self.static_token:
-                raise ConnectionConfigError("auth_method static_token needs the connection password")
+                raise ConnectionConfigError(
+                    "auth_method static_token needs the connection password"
+                )
             return self.static_token
         try:
             token = self.token_file.read_text().strip()

@@ -1,0 +1,224 @@
+"""HTTP client of the broker API (/v1), sync and async, on httpx. The one place where
+HTTP responses and transport failures become ``broker.errors`` exceptions, so the hook,
+operator and trigger only ever see: DeniedError (403, names the secrets not granted),
+InvalidRequestError (422), AuthenticationError (401), NotFoundError (404),
+ConflictError (409) and TemporaryError (5xx, connection failures; retry later).
+
+Nothing secret travels through here: requests carry secret *names*; responses carry
+launch status and pod log lines (the task's own output)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Generator, Iterator
+from typing import Any, Literal
+from urllib.parse import quote
+
+import httpx
+
+from airflow_plugin.settings import BrokerSettings
+from broker.core.api_models import ErrorBody, LaunchRequest, LaunchView
+from broker.errors import (
+    AuthenticationError,
+    BrokerError,
+    ConflictError,
+    DeniedError,
+    InvalidRequestError,
+    NotFoundError,
+    TemporaryError,
+)
+
+TERMINAL_PHASES = frozenset({"Succeeded", "Failed", "Deleted"})
+_USER_AGENT = "podbroker-airflow/0.1"
+
+
+class _BearerAuth(httpx.Auth):
+    """Adds ``Authorization: Bearer`` with a token read at request time, so a rotated
+    projected ServiceAccount token is picked up without restarting anything."""
+
+    def __init__(self, settings: BrokerSettings) -> None:
+        self._settings = settings
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        request.headers["Authorization"] = f"Bearer {self._settings.bearer_token()}"
+        yield request
+
+
+def _retry_after(response: httpx.Response) -> int:
+    try:
+        return max(1, int(response.headers.get("Retry-After", "5")))
+    except ValueError:
+        return 5
+
+
+def error_from_response(response: httpx.Response, body_text: str) -> BrokerError:
+    """Translate a 4xx/5xx response into the broker error tree (never raises)."""
+    status = response.status_code
+    try:
+        body = ErrorBody.model_validate(json.loads(body_text))
+        reason, denied, component = body.reason, body.denied_secrets, body.component
+    except (ValueError, TypeError):
+        reason = body_text.strip()[:300] or response.reason_phrase
+        denied, component = [], None
+    reason = f"broker answered {status}: {reason}"
+    if status == 403:
+        return DeniedError(reason, denied)
+    if status == 401:
+        return AuthenticationError(reason)
+    if status == 404:
+        return NotFoundError(reason)
+    if status == 409:
+        return ConflictError(reason)
+    if status in (400, 422):
+        return InvalidRequestError(reason)
+    if status >= 500 or status == 429:
+        return TemporaryError(
+            reason, component=component or "broker", retry_after=_retry_after(response)
+        )
+    return InvalidRequestError(reason)
+
+
+def _transport_error(exc: httpx.TransportError, url: str) -> TemporaryError:
+    # The message names the URL and the failure class only: no headers (the token).
+    return TemporaryError(
+        f"broker unreachable at {url}: {type(exc).__name__}: {exc}", component="broker"
+    )
+
+
+def _launch_path(launch_id: str) -> str:
+    return f"/v1/launches/{quote(launch_id, safe='')}"
+
+
+def _log_params(follow: bool, since_seconds: int | None, timestamps: bool) -> dict[str, str | int]:
+    params: dict[str, str | int] = {
+        "follow": "true" if follow else "false",
+        "timestamps": "true" if timestamps else "false",
+    }
+    if since_seconds is not None:
+        params["since_seconds"] = max(1, since_seconds)
+    return params
+
+
+class BrokerClient:
+    """Blocking client, used by the operator and by the UI plugin."""
+
+    def __init__(
+        self, settings: BrokerSettings, *, transport: httpx.BaseTransport | None = None
+    ) -> None:
+        self.settings = settings
+        self._http = httpx.Client(
+            base_url=settings.base_url,
+            auth=_BearerAuth(settings),
+            verify=settings.verify,
+            timeout=settings.timeout,
+            headers={"User-Agent": _USER_AGENT},
+            transport=transport,
+        )
+
+    def __enter__(self) -> BrokerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise _transport_error(exc, self.settings.base_url) from exc
+        if response.status_code >= 400:
+            raise error_from_response(response, response.text)
+        return response
+
+    def launch(self, request: LaunchRequest) -> LaunchView:
+        """POST /v1/launches. Idempotent per task identity: a repeat returns the earlier
+        launch with ``created=False``."""
+        response = self._request(
+            "POST", "/v1/launches", json=request.model_dump(mode="json", exclude_defaults=False)
+        )
+        return LaunchView.model_validate_json(response.content)
+
+    def get_launch(self, launch_id: str) -> LaunchView:
+        """GET /v1/launches/{id}: phase, exit code, reason."""
+        return LaunchView.model_validate_json(self._request("GET", _launch_path(launch_id)).content)
+
+    def kill(self, launch_id: str) -> LaunchView:
+        """DELETE /v1/launches/{id}: the broker deletes the pod and its Secret and
+        revokes the launch's leases."""
+        return LaunchView.model_validate_json(
+            self._request("DELETE", _launch_path(launch_id)).content
+        )
+
+    def iter_log_lines(
+        self,
+        launch_id: str,
+        *,
+        follow: bool,
+        since_seconds: int | None = None,
+        timestamps: bool = False,
+    ) -> Iterator[str]:
+        """GET /v1/launches/{id}/logs as lines, as they arrive when ``follow``."""
+        timeout = httpx.Timeout(
+            self.settings.timeout, read=None if follow else self.settings.timeout
+        )
+        try:
+            with self._http.stream(
+                "GET",
+                f"{_launch_path(launch_id)}/logs",
+                params=_log_params(follow, since_seconds, timestamps),
+                timeout=timeout,
+            ) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise error_from_response(response, response.text)
+                yield from response.iter_lines()
+        except httpx.TransportError as exc:
+            raise _transport_error(exc, self.settings.base_url) from exc
+
+    def audit_report(
+        self,
+        *,
+        fmt: Literal["html", "json"] = "html",
+        since: str | None = None,
+        dag: str | None = None,
+    ) -> str:
+        """GET /v1/audit/report: the secret-usage report as HTML or JSON text."""
+        params: dict[str, str] = {"format": fmt}
+        if since:
+            params["since"] = since
+        if dag:
+            params["dag"] = dag
+        return self._request("GET", "/v1/audit/report", params=params).text
+
+
+class AsyncBrokerClient:
+    """Non-blocking client for the trigger (runs in the triggerer's event loop)."""
+
+    def __init__(
+        self, settings: BrokerSettings, *, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
+        self.settings = settings
+        self._http = httpx.AsyncClient(
+            base_url=settings.base_url,
+            auth=_BearerAuth(settings),
+            verify=settings.verify,
+            timeout=settings.timeout,
+            headers={"User-Agent": _USER_AGENT},
+            transport=transport,
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def get_launch(self, launch_id: str) -> LaunchView:
+        """GET /v1/launches/{id}."""
+        try:
+            response = await self._http.get(_launch_path(launch_id))
+        except httpx.TransportError as exc:
+            raise _transport_error(exc, self.settings.base_url) from exc
+        if response.status_code >= 400:
+            raise error_from_response(response, response.text)
+        return LaunchView.model_validate_json(response.content)
