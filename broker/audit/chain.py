@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from pydantic import ValidationError
 
 from broker.audit.keys import key_id
-from broker.core.audit_events import AuditEvent, AuditEventError, format_time
+from broker.core.audit_events import AuditEvent, AuditEventError, canonical_json, format_time
 
 GENESIS_HASH: Final = "0" * 64
 _RECORD_DOMAIN: Final = b"podbroker-audit-record-v1"
@@ -246,3 +246,8 @@ def verify_rows(
                 False, checked, last, "the chain head signature is invalid", last, prev
             )
     return VerifyResult(True, checked, None, None, last, prev)
+
+
+def canonical_record_line(record: AuditRecord) -> str:
+    """One JSON line for a record (export format)."""
+    return canonical_json(record.to_json_dict())

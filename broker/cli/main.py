@@ -12,3 +12,6 @@ app = typer.Typer(
 )
 
 # Sub-apps (one line each, keep sorted):
+from broker.cli.audit import audit_app  # noqa: E402
+
+app.add_typer(audit_app, name="audit")

@@ -29,10 +29,10 @@ class EventKind(StrEnum):
     LAUNCH_REQUESTED = "launch_requested"
     DECISION = "decision"
     SECRETS_RESOLVED = "secrets_resolved"
-    SECRET_CREATED = "secret_created"  # noqa: S105 (an event name)
+    SECRET_CREATED = "secret_created"
     POD_CREATED = "pod_created"
     POD_FINISHED = "pod_finished"
-    SECRET_DELETED = "secret_deleted"  # noqa: S105 (an event name)
+    SECRET_DELETED = "secret_deleted"
     LEASES_REVOKED = "leases_revoked"
     LAUNCH_KILLED = "launch_killed"
     LAUNCH_FAILED = "launch_failed"
