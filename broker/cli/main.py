@@ -15,3 +15,8 @@ app = typer.Typer(
 from broker.cli.audit import audit_app  # noqa: E402
 
 app.add_typer(audit_app, name="audit")
+
+from broker.cli.server import gc, serve  # noqa: E402
+
+app.command()(serve)
+app.command()(gc)

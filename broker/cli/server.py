@@ -1,0 +1,91 @@
+"""`podbroker serve` and `podbroker gc`."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from broker.errors import BrokerError
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="Broker settings (YAML); PODBROKER_* env vars override.",
+        exists=True,
+        dir_okay=False,
+    ),
+]
+
+
+def _load(config: Path | None):  # type: ignore[no-untyped-def]
+    from broker.settings import load_settings
+
+    try:
+        return load_settings(config)
+    except BrokerError as exc:
+        typer.echo(f"error: {exc.reason}", err=True)
+        raise typer.Exit(2) from exc
+
+
+def serve(
+    config: ConfigOption = None,
+    dev_generate_key: Annotated[
+        bool, typer.Option(help="Create the audit signing key if missing (development only).")
+    ] = False,
+) -> None:
+    """Run the broker's HTTP API with its pod watcher and reconciler."""
+    import uvicorn
+
+    from broker.api.app import create_app
+    from broker.service.runtime import build_runtime
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = _load(config)
+    try:
+        runtime = build_runtime(settings, dev_generate_key=dev_generate_key)
+    except BrokerError as exc:
+        typer.echo(f"error: cannot start: {exc.reason}", err=True)
+        raise typer.Exit(1) from exc
+    runtime.start_background()
+    server = settings.server
+    try:
+        uvicorn.run(
+            create_app(runtime),
+            host=server.host,
+            port=server.port,
+            log_level="info",
+            ssl_certfile=str(server.tls_cert_file) if server.tls_cert_file else None,
+            ssl_keyfile=str(server.tls_key_file) if server.tls_key_file else None,
+            access_log=True,
+        )
+    finally:
+        runtime.close()
+
+
+def gc(config: ConfigOption = None) -> None:
+    """Run one reconcile pass: clean up Secrets and pods left by crashes or retention."""
+    from broker.service.runtime import build_runtime
+
+    settings = _load(config)
+    try:
+        runtime = build_runtime(settings)
+    except BrokerError as exc:
+        typer.echo(f"error: cannot start: {exc.reason}", err=True)
+        raise typer.Exit(1) from exc
+    try:
+        result = runtime.reconciler.sweep()
+    finally:
+        runtime.close()
+    typer.echo(f"secrets cleaned after pod end: {result.secrets_cleaned}")
+    typer.echo(f"orphan secrets deleted:        {result.orphan_secrets_deleted}")
+    typer.echo(f"pods without secret deleted:   {result.orphan_pods_deleted}")
+    typer.echo(f"retained pods deleted:         {result.expired_pods_deleted}")
+    for error in result.errors:
+        typer.echo(f"error: {error}", err=True)
+    if result.errors:
+        raise typer.Exit(1)

@@ -1,0 +1,323 @@
+"""The broker's one seam to Kubernetes. Every call goes through here and every
+kubernetes-client exception is translated into broker.errors on the way out."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
+
+import urllib3
+from kubernetes import client, config, watch
+from kubernetes.client.exceptions import ApiException
+from prometheus_client import Histogram
+
+from broker.core.plan import LAUNCH_ID_LABEL, MANAGED_BY_LABEL, MANAGED_BY_VALUE
+from broker.errors import (
+    BrokerError,
+    ConflictError,
+    InvalidRequestError,
+    KubernetesUnavailableError,
+    NotFoundError,
+)
+
+T = TypeVar("T")
+MANAGED_SELECTOR = f"{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"
+API_LATENCY = Histogram(
+    "podbroker_kubernetes_call_seconds",
+    "Latency of Kubernetes API calls by the broker",
+    ["verb"],
+    buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+
+
+@dataclass(frozen=True)
+class PodRef:
+    namespace: str
+    name: str
+    uid: str
+
+
+def load_api_client(kubeconfig: str | None) -> client.ApiClient:
+    """The admin-free client the broker runs with: its in-cluster ServiceAccount, or a
+    kubeconfig (tests and development point this at the broker's own SA token)."""
+    if kubeconfig:
+        return config.new_client_from_config(config_file=kubeconfig)
+    configuration = client.Configuration()
+    config.load_incluster_config(client_configuration=configuration)
+    return client.ApiClient(configuration)
+
+
+class KubeCluster:
+    def __init__(self, api: client.ApiClient, *, timeout: float = 10.0) -> None:
+        self.api = api
+        self.core = client.CoreV1Api(api)
+        self.auth = client.AuthenticationV1Api(api)
+        self.timeout = timeout
+
+    def _call(self, verb: str, fn: Callable[[], T], *, what: str) -> T:
+        started = time.perf_counter()
+        try:
+            return fn()
+        except ApiException as exc:
+            raise _translate(exc, what) from exc
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise KubernetesUnavailableError(
+                f"Kubernetes API unreachable during {what}: {type(exc).__name__}"
+            ) from exc
+        finally:
+            API_LATENCY.labels(verb).observe(time.perf_counter() - started)
+
+    def ping(self) -> None:
+        """GET /version: is the API server reachable."""
+        self._call(
+            "version",
+            lambda: client.VersionApi(self.api).get_code(_request_timeout=self.timeout),
+            what="version check",
+        )
+
+    def create_pod(self, manifest: dict[str, Any]) -> PodRef:
+        """POST pods. ConflictError if a pod of that name exists."""
+        namespace = manifest["metadata"]["namespace"]
+        pod = self._call(
+            "create_pod",
+            lambda: self.core.create_namespaced_pod(
+                namespace, manifest, _request_timeout=self.timeout
+            ),
+            what=f"create pod {namespace}/{manifest['metadata']['name']}",
+        )
+        return PodRef(namespace, pod.metadata.name, pod.metadata.uid)
+
+    def read_pod(self, namespace: str, name: str) -> client.V1Pod | None:
+        """GET pods/NAME, or None when it does not exist."""
+        try:
+            return self._call(
+                "read_pod",
+                lambda: self.core.read_namespaced_pod(
+                    name, namespace, _request_timeout=self.timeout
+                ),
+                what=f"read pod {namespace}/{name}",
+            )
+        except NotFoundError:
+            return None
+
+    def delete_pod(self, namespace: str, name: str, *, grace_seconds: int = 0) -> bool:
+        """DELETE pods/NAME. True if it was there."""
+        try:
+            self._call(
+                "delete_pod",
+                lambda: self.core.delete_namespaced_pod(
+                    name,
+                    namespace,
+                    grace_period_seconds=grace_seconds,
+                    _request_timeout=self.timeout,
+                ),
+                what=f"delete pod {namespace}/{name}",
+            )
+        except NotFoundError:
+            return False
+        return True
+
+    def patch_pod_annotations(self, namespace: str, name: str, annotations: dict[str, str]) -> None:
+        """PATCH pods/NAME metadata.annotations (merge)."""
+        self._call(
+            "patch_pod",
+            lambda: self.core.patch_namespaced_pod(
+                name,
+                namespace,
+                {"metadata": {"annotations": annotations}},
+                _request_timeout=self.timeout,
+            ),
+            what=f"annotate pod {namespace}/{name}",
+        )
+
+    def create_secret(self, manifest: dict[str, Any]) -> None:
+        """POST secrets. The manifest holds values: it is never logged or echoed."""
+        namespace = manifest["metadata"]["namespace"]
+        self._call(
+            "create_secret",
+            lambda: self.core.create_namespaced_secret(
+                namespace, manifest, _request_timeout=self.timeout, _preload_content=False
+            ),
+            what=f"create secret {namespace}/{manifest['metadata']['name']}",
+        )
+
+    def delete_secret(self, namespace: str, name: str) -> bool:
+        """DELETE secrets/NAME. True if it was there."""
+        try:
+            self._call(
+                "delete_secret",
+                lambda: self.core.delete_namespaced_secret(
+                    name, namespace, _request_timeout=self.timeout, _preload_content=False
+                ),
+                what=f"delete secret {namespace}/{name}",
+            )
+        except NotFoundError:
+            return False
+        return True
+
+    def secret_exists(self, namespace: str, name: str) -> bool:
+        """GET secrets/NAME metadata only (partial object), never the data."""
+        try:
+            self._call(
+                "read_secret",
+                lambda: self.core.read_namespaced_secret(
+                    name, namespace, _request_timeout=self.timeout, _preload_content=False
+                ),
+                what=f"check secret {namespace}/{name}",
+            )
+        except NotFoundError:
+            return False
+        return True
+
+    def list_managed_pods(self, namespace: str, *, launch_id: str | None = None) -> list[Any]:
+        """LIST pods with the broker's managed-by label (and one launch id if given)."""
+        selector = MANAGED_SELECTOR
+        if launch_id is not None:
+            selector += f",{LAUNCH_ID_LABEL}={launch_id}"
+        result = self._call(
+            "list_pods",
+            lambda: self.core.list_namespaced_pod(
+                namespace, label_selector=selector, _request_timeout=self.timeout
+            ),
+            what=f"list pods in {namespace}",
+        )
+        return list(result.items)
+
+    def read_secret_metadata(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """GET secrets/NAME, keeping only metadata: the data is dropped unparsed-by-us
+        before anything else can see it. None when the Secret does not exist."""
+        try:
+            response = self._call(
+                "read_secret",
+                lambda: self.core.read_namespaced_secret(
+                    name, namespace, _request_timeout=self.timeout, _preload_content=False
+                ),
+                what=f"read secret metadata {namespace}/{name}",
+            )
+        except NotFoundError:
+            return None
+        metadata = json.loads(response.data).get("metadata", {})
+        return dict(metadata)
+
+    def list_managed_secrets(self, namespace: str) -> list[dict[str, Any]]:
+        """LIST secrets with the managed-by label, as metadata only (values are dropped
+        before anything else sees the response)."""
+        response = self._call(
+            "list_secrets",
+            lambda: self.core.list_namespaced_secret(
+                namespace,
+                label_selector=MANAGED_SELECTOR,
+                _request_timeout=self.timeout,
+                _preload_content=False,
+            ),
+            what=f"list secrets in {namespace}",
+        )
+        items = json.loads(response.data).get("items", [])
+        return [{"metadata": item.get("metadata", {})} for item in items]
+
+    def pod_logs(
+        self,
+        namespace: str,
+        name: str,
+        *,
+        container: str,
+        follow: bool,
+        since_seconds: int | None = None,
+        timestamps: bool = False,
+    ) -> Iterator[bytes]:
+        """GET pods/NAME/log, streamed in chunks."""
+        kwargs: dict[str, Any] = {
+            "container": container,
+            "follow": follow,
+            "timestamps": timestamps,
+            "_preload_content": False,
+        }
+        if since_seconds:
+            kwargs["since_seconds"] = since_seconds
+        if not follow:
+            kwargs["_request_timeout"] = self.timeout
+        response = self._call(
+            "pod_logs",
+            lambda: self.core.read_namespaced_pod_log(name, namespace, **kwargs),
+            what=f"read logs of {namespace}/{name}",
+        )
+        try:
+            yield from response.stream(4096)
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise KubernetesUnavailableError(f"log stream of {namespace}/{name} broke") from exc
+        finally:
+            response.release_conn()
+
+    def token_review(self, token: str, audience: str) -> str | None:
+        """POST tokenreviews: the authenticated username for ``token`` with ``audience``,
+        or None when the API server does not authenticate it."""
+        review = self._call(
+            "token_review",
+            lambda: self.auth.create_token_review(
+                client.V1TokenReview(
+                    spec=client.V1TokenReviewSpec(token=token, audiences=[audience])
+                ),
+                _request_timeout=self.timeout,
+            ),
+            what="token review",
+        )
+        status = review.status
+        if not status or not status.authenticated or not status.user:
+            return None
+        if audience not in (status.audiences or [audience]):
+            return None
+        return cast(str, status.user.username)
+
+    def watch_managed_pods(
+        self,
+        namespace: str,
+        on_event: Callable[[str, client.V1Pod], None],
+        stop: Callable[[], bool],
+        timeout_seconds: int = 30,
+    ) -> None:
+        """WATCH pods with the managed-by label until ``stop()``; reconnects on expiry."""
+        resource_version: str | None = None
+        while not stop():
+            watcher = watch.Watch()
+            try:
+                kwargs: dict[str, Any] = {
+                    "label_selector": MANAGED_SELECTOR,
+                    "timeout_seconds": timeout_seconds,
+                }
+                if resource_version:
+                    kwargs["resource_version"] = resource_version
+                for event in watcher.stream(self.core.list_namespaced_pod, namespace, **kwargs):
+                    pod = event["object"]
+                    resource_version = pod.metadata.resource_version
+                    on_event(event["type"], pod)
+                    if stop():
+                        break
+            except ApiException as exc:
+                if exc.status == 410:  # history compacted: start over from a fresh list
+                    resource_version = None
+                    continue
+                time.sleep(1)
+            except (urllib3.exceptions.HTTPError, OSError):
+                time.sleep(1)
+            finally:
+                with contextlib.suppress(Exception):
+                    watcher.stop()
+
+
+def _translate(exc: ApiException, what: str) -> BrokerError:
+    status = exc.status or 0
+    reason = f"{what}: {exc.reason or 'error'} (HTTP {status})"
+    if status == 404:
+        return NotFoundError(reason)
+    if status == 409:
+        return ConflictError(reason)
+    if status in (400, 422):
+        return InvalidRequestError(reason)
+    if status in (401, 403):
+        # The broker's own credentials lack a permission: an operator must fix RBAC.
+        return BrokerError(f"{reason}: check the broker's RBAC")
+    return KubernetesUnavailableError(reason)

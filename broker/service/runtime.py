@@ -1,0 +1,148 @@
+"""Builds the broker from its settings: Vault session and resolver, Kubernetes client,
+audit store, authenticator, launcher and reconciler. One place owns their lifetimes."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from broker.audit.keys import generate_signing_key, load_signing_key
+from broker.audit.render import render
+from broker.audit.reporting import build_report, grant_refs_from_policy
+from broker.audit.store import AuditStore, open_audit_store
+from broker.core.models import Caller
+from broker.core.plan import PlanPolicy
+from broker.core.report import ReportFilters
+from broker.errors import BrokerError
+from broker.kube.cluster import KubeCluster, load_api_client
+from broker.service.auth import Authenticator, authorize_dag
+from broker.service.launcher import Launcher
+from broker.service.reconciler import Reconciler
+from broker.settings import BrokerSettings, VaultAuthSettings
+from broker.vault.client import VaultAuth, VaultSession
+from broker.vault.resolver import SecretResolver
+
+log = logging.getLogger("podbroker")
+
+
+def vault_auth(settings: VaultAuthSettings) -> VaultAuth:
+    if settings.method == "token":
+        token = settings.token
+        if token is None and settings.token_file is not None:
+            token = settings.token_file.read_text().strip()
+        if not token:
+            raise BrokerError("vault.auth.method=token needs vault.auth.token or token_file")
+        return VaultAuth.token(token)
+    if settings.method == "approle":
+        if not settings.role_id or settings.secret_id_file is None:
+            raise BrokerError("vault.auth.method=approle needs role_id and secret_id_file")
+        return VaultAuth.approle(
+            settings.role_id,
+            settings.secret_id_file.read_text().strip(),
+            mount=settings.mount or "approle",
+        )
+    return VaultAuth.kubernetes(
+        settings.role, settings.jwt_file, mount=settings.mount or "kubernetes"
+    )
+
+
+@dataclass
+class Runtime:
+    settings: BrokerSettings
+    vault: VaultSession
+    resolver: SecretResolver
+    kube: KubeCluster
+    audit: AuditStore
+    authenticator: Authenticator
+    launcher: Launcher
+    reconciler: Reconciler
+    _closed: bool = field(default=False, init=False)
+
+    def authorize(self, caller: Caller, dag_id: str) -> None:
+        authorize_dag(caller, dag_id)
+
+    def check_ready(self) -> None:
+        self.vault.ping()
+        self.kube.ping()
+        self.audit.ping()
+
+    def render_report(
+        self,
+        fmt: str,
+        *,
+        since: dt.datetime | None,
+        until: dt.datetime | None,
+        filters: ReportFilters,
+    ) -> str:
+        grants = grant_refs_from_policy(self.resolver.policy_set())
+        report = build_report(self.audit, grants, since=since, until=until, filters=filters)
+        return render(report, fmt)
+
+    def start_background(self) -> None:
+        self.reconciler.start(self.settings.kubernetes.reconcile_interval_seconds)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.reconciler.stop()
+        self.launcher.close()
+        self.audit.close()
+        self.kube.api.close()
+
+
+def _signing_key_path(settings: BrokerSettings) -> Path:
+    if settings.audit.signing_key_file is not None:
+        return settings.audit.signing_key_file
+    raise BrokerError("audit.signing_key_file is required (podbroker audit keygen FILE)")
+
+
+def build_runtime(settings: BrokerSettings, *, dev_generate_key: bool = False) -> Runtime:
+    """Connect to everything. Raises BrokerError (with the component) if any part is
+    unreachable: the broker does not start half-connected."""
+    key_path = _signing_key_path(settings)
+    if dev_generate_key and not key_path.exists():
+        generate_signing_key(key_path)
+    signing_key = load_signing_key(key_path)
+    audit = open_audit_store(settings.audit.url, signing_key)
+    vault = VaultSession.connect(
+        settings.vault.address,
+        vault_auth(settings.vault.auth),
+        ca_file=str(settings.vault.ca_file) if settings.vault.ca_file else None,
+        timeout=settings.vault.timeout_seconds,
+    )
+    resolver = SecretResolver(
+        vault,
+        cache_ttl=settings.vault.policy_cache_seconds,
+        mount=settings.vault.config_mount,
+        token_role=settings.vault.token_role,
+        policy_prefix=settings.vault.grant_policy_prefix,
+    )
+    kube = KubeCluster(
+        load_api_client(settings.kubernetes.kubeconfig),
+        timeout=settings.kubernetes.request_timeout_seconds,
+    )
+    plan_policy = PlanPolicy(
+        namespaces=tuple(settings.kubernetes.task_namespaces),
+        allowed_service_accounts=tuple(settings.kubernetes.allowed_service_accounts),
+        templates=dict(settings.pod_templates),
+        run_as_non_root=settings.kubernetes.run_as_non_root,
+    )
+    launcher = Launcher(kube=kube, secrets=resolver, audit=audit, plan_policy=plan_policy)
+    reconciler = Reconciler(
+        launcher,
+        retention_seconds=settings.kubernetes.pod_retention_seconds,
+        grace_seconds=settings.kubernetes.orphan_grace_seconds,
+    )
+    return Runtime(
+        settings,
+        vault,
+        resolver,
+        kube,
+        audit,
+        Authenticator(settings.auth, kube),
+        launcher,
+        reconciler,
+    )

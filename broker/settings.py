@@ -1,0 +1,159 @@
+"""Typed broker settings, read once at start-up from a YAML file and environment
+variables (``PODBROKER_`` prefix, ``__`` between levels, e.g.
+``PODBROKER_VAULT__ADDRESS``). Nothing reads the environment at import time."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from broker.core.plan import PodTemplate
+from broker.errors import InvalidRequestError
+from broker.vault import names
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class VaultAuthSettings(_Section):
+    """How the broker logs in to Vault."""
+
+    method: Literal["token", "approle", "kubernetes"] = "token"
+    token_file: Path | None = None
+    """method=token: file holding the token (dev); or set PODBROKER_VAULT__AUTH__TOKEN."""
+    token: str | None = Field(default=None, repr=False)
+    role_id: str | None = None
+    secret_id_file: Path | None = None
+    role: str = names.KUBERNETES_AUTH_ROLE
+    """method=kubernetes: the Vault role bound to the broker's ServiceAccount."""
+    jwt_file: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+    mount: str | None = None
+    """Auth mount path; default "approle" or "kubernetes" by method."""
+
+
+class VaultSettings(_Section):
+    address: str = "http://127.0.0.1:8200"
+    ca_file: Path | None = None
+    timeout_seconds: float = 5.0
+    config_mount: str = names.CONFIG_MOUNT
+    token_role: str = names.TOKEN_ROLE
+    grant_policy_prefix: str = names.GRANT_POLICY_PREFIX
+    policy_cache_seconds: float = 10.0
+    """Grants are re-read from Vault when older than this (or when their KV version moves)."""
+    auth: VaultAuthSettings = Field(default_factory=VaultAuthSettings)
+
+
+class KubernetesSettings(_Section):
+    kubeconfig: str | None = None
+    """None: in-cluster ServiceAccount credentials (production)."""
+    task_namespaces: list[str] = Field(default_factory=lambda: ["default"], min_length=1)
+    allowed_service_accounts: list[str] = Field(default_factory=lambda: ["default"])
+    pod_retention_seconds: int = 3600
+    """Finished pods are deleted this long after they end (or on the caller's DELETE)."""
+    orphan_grace_seconds: int = 60
+    """A broker Secret or pod without its counterpart is removed after this long."""
+    reconcile_interval_seconds: int = 30
+    request_timeout_seconds: float = 10.0
+    run_as_non_root: bool = False
+
+
+class CallerRule(_Section):
+    """Which DAG ids a caller identity may launch for. ``identity`` is an exact
+    username (``system:serviceaccount:airflow:airflow-worker``) or a glob."""
+
+    identity: str
+    dag_ids: list[str] = Field(default_factory=lambda: ["*"])
+
+
+class StaticToken(_Section):
+    """A development token, stored as its SHA-256 hex digest only."""
+
+    name: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    dag_ids: list[str] = Field(default_factory=lambda: ["*"])
+
+    @staticmethod
+    def digest(token: str) -> str:
+        return hashlib.sha256(token.encode()).hexdigest()
+
+
+class AuthSettings(_Section):
+    token_audience: str = "podbroker"
+    callers: list[CallerRule] = Field(default_factory=list)
+    static_tokens: list[StaticToken] = Field(default_factory=list)
+    review_cache_seconds: float = 30.0
+
+
+class AuditSettings(_Section):
+    url: str = "sqlite:///podbroker-audit.db"
+    signing_key_file: Path | None = None
+    """Ed25519 private key (PEM). Required in production; dev generates one beside the store."""
+
+
+class ServerSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = 8080
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServerSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        return self
+
+
+class BrokerSettings(BaseSettings):
+    """Everything the broker needs to run. See README "Configuration"."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PODBROKER_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    vault: VaultSettings = Field(default_factory=VaultSettings)
+    kubernetes: KubernetesSettings = Field(default_factory=KubernetesSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    pod_templates: dict[str, PodTemplate] = Field(default_factory=dict)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment beats the file (passed as init values); no .env magic.
+        return env_settings, init_settings
+
+
+def load_settings(path: Path | None) -> BrokerSettings:
+    """Read settings from ``path`` (YAML) overlaid with PODBROKER_* env vars. Errors
+    name the file and the field."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except OSError as exc:
+            raise InvalidRequestError(f"{path}: cannot read: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise InvalidRequestError(f"{path}: not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise InvalidRequestError(f"{path}: the top level must be a mapping")
+        data = loaded or {}
+    try:
+        return BrokerSettings(**data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise InvalidRequestError(f"{path or 'environment'}: invalid settings: {problems}") from exc
