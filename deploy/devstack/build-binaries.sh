@@ -7,13 +7,48 @@
 #   PODBROKER_CACHE=DIR      cache root (default: ~/.cache/podbroker)
 #
 # Prints the folder holding the binaries on its last line.
+#
+#   build-binaries.sh helm   builds (once) only helm from helm.sh/helm/v3 at HELM_VERSION
+#                            (its go.mod has no replace directives, so `go install` works)
+#                            and prints the folder holding it; $KUBEBUILDER_ASSETS/helm wins
+#                            when present.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 KUBE_VERSION="v1.36.3"
 ETCD_VERSION="v3.6.16"
 KWOK_VERSION="v0.8.0"
+HELM_VERSION="v3.22.0"  # newest on the module proxy that builds with Go 1.26 (2026-11-25)
+HELM_KUBE_MINOR="37"     # helm v3.22.0 requires k8s.io/client-go v0.37: default capabilities 1.37
 binaries=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok)
+
+if [[ "${1:-}" == "helm" ]]; then
+    if [[ -n "${KUBEBUILDER_ASSETS:-}" && -x "$KUBEBUILDER_ASSETS/helm" ]]; then
+        echo "$KUBEBUILDER_ASSETS"
+        exit 0
+    fi
+    helm_out="${PODBROKER_CACHE:-$HOME/.cache/podbroker}/bin/helm-$HELM_VERSION"
+    if [[ ! -x "$helm_out/helm" ]]; then
+        mkdir -p "$helm_out"
+        started=$(date +%s)
+        # What helm's Makefile sets: without it `helm template` assumes Kubernetes v1.20.
+        helm_kube=""
+        for pkg in pkg/lint/rules pkg/chartutil; do
+            helm_kube+=" -X helm.sh/helm/v3/$pkg.k8sVersionMajor=1 -X helm.sh/helm/v3/$pkg.k8sVersionMinor=$HELM_KUBE_MINOR"
+        done
+        echo "  helm: building helm.sh/helm/v3/cmd/helm@$HELM_VERSION (first time only) ..." >&2
+        CGO_ENABLED=0 GOFLAGS="-trimpath -buildvcs=false" GOBIN="$helm_out/.tmp" go install \
+            -ldflags="-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION $helm_kube" \
+            "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+        mv "$helm_out/.tmp/helm" "$helm_out/helm"
+        rmdir "$helm_out/.tmp"
+        echo "  helm: built in $(( $(date +%s) - started ))s" >&2
+    else
+        echo "  helm: cached" >&2
+    fi
+    echo "$helm_out"
+    exit 0
+fi
 
 if [[ -n "${KUBEBUILDER_ASSETS:-}" ]]; then
     for b in "${binaries[@]}"; do

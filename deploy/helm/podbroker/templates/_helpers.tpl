@@ -1,0 +1,60 @@
+{{/* Names and labels shared by every template. */}}
+
+{{- define "podbroker.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "podbroker.selectorLabels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: broker
+{{- end -}}
+
+{{- define "podbroker.labels" -}}
+{{ include "podbroker.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{- end -}}
+
+{{/* The broker's ServiceAccount username as the API server sees it. */}}
+{{- define "podbroker.username" -}}
+system:serviceaccount:{{ .Release.Namespace }}:{{ .Values.serviceAccount.name }}
+{{- end -}}
+
+{{- define "podbroker.image" -}}
+{{- if .Values.image.digest -}}
+{{ .Values.image.repository }}@{{ .Values.image.digest }}
+{{- else -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end -}}
+{{- end -}}
+
+{{- define "podbroker.port" -}}
+{{- if .Values.tls.enabled }}8443{{ else }}8080{{ end -}}
+{{- end -}}
+
+{{/* Cross-field checks the JSON schema cannot express; fail closed with a clear reason. */}}
+{{- define "podbroker.validate" -}}
+{{- if and (eq .Values.audit.store "sqlite") (gt (int .Values.replicaCount) 1) -}}
+{{- fail "audit.store=sqlite keeps the audit database on one ReadWriteOnce volume: set replicaCount=1, or use audit.store=postgresql for several replicas" -}}
+{{- end -}}
+{{- range .Values.taskNamespaces -}}
+{{- if eq . $.Release.Namespace -}}
+{{- fail (printf "taskNamespaces must not contain the release namespace %q: the broker can read every Secret in a task namespace, so keep them dedicated" .) -}}
+{{- end -}}
+{{- if eq . $.Values.airflow.namespace -}}
+{{- fail (printf "taskNamespaces must not contain the Airflow namespace %q: task pods would share it with the workers (and the broker could read Airflow's Secrets)" .) -}}
+{{- end -}}
+{{- end -}}
+{{- if and (eq .Values.vault.auth.method "approle") (or (not .Values.vault.auth.approle.roleId) (not .Values.vault.auth.approle.secretIdSecret.name)) -}}
+{{- fail "vault.auth.method=approle needs vault.auth.approle.roleId and vault.auth.approle.secretIdSecret.name" -}}
+{{- end -}}
+{{- if and (eq .Values.vault.auth.method "token") (not .Values.vault.auth.token.secret.name) -}}
+{{- fail "vault.auth.method=token needs vault.auth.token.secret.name" -}}
+{{- end -}}
+{{- end -}}
