@@ -14,6 +14,7 @@ import pytest
 from kubernetes import client
 
 from broker.devstack.airflow_env import prepare_airflow_home
+from broker.devstack.broker_env import BrokerHandle, start_broker
 from broker.devstack.kube import ControlPlane, start_control_plane
 from broker.devstack.openbao import OpenBao, start_openbao
 from broker.devstack.postgres import Postgres, start_postgres
@@ -88,3 +89,19 @@ def namespace(kube_api: client.ApiClient, unique: str) -> Iterator[str]:
 def pytest_report_header() -> list[str]:
     assets = os.environ.get("KUBEBUILDER_ASSETS")
     return [f"control-plane binaries: {assets or 'built from pinned Go modules (cached)'}"]
+
+
+@pytest.fixture(scope="session")
+def broker(
+    stack_folder: Path,
+    kube: ControlPlane,
+    vault: OpenBao,
+    postgres: Postgres,
+) -> Iterator[BrokerHandle]:
+    """The real broker (`podbroker serve` subprocess) under its own ServiceAccount,
+    logged in to OpenBao by Kubernetes auth, with the example policies applied and
+    example secrets (values marked PLANTED-) in Vault. ``.token`` is a static dev token
+    allowed for every DAG; ``.namespace`` is the task namespace."""
+    handle = start_broker(stack_folder / "broker", kube, vault, postgres)
+    yield handle
+    handle.stop()

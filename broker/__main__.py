@@ -1,0 +1,5 @@
+"""`python -m broker` is the `podbroker` command."""
+
+from broker.cli.main import app
+
+app()

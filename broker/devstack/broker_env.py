@@ -1,0 +1,387 @@
+"""Everything around a real broker in the local stack: its least-privilege Kubernetes
+identity, Vault bootstrap with Kubernetes-auth login, example secrets (including a
+dynamic PostgreSQL role), the example policies applied, and `podbroker serve` running
+as a separate process. Used by the pytest `broker` fixture and by `make demo`."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import hvac
+import psycopg
+import yaml
+from kubernetes import client
+
+from broker.devstack.kube import ControlPlane
+from broker.devstack.openbao import OpenBao
+from broker.devstack.postgres import Postgres
+from broker.devstack.procs import ManagedProcess, StackError, free_port, wait_until
+from broker.policyfiles import load_policy_dir
+from broker.vault.bootstrap import BootstrapOptions, KubernetesAuthOptions, bootstrap
+from broker.vault.layout import VaultLayout
+from broker.vault.policy_store import apply_plan, plan
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE_POLICIES = REPO_ROOT / "policies"
+SYSTEM_NAMESPACE = "podbroker-system"
+TASK_NAMESPACE = "podbroker-tasks"
+AIRFLOW_NAMESPACE = "airflow"
+BROKER_SERVICE_ACCOUNT = "podbroker"
+WORKER_SERVICE_ACCOUNT = "airflow-worker"
+TOKEN_AUDIENCE = "podbroker"
+DEMO_POD_LOG = [
+    "podbroker-demo: connecting to the warehouse",
+    "podbroker-demo: loaded 1200 rows",
+    "podbroker-demo: done",
+]
+
+
+def _planted(label: str) -> str:
+    """A recognisable random value: tests scan outputs for the PLANTED- marker."""
+    return f"PLANTED-{label}-{secrets.token_hex(8)}"
+
+
+def example_secret_values() -> dict[str, dict[str, str]]:
+    """Values for every KV secret of the example catalog (random, marked PLANTED-)."""
+    return {
+        "analytics/warehouse-readonly": {
+            "host": "warehouse.internal",
+            "username": "reader",
+            "password": _planted("warehouse-ro"),
+        },
+        "analytics/warehouse-loader": {
+            "host": "warehouse.internal",
+            "username": "loader",
+            "password": _planted("warehouse-loader"),
+        },
+        "analytics/s3-reports": {
+            "access_key_id": "AKIAEXAMPLE",
+            "secret_access_key": _planted("s3"),
+        },
+        "analytics/tableau": {"token": _planted("tableau")},
+        "payments/provider-api": {"api_key": _planted("payments-api")},
+        "payments/settlement-sftp": {
+            "host": "sftp.bank.example",
+            "private_key": _planted("sftp-key"),
+        },
+        "ml/feature-store": {
+            "endpoint": "https://features.internal",
+            "token": _planted("feature-store"),
+        },
+        "ml/model-registry": {"url": "https://models.internal", "token": _planted("registry")},
+        "shared/slack-webhook": {"url": "https://hooks.example/" + _planted("slack")},
+    }
+
+
+def _apply(api: client.ApiClient, manifests: list[dict[str, Any]]) -> None:
+    """Create each object, tolerating ones that exist (a second start in one stack)."""
+    from kubernetes import utils
+    from kubernetes.utils import FailToCreateError
+
+    for manifest in manifests:
+        try:
+            utils.create_from_dict(api, manifest)
+        except FailToCreateError as exc:
+            if not all(getattr(e, "status", None) == 409 for e in exc.api_exceptions):
+                raise
+
+
+def broker_rbac(task_namespaces: list[str]) -> list[dict[str, Any]]:
+    """The broker's identity and the only permissions it has (same verbs as the chart)."""
+    subject = {
+        "kind": "ServiceAccount",
+        "name": BROKER_SERVICE_ACCOUNT,
+        "namespace": SYSTEM_NAMESPACE,
+    }
+    objects: list[dict[str, Any]] = [
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": SYSTEM_NAMESPACE}},
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": AIRFLOW_NAMESPACE}},
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": {"name": BROKER_SERVICE_ACCOUNT, "namespace": SYSTEM_NAMESPACE},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": {"name": WORKER_SERVICE_ACCOUNT, "namespace": AIRFLOW_NAMESPACE},
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole",
+            "metadata": {"name": "podbroker-tokenreview"},
+            "rules": [
+                {
+                    "apiGroups": ["authentication.k8s.io"],
+                    "resources": ["tokenreviews"],
+                    "verbs": ["create"],
+                }
+            ],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": "podbroker-tokenreview"},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": "podbroker-tokenreview",
+            },
+            "subjects": [subject],
+        },
+        # Vault's Kubernetes auth method reviews the broker's token with this identity.
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": "podbroker-vault-auth-delegator"},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": "system:auth-delegator",
+            },
+            "subjects": [subject],
+        },
+    ]
+    for namespace in task_namespaces:
+        objects += [
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}},
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "Role",
+                "metadata": {"name": "podbroker", "namespace": namespace},
+                "rules": [
+                    {
+                        "apiGroups": [""],
+                        "resources": ["secrets"],
+                        "verbs": ["create", "get", "list", "watch", "delete"],
+                    },
+                    {
+                        "apiGroups": [""],
+                        "resources": ["pods"],
+                        "verbs": ["create", "get", "list", "watch", "delete", "patch"],
+                    },
+                    {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
+                    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+                ],
+            },
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "RoleBinding",
+                "metadata": {"name": "podbroker", "namespace": namespace},
+                "roleRef": {
+                    "apiGroup": "rbac.authorization.k8s.io",
+                    "kind": "Role",
+                    "name": "podbroker",
+                },
+                "subjects": [subject],
+            },
+        ]
+    return objects
+
+
+def seed_vault(vault: OpenBao, postgres: Postgres, values: dict[str, dict[str, str]]) -> None:
+    """KV values for the example catalog, and the database engine issuing per-launch
+    PostgreSQL logins for `orders-db` (role orders-readonly on database `orders`)."""
+    root = hvac.Client(url=vault.url, token=vault.root_token)
+    for path, data in values.items():
+        root.secrets.kv.v2.create_or_update_secret(path=path, secret=data, mount_point="secret")
+    with psycopg.connect(postgres.dsn(), autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = 'orders'").fetchone()
+        if not exists:
+            conn.execute("CREATE DATABASE orders")
+    if "database/" not in root.sys.list_mounted_secrets_engines()["data"]:
+        root.sys.enable_secrets_engine("database", path="database")
+    root.secrets.database.configure(
+        name="orders",
+        plugin_name="postgresql-database-plugin",
+        connection_url=(
+            f"postgresql://{{{{username}}}}:{{{{password}}}}@{postgres.host}:"
+            f"{postgres.port}/orders?sslmode=disable"
+        ),
+        username=postgres.superuser,
+        password=postgres.password,
+        allowed_roles=["orders-readonly"],
+        mount_point="database",
+    )
+    root.secrets.database.create_role(
+        name="orders-readonly",
+        db_name="orders",
+        default_ttl="10m",
+        max_ttl="1h",
+        creation_statements=[
+            "CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' "
+            "VALID UNTIL '{{expiration}}';",
+            'GRANT CONNECT ON DATABASE orders TO "{{name}}";',
+        ],
+        mount_point="database",
+    )
+
+
+def apply_example_policies(vault: OpenBao, folder: Path = EXAMPLE_POLICIES) -> None:
+    root = hvac.Client(url=vault.url, token=vault.root_token)
+    apply_plan(root, plan(root, VaultLayout(), load_policy_dir(folder)))
+
+
+@dataclass
+class BrokerHandle:
+    """A running `podbroker serve` process and how to reach it."""
+
+    url: str
+    token: str = field(repr=False)
+    namespace: str
+    config_path: Path
+    log_path: Path
+    process: ManagedProcess
+    kube: ControlPlane
+    vault: OpenBao
+    planted: dict[str, dict[str, str]] = field(repr=False, default_factory=dict)
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        wait_until(
+            lambda: httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200,
+            timeout=timeout,
+            what="broker /readyz",
+            alive=self.process,
+        )
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def stop(self) -> None:
+        self.process.stop()
+
+    def restart(self) -> None:
+        self.process.stop()
+        self.process = ManagedProcess(
+            self.process.name, self.process.argv, self.log_path, env=self.process.env
+        ).start()
+        self.wait_ready()
+
+    def planted_values(self) -> list[str]:
+        return [v for data in self.planted.values() for v in data.values() if "PLANTED-" in v]
+
+
+def start_broker(
+    folder: Path,
+    kube: ControlPlane,
+    vault: OpenBao,
+    postgres: Postgres,
+    *,
+    extra_settings: dict[str, Any] | None = None,
+) -> BrokerHandle:
+    """Provision and start a broker that runs with its own ServiceAccount (never the
+    admin kubeconfig) and logs in to Vault through the Kubernetes auth method."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with kube.api_client() as api:
+        _apply(api, broker_rbac([TASK_NAMESPACE]))
+    kube.simulate_logs(TASK_NAMESPACE, DEMO_POD_LOG)
+    planted = example_secret_values()
+    seed_vault(vault, postgres, planted)
+
+    jwt_file = folder / "broker-sa.token"
+    jwt_file.write_text(
+        kube.mint_token(SYSTEM_NAMESPACE, BROKER_SERVICE_ACCOUNT, expiration_seconds=24 * 3600)
+    )
+    jwt_file.chmod(0o600)
+    root = hvac.Client(url=vault.url, token=vault.root_token)
+    bootstrap(
+        root,
+        BootstrapOptions(
+            kubernetes=KubernetesAuthOptions(
+                service_account=BROKER_SERVICE_ACCOUNT,
+                namespace=SYSTEM_NAMESPACE,
+                configure_method=True,
+                kubernetes_host=kube.server,
+                kubernetes_ca_pem=kube.ca_cert.read_text(),
+                token_reviewer_jwt=jwt_file.read_text(),
+            )
+        ),
+    )
+    apply_example_policies(vault)
+
+    kubeconfig = kube.user_kubeconfig(jwt_file.read_text(), folder / "broker.kubeconfig")
+    static_token = "dev-" + secrets.token_hex(16)
+    port = free_port()
+    settings: dict[str, Any] = {
+        "vault": {
+            "address": vault.url,
+            "policy_cache_seconds": 2,
+            "auth": {"method": "kubernetes", "jwt_file": str(jwt_file)},
+        },
+        "kubernetes": {
+            "kubeconfig": str(kubeconfig),
+            "task_namespaces": [TASK_NAMESPACE],
+            "orphan_grace_seconds": 5,
+            "reconcile_interval_seconds": 5,
+            "pod_retention_seconds": 600,
+        },
+        "auth": {
+            "token_audience": TOKEN_AUDIENCE,
+            "callers": [
+                {"identity": f"system:serviceaccount:{AIRFLOW_NAMESPACE}:*", "dag_ids": ["*"]}
+            ],
+            "static_tokens": [
+                {
+                    "name": "dev",
+                    "sha256": hashlib.sha256(static_token.encode()).hexdigest(),
+                    "dag_ids": ["*"],
+                }
+            ],
+        },
+        "audit": {
+            "url": f"sqlite:///{folder / 'audit.db'}",
+            "signing_key_file": str(folder / "audit-signing.pem"),
+        },
+        "server": {"host": "127.0.0.1", "port": port},
+        "pod_templates": {
+            "small": {
+                "resources": {
+                    "requests": {"cpu": "100m", "memory": "128Mi"},
+                    "limits": {"memory": "256Mi"},
+                }
+            }
+        },
+    }
+    for section, values in (extra_settings or {}).items():
+        settings.setdefault(section, {}).update(values)
+    config_path = folder / "broker.yaml"
+    config_path.write_text(yaml.safe_dump(settings, sort_keys=False))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PODBROKER_", "VAULT_"))}
+    process = ManagedProcess(
+        "podbroker",
+        [
+            sys.executable,
+            "-m",
+            "broker",
+            "serve",
+            "--config",
+            str(config_path),
+            "--dev-generate-key",
+        ],
+        folder / "broker.log",
+        env=env,
+    ).start()
+    handle = BrokerHandle(
+        f"http://127.0.0.1:{port}",
+        static_token,
+        TASK_NAMESPACE,
+        config_path,
+        folder / "broker.log",
+        process,
+        kube,
+        vault,
+        planted,
+    )
+    try:
+        handle.wait_ready()
+    except StackError:
+        process.stop()
+        raise
+    return handle
