@@ -20,3 +20,11 @@ from broker.cli.server import gc, serve  # noqa: E402
 
 app.command()(serve)
 app.command()(gc)
+
+from broker.cli.policies import app as policies_app  # noqa: E402
+
+app.add_typer(policies_app, name="policies")
+
+from broker.cli.vault import app as vault_app  # noqa: E402
+
+app.add_typer(vault_app, name="vault")
