@@ -1,0 +1,72 @@
+"""Rendering of the report: terminal table, JSON, CSV and self-contained HTML."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+
+from broker.audit.render import CSV_COLUMNS, render
+from broker.core import audit_events as ev
+from broker.core.models import TaskIdentity
+from broker.core.report import compute_report
+from tests.unit.test_report import GRANTS, WINDOW, report, scenario
+
+
+def test_html_is_self_contained_with_both_charts() -> None:
+    html = render(report(), "html")
+    assert html.startswith("<!DOCTYPE html>")
+    assert html.count("<svg") == 2
+    assert 'aria-label="uses over time per secret"' in html
+    assert 'aria-label="DAG by secret matrix"' in html
+    assert "<polyline" in html and "<rect" in html
+    # Nothing to fetch: no scripts, stylesheets, images or any URL.
+    for needle in ("<script", "<link", "<img", "src=", "href=", "http:", "https:", "url("):
+        assert needle not in html.lower()
+
+
+def test_html_escapes_names() -> None:
+    t = TaskIdentity(dag_id="<b>dag</b>", task_id="t&x", run_id="r")
+    events = [ev.secrets_resolved(launch_id="L", caller="c", task=t,
+                                  secrets=[{"name": "db"}], time=WINDOW[0])]
+    html = render(compute_report(events, window_start=WINDOW[0], window_end=WINDOW[1]), "html")
+    assert "<b>dag</b>" not in html
+    assert "&lt;b&gt;dag&lt;/b&gt;" in html
+
+
+def test_csv_rows_per_section() -> None:
+    rows = list(csv.DictReader(io.StringIO(render(report(), "csv"))))
+    assert tuple(rows[0].keys()) == CSV_COLUMNS
+    sections = [r["section"] for r in rows]
+    assert sections.count("secret_usage") == 4
+    assert sections.count("dag_usage") == 4
+    assert sections.count("denial") == 2
+    assert sections.count("unused_grant") == 2
+    assert sections.count("first_use") == 4
+    warehouse = next(r for r in rows if r["section"] == "secret_usage" and r["secret"] == "warehouse")
+    assert warehouse["count"] == "4"
+    assert warehouse["first"] == "2026-03-01T10:00:00Z"
+
+
+def test_table_lists_every_section() -> None:
+    text = render(report(), "table")
+    for title in ("Usage per secret", "Usage per DAG", "Denials",
+                  "Unused grants (proposed removals)", "First-time uses"):
+        assert title in text
+    assert re.search(r"^warehouse\s+4\s+etl_orders, etl_users", text, re.M)
+    assert "remove grant ml/legacy" in text
+
+
+def test_json_format_round_trips() -> None:
+    data = json.loads(render(report(), "json"))
+    assert data["totals"]["launches_denied"] == 2
+    assert {g["grant_id"] for g in data["unused_grants"]} == {"ml/train", "ml/legacy"}
+
+
+def test_empty_report_renders() -> None:
+    empty = compute_report([], GRANTS[:1])
+    for fmt in ("table", "json", "csv", "html"):
+        assert render(empty, fmt)
+    assert "no uses in the window" in render(empty, "html")
+    assert len(scenario()) > 0
