@@ -399,25 +399,15 @@ class BrokerPodOperator(BaseOperator):
         self.log.info("[%s] %s", "pod", line)
 
     def _follow_logs(self, client: BrokerClient, view: LaunchView) -> None:
-        """Stream the log into the task log as lines arrive. If the stream breaks while
-        the pod runs, reconnect from the last timestamp seen (lines at or before it are
-        skipped), like KPO."""
+        """Stream the log into the task log as lines arrive. If the stream breaks, reconnect
+        from the last timestamp seen (lines at or before it are skipped), like KPO; if the
+        pod ended meanwhile, one last non-follow read picks up the tail."""
         last_seen: datetime | None = None
         failures = 0
         while True:
-            since = None
-            if last_seen is not None:
-                since = math.ceil((datetime.now(UTC) - last_seen).total_seconds()) + 1
+            interrupted = False
             try:
-                for raw in client.iter_log_lines(
-                    view.launch_id, follow=True, timestamps=True, since_seconds=since
-                ):
-                    stamp, text = split_timestamp(raw)
-                    if stamp is not None and last_seen is not None and stamp <= last_seen:
-                        continue
-                    if stamp is not None:
-                        last_seen = stamp
-                    self._log_line(text)
+                last_seen = self._read_logs(client, view.launch_id, True, last_seen)
                 failures = 0
             except TemporaryError as exc:
                 failures += 1
@@ -425,14 +415,38 @@ class BrokerPodOperator(BaseOperator):
                     self.log.warning("giving up on the log stream: %s", exc.reason)
                     return
                 self.log.warning("log stream interrupted (%s); reconnecting", exc.reason)
+                interrupted = True
             except BrokerError as exc:
                 # Logs are best effort: the outcome comes from the launch status.
                 self.log.warning("cannot read the pod log: %s", exc.reason)
                 return
             view = self._status(client, view.launch_id)
             if view.phase in TERMINAL_PHASES:
+                if interrupted and view.phase != "Deleted":
+                    try:
+                        self._read_logs(client, view.launch_id, False, last_seen)
+                    except BrokerError as exc:
+                        self.log.warning("cannot read the end of the pod log: %s", exc.reason)
                 return
             time.sleep(self.poll_interval)
+
+    def _read_logs(
+        self, client: BrokerClient, launch_id: str, follow: bool, last_seen: datetime | None
+    ) -> datetime | None:
+        """One pass over the log from ``last_seen`` on; returns the newest timestamp."""
+        since = None
+        if last_seen is not None:
+            since = math.ceil((datetime.now(UTC) - last_seen).total_seconds()) + 1
+        for raw in client.iter_log_lines(
+            launch_id, follow=follow, timestamps=True, since_seconds=since
+        ):
+            stamp, text = split_timestamp(raw)
+            if stamp is not None and last_seen is not None and stamp <= last_seen:
+                continue
+            if stamp is not None:
+                last_seen = stamp
+            self._log_line(text)
+        return last_seen
 
     def _copy_logs(self, client: BrokerClient, view: LaunchView) -> None:
         if view.phase == "Deleted":
