@@ -26,14 +26,19 @@ def chain(n: int = 6) -> tuple[list[StoredRow], ChainHead]:
     rows: list[StoredRow] = []
     prev = GENESIS_HASH
     for i in range(1, n + 1):
-        event = ev.launch_event(ev.EventKind.POD_CREATED, launch_id=f"L{i}",
-                                time=datetime(2026, 1, 1, 0, i, tzinfo=UTC), pod=f"p{i}")
+        event = ev.launch_event(
+            ev.EventKind.POD_CREATED,
+            launch_id=f"L{i}",
+            time=datetime(2026, 1, 1, 0, i, tzinfo=UTC),
+            pod=f"p{i}",
+        )
         row = make_row(event, i, prev, KEY)
         rows.append(row)
         prev = row.hash
     last = rows[-1]
-    return rows, ChainHead(last.position, last.hash, sign_head(KEY, last.position, last.hash),
-                           last.key_id)
+    return rows, ChainHead(
+        last.position, last.hash, sign_head(KEY, last.position, last.hash), last.key_id
+    )
 
 
 def test_intact_chain_verifies() -> None:
@@ -54,8 +59,9 @@ def test_rehashed_change_fails_the_signature() -> None:
     rows, head = chain()
     r = rows[2]
     forged_json = r.event_json.replace("p3", "p9")
-    rows[2] = dataclasses.replace(r, event_json=forged_json,
-                                  hash=record_hash(3, r.prev_hash, forged_json))
+    rows[2] = dataclasses.replace(
+        r, event_json=forged_json, hash=record_hash(3, r.prev_hash, forged_json)
+    )
     result = verify_rows(rows, head, [KEY.public_key()])
     assert result.first_break_position == 3 and "signature" in (result.problem or "")
 

@@ -18,8 +18,11 @@ TASK = TaskIdentity(dag_id="etl", task_id="load", run_id="r1", try_number=2, map
 
 def test_secret_value_anywhere_in_details_is_refused_without_echoing_it() -> None:
     with pytest.raises(ValidationError) as info:
-        ev.launch_event(ev.EventKind.POD_CREATED, launch_id="L1",
-                        nested={"list": [1, {"x": SecretValue(PLANTED)}]})
+        ev.launch_event(
+            ev.EventKind.POD_CREATED,
+            launch_id="L1",
+            nested={"list": [1, {"x": SecretValue(PLANTED)}]},
+        )
     text = str(info.value)
     assert "SecretValue" in text
     assert "details.nested.list[1].x" in text
@@ -53,10 +56,17 @@ def test_naive_time_is_refused_and_aware_time_is_normalised_to_utc() -> None:
 
 
 def test_canonical_json_round_trips_exactly() -> None:
-    event = ev.decision(launch_id="L1", caller=Caller(identity="sa:airflow"), task=TASK,
-                        secret_names=["b", "a"], allowed=False, reasons=["no-grant"],
-                        denied=["b"], matched_grants={"a": ["t/g"]},
-                        time=datetime(2026, 5, 1, 1, 2, 3, 456789, tzinfo=UTC))
+    event = ev.decision(
+        launch_id="L1",
+        caller=Caller(identity="sa:airflow"),
+        task=TASK,
+        secret_names=["b", "a"],
+        allowed=False,
+        reasons=["no-grant"],
+        denied=["b"],
+        matched_grants={"a": ["t/g"]},
+        time=datetime(2026, 5, 1, 1, 2, 3, 456789, tzinfo=UTC),
+    )
     text = event.canonical_json()
     again = ev.AuditEvent.from_json_dict(json.loads(text))
     assert again == event
@@ -67,24 +77,46 @@ def test_canonical_json_round_trips_exactly() -> None:
 
 def test_builders_fill_task_identity_and_details_layout() -> None:
     resolved = ev.secrets_resolved(
-        launch_id="L9", caller="sa:x", task=TASK, token_accessor="acc-1",
-        secrets=[{"name": "db", "path": "kv/data/db", "version": 4, "lease_id": None},
-                 {"name": "s3", "path": "aws/creds/r", "lease_id": "aws/creds/r/abc"}],
+        launch_id="L9",
+        caller="sa:x",
+        task=TASK,
+        token_accessor="acc-1",
+        secrets=[
+            {"name": "db", "path": "kv/data/db", "version": 4, "lease_id": None},
+            {"name": "s3", "path": "aws/creds/r", "lease_id": "aws/creds/r/abc"},
+        ],
     )
     assert resolved.secret_names == ("db", "s3")
-    assert (resolved.dag_id, resolved.task_id, resolved.run_id, resolved.try_number,
-            resolved.map_index) == ("etl", "load", "r1", 2, 3)
+    assert (
+        resolved.dag_id,
+        resolved.task_id,
+        resolved.run_id,
+        resolved.try_number,
+        resolved.map_index,
+    ) == ("etl", "load", "r1", 2, 3)
     assert resolved.details["token_accessor"] == "acc-1"
     assert resolved.details["secrets"][0]["version"] == 4
-    finished = ev.launch_event(ev.EventKind.POD_FINISHED, launch_id="L9", task=TASK,
-                               phase="Failed", exit_code=3)
+    finished = ev.launch_event(
+        ev.EventKind.POD_FINISHED, launch_id="L9", task=TASK, phase="Failed", exit_code=3
+    )
     assert finished.details == {"phase": "Failed", "exit_code": 3}
     with pytest.raises(ev.AuditEventError, match="name"):
         ev.secrets_resolved(launch_id="L9", caller=None, task=TASK, secrets=[{"path": "x"}])
 
 
 def test_every_required_kind_exists() -> None:
-    required = {"launch_requested", "decision", "secrets_resolved", "secret_created",
-                "pod_created", "pod_finished", "secret_deleted", "leases_revoked",
-                "launch_killed", "reconciler_cleanup", "policy_applied", "launch_failed"}
+    required = {
+        "launch_requested",
+        "decision",
+        "secrets_resolved",
+        "secret_created",
+        "pod_created",
+        "pod_finished",
+        "secret_deleted",
+        "leases_revoked",
+        "launch_killed",
+        "reconciler_cleanup",
+        "policy_applied",
+        "launch_failed",
+    }
     assert required <= {k.value for k in ev.EventKind}

@@ -26,63 +26,139 @@ def at(day: int, hour: int = 0, month: int = 3) -> datetime:
     return datetime(2026, month, day, hour, tzinfo=UTC)
 
 
-def launch(launch_id: str, dag: str, task: str, when: datetime, names: list[str], *,
-           allowed: bool = True, denied: tuple[str, ...] = (), reason: str = "",
-           matched: dict[str, list[str]] | None = None, teams: tuple[str, ...] = (),
-           resolved_twice: bool = False) -> list[ev.AuditEvent]:
+def launch(
+    launch_id: str,
+    dag: str,
+    task: str,
+    when: datetime,
+    names: list[str],
+    *,
+    allowed: bool = True,
+    denied: tuple[str, ...] = (),
+    reason: str = "",
+    matched: dict[str, list[str]] | None = None,
+    teams: tuple[str, ...] = (),
+    resolved_twice: bool = False,
+) -> list[ev.AuditEvent]:
     t = TaskIdentity(dag_id=dag, task_id=task, run_id=f"run-{launch_id}")
     out = [
-        ev.launch_requested(launch_id=launch_id, caller="sa:worker", task=t, secret_names=names,
-                            time=when),
-        ev.decision(launch_id=launch_id, caller="sa:worker", task=t, secret_names=names,
-                    allowed=allowed, denied=denied, reasons=[reason] if reason else [],
-                    matched_grants=matched or {}, teams=teams, time=when),
+        ev.launch_requested(
+            launch_id=launch_id, caller="sa:worker", task=t, secret_names=names, time=when
+        ),
+        ev.decision(
+            launch_id=launch_id,
+            caller="sa:worker",
+            task=t,
+            secret_names=names,
+            allowed=allowed,
+            denied=denied,
+            reasons=[reason] if reason else [],
+            matched_grants=matched or {},
+            teams=teams,
+            time=when,
+        ),
     ]
     if allowed:
-        resolved = ev.secrets_resolved(launch_id=launch_id, caller="sa:worker", task=t,
-                                       secrets=[{"name": n} for n in names], teams=teams,
-                                       time=when)
+        resolved = ev.secrets_resolved(
+            launch_id=launch_id,
+            caller="sa:worker",
+            task=t,
+            secrets=[{"name": n} for n in names],
+            teams=teams,
+            time=when,
+        )
         out += [resolved, resolved] if resolved_twice else [resolved]
-        out.append(ev.launch_event(ev.EventKind.POD_FINISHED, launch_id=launch_id, task=t,
-                                   time=when, phase="Succeeded", exit_code=0))
+        out.append(
+            ev.launch_event(
+                ev.EventKind.POD_FINISHED,
+                launch_id=launch_id,
+                task=t,
+                time=when,
+                phase="Succeeded",
+                exit_code=0,
+            )
+        )
     return out
 
 
 def scenario() -> list[ev.AuditEvent]:
     events: list[ev.AuditEvent] = []
     events += launch("P1", "etl_orders", "load", at(20, month=2), ["warehouse"])  # before
-    events += launch("L1", "etl_orders", "load", at(1, 10), ["warehouse"],
-                     matched={"warehouse": ["analytics/etl"]})
+    events += launch(
+        "L1",
+        "etl_orders",
+        "load",
+        at(1, 10),
+        ["warehouse"],
+        matched={"warehouse": ["analytics/etl"]},
+    )
     events += launch("L2", "etl_orders", "load", at(2, 11), ["warehouse", "s3"])
     events += launch("L3", "etl_users", "extract", at(3, 9), ["warehouse"])
-    events += launch("L4", "report_daily", "send_mail", at(3, 12), ["smtp"],
-                     teams=("analytics",))
-    events += launch("L5", "train_model", "fit", at(4, 8), ["ftp"], allowed=False,
-                     denied=("ftp",), reason="no grant of train_model covers ftp")
-    events += launch("L6", "train_model", "fit", at(5, 8), ["gpu-quota"],
-                     matched={"gpu-quota": ["ml/train"]})
+    events += launch("L4", "report_daily", "send_mail", at(3, 12), ["smtp"], teams=("analytics",))
+    events += launch(
+        "L5",
+        "train_model",
+        "fit",
+        at(4, 8),
+        ["ftp"],
+        allowed=False,
+        denied=("ftp",),
+        reason="no grant of train_model covers ftp",
+    )
+    events += launch(
+        "L6", "train_model", "fit", at(5, 8), ["gpu-quota"], matched={"gpu-quota": ["ml/train"]}
+    )
     events += launch("L7", "etl_orders", "load", at(6, 23), ["warehouse"], resolved_twice=True)
-    events += launch("D2", "report_daily", "render", at(7, 1), ["smtp"], allowed=False,
-                     denied=("smtp",), reason="grant analytics/report covers tasks send*")
+    events += launch(
+        "D2",
+        "report_daily",
+        "render",
+        at(7, 1),
+        ["smtp"],
+        allowed=False,
+        denied=("smtp",),
+        reason="grant analytics/report covers tasks send*",
+    )
     events += launch("A1", "old_sync", "pull", at(9, 5), ["ftp"])  # after the window
-    events.append(ev.launch_event(ev.EventKind.POLICY_APPLIED, launch_id=None, time=at(2),
-                                  source="policies/", grants=4))
+    events.append(
+        ev.launch_event(
+            ev.EventKind.POLICY_APPLIED, launch_id=None, time=at(2), source="policies/", grants=4
+        )
+    )
     return events
 
 
 def report(**filters: str) -> UsageReport:
-    return compute_report(scenario(), GRANTS, window_start=WINDOW[0], window_end=WINDOW[1],
-                          filters=ReportFilters(**filters))
+    return compute_report(
+        scenario(),
+        GRANTS,
+        window_start=WINDOW[0],
+        window_end=WINDOW[1],
+        filters=ReportFilters(**filters),
+    )
 
 
 def test_usage_per_secret() -> None:
     r = report()
-    got = {s.secret: (s.uses, s.dags, [(t.dag_id, t.task_id) for t in s.tasks],
-                      s.first_use, s.last_use) for s in r.secrets}
+    got = {
+        s.secret: (
+            s.uses,
+            s.dags,
+            [(t.dag_id, t.task_id) for t in s.tasks],
+            s.first_use,
+            s.last_use,
+        )
+        for s in r.secrets
+    }
     assert got == {
         # L1, L2, L3, L7 (L7 recorded twice, counted once); P1 is before the window
-        "warehouse": (4, ["etl_orders", "etl_users"],
-                      [("etl_orders", "load"), ("etl_users", "extract")], at(1, 10), at(6, 23)),
+        "warehouse": (
+            4,
+            ["etl_orders", "etl_users"],
+            [("etl_orders", "load"), ("etl_users", "extract")],
+            at(1, 10),
+            at(6, 23),
+        ),
         "s3": (1, ["etl_orders"], [("etl_orders", "load")], at(2, 11), at(2, 11)),
         "smtp": (1, ["report_daily"], [("report_daily", "send_mail")], at(3, 12), at(3, 12)),
         "gpu-quota": (1, ["train_model"], [("train_model", "fit")], at(5, 8), at(5, 8)),
@@ -93,8 +169,17 @@ def test_usage_per_secret() -> None:
 
 def test_usage_per_dag_and_matrix() -> None:
     r = report()
-    got = {d.dag_id: (d.launches_requested, d.launches_allowed, d.launches_denied,
-                      d.secret_uses, d.secrets, d.tasks) for d in r.dags}
+    got = {
+        d.dag_id: (
+            d.launches_requested,
+            d.launches_allowed,
+            d.launches_denied,
+            d.secret_uses,
+            d.secrets,
+            d.tasks,
+        )
+        for d in r.dags
+    }
     assert got == {
         "etl_orders": (3, 3, 0, 4, {"s3": 1, "warehouse": 3}, ["load"]),
         "etl_users": (1, 1, 0, 1, {"warehouse": 1}, ["extract"]),
@@ -102,8 +187,11 @@ def test_usage_per_dag_and_matrix() -> None:
         "train_model": (2, 1, 1, 1, {"gpu-quota": 1}, ["fit"]),
     }
     assert r.matrix["etl_orders"] == {"s3": 1, "warehouse": 3}
-    assert (r.totals.launches_requested, r.totals.launches_allowed,
-            r.totals.launches_denied) == (8, 6, 2)
+    assert (r.totals.launches_requested, r.totals.launches_allowed, r.totals.launches_denied) == (
+        8,
+        6,
+        2,
+    )
 
 
 def test_denials_with_reasons() -> None:
@@ -146,12 +234,22 @@ def test_matched_grants_of_the_decision_beat_glob_matching() -> None:
     # L1's decision credits analytics/etl only; a broader grant of another team with
     # the same secret gets no credit from it, although its glob matches.
     extra = [*GRANTS, GrantRef("ops/all", "ops", "*", None, ("warehouse",))]
-    events = launch("L1", "etl_orders", "load", at(1, 10), ["warehouse"],
-                    matched={"warehouse": ["analytics/etl"]})
+    events = launch(
+        "L1",
+        "etl_orders",
+        "load",
+        at(1, 10),
+        ["warehouse"],
+        matched={"warehouse": ["analytics/etl"]},
+    )
     r = compute_report(events, extra, window_start=WINDOW[0], window_end=WINDOW[1])
     assert "ops/all" in {g.grant_id for g in r.unused_grants}
-    r2 = compute_report(launch("X", "etl_orders", "load", at(1, 10), ["warehouse"]), extra,
-                        window_start=WINDOW[0], window_end=WINDOW[1])
+    r2 = compute_report(
+        launch("X", "etl_orders", "load", at(1, 10), ["warehouse"]),
+        extra,
+        window_start=WINDOW[0],
+        window_end=WINDOW[1],
+    )
     assert "ops/all" not in {g.grant_id for g in r2.unused_grants}
 
 
@@ -166,8 +264,9 @@ def test_matched_grants_of_the_decision_beat_glob_matching() -> None:
         ({"secret": "smtp"}, {"smtp": 1}, 1, set(), 1),
     ],
 )
-def test_filters(filters: dict[str, str], uses: dict[str, int], denials: int,
-                 unused: set[str], first: int) -> None:
+def test_filters(
+    filters: dict[str, str], uses: dict[str, int], denials: int, unused: set[str], first: int
+) -> None:
     r = report(**filters)
     assert {s.secret: s.uses for s in r.secrets} == uses
     assert len(r.denials) == denials

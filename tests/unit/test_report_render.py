@@ -28,8 +28,11 @@ def test_html_is_self_contained_with_both_charts() -> None:
 
 def test_html_escapes_names() -> None:
     t = TaskIdentity(dag_id="<b>dag</b>", task_id="t&x", run_id="r")
-    events = [ev.secrets_resolved(launch_id="L", caller="c", task=t,
-                                  secrets=[{"name": "db"}], time=WINDOW[0])]
+    events = [
+        ev.secrets_resolved(
+            launch_id="L", caller="c", task=t, secrets=[{"name": "db"}], time=WINDOW[0]
+        )
+    ]
     html = render(compute_report(events, window_start=WINDOW[0], window_end=WINDOW[1]), "html")
     assert "<b>dag</b>" not in html
     assert "&lt;b&gt;dag&lt;/b&gt;" in html
@@ -44,15 +47,22 @@ def test_csv_rows_per_section() -> None:
     assert sections.count("denial") == 2
     assert sections.count("unused_grant") == 2
     assert sections.count("first_use") == 4
-    warehouse = next(r for r in rows if r["section"] == "secret_usage" and r["secret"] == "warehouse")
+    warehouse = next(
+        r for r in rows if r["section"] == "secret_usage" and r["secret"] == "warehouse"
+    )
     assert warehouse["count"] == "4"
     assert warehouse["first"] == "2026-03-01T10:00:00Z"
 
 
 def test_table_lists_every_section() -> None:
     text = render(report(), "table")
-    for title in ("Usage per secret", "Usage per DAG", "Denials",
-                  "Unused grants (proposed removals)", "First-time uses"):
+    for title in (
+        "Usage per secret",
+        "Usage per DAG",
+        "Denials",
+        "Unused grants (proposed removals)",
+        "First-time uses",
+    ):
         assert title in text
     assert re.search(r"^warehouse\s+4\s+etl_orders, etl_users", text, re.M)
     assert "remove grant ml/legacy" in text
