@@ -73,7 +73,6 @@ def bootstrap_command(
     broker_policy: Annotated[str, typer.Option(help="The broker's ACL policy name.")] = (
         names.BROKER_POLICY
     ),
-    child_token_ttl: Annotated[int, typer.Option(min=5, help="Child token TTL (s).")] = 60,
     child_token_max_ttl: Annotated[
         int, typer.Option(min=60, help="Child token max TTL (s); bounds dynamic leases.")
     ] = 8 * 3600,
@@ -124,7 +123,6 @@ def bootstrap_command(
             token_role=token_role,
             broker_policy=broker_policy,
         ),
-        child_token_ttl=child_token_ttl,
         child_token_max_ttl=child_token_max_ttl,
         kubernetes=k8s,
     )

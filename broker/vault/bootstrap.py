@@ -41,10 +41,10 @@ class KubernetesAuthOptions:
 @dataclass(frozen=True)
 class BootstrapOptions:
     layout: VaultLayout = field(default_factory=VaultLayout)
-    child_token_ttl: int = 60
-    """Default TTL of the child tokens minted per launch."""
     child_token_max_ttl: int = 8 * 3600
-    """Upper bound of child tokens; dynamic credentials cannot outlive their token."""
+    """Hard upper bound (explicit max TTL) of child tokens. Token roles have no default
+    TTL: the broker asks for ~60 s per launch (longer only for dynamic credentials,
+    which cannot outlive their token)."""
     kubernetes: KubernetesAuthOptions | None = None
 
 
@@ -133,7 +133,6 @@ def bootstrap(client: hvac.Client, options: BootstrapOptions) -> list[str]:
         "orphan": False,
         "renewable": False,
         "token_type": "service",
-        "token_ttl": options.child_token_ttl,
         "token_explicit_max_ttl": options.child_token_max_ttl,
         "token_no_default_policy": True,
     }

@@ -159,7 +159,17 @@ class VaultSession:
         return self._client
 
     def login(self) -> None:
-        """Obtain a fresh token with the configured method and record its TTL."""
+        """Obtain a fresh token with the configured method and record its TTL. A refused
+        login is the broker's own misconfiguration, not the caller's fault: it raises
+        :class:`VaultUnavailableError` (retryable), never Denied/InvalidRequest."""
+        try:
+            self._login()
+        except (DeniedError, InvalidRequestError, NotFoundError) as exc:
+            raise VaultUnavailableError(
+                f"Vault refused the broker's {self.auth.method} login: {exc.reason}"
+            ) from exc
+
+    def _login(self) -> None:
         with self._lock, translate_errors(f"log in ({self.auth.method})"):
             auth = self.auth
             if auth.method == "token":
