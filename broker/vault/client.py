@@ -224,7 +224,7 @@ class VaultSession:
     def renew(self) -> None:
         """Renew now, or re-login if renewal is impossible (AppRole/Kubernetes)."""
         with self._lock:
-            if self._state.renewable and (self.token_ttl_remaining or 0) > 0:
+            if self._state.renewable:
                 try:
                     with translate_errors("renew the broker token"):
                         self._client.auth.token.renew_self()
