@@ -46,6 +46,14 @@ def error_response(exc: BrokerError) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
+def _caller(request: Request, authorization: Annotated[str | None, Header()] = None) -> Caller:
+    runtime: Runtime = request.app.state.runtime
+    return runtime.authenticator.authenticate(authorization)
+
+
+CallerDep = Annotated[Caller, Depends(_caller)]
+
+
 def create_app(runtime: Runtime) -> FastAPI:
     app = FastAPI(
         title="podbroker",
@@ -70,10 +78,6 @@ def create_app(runtime: Runtime) -> FastAPI:
         body = ErrorBody(error="invalid_request", reason=problems or "invalid request")
         return JSONResponse(body.model_dump(), status_code=422)
 
-    def caller(authorization: Annotated[str | None, Header()] = None) -> Caller:
-        return runtime.authenticator.authenticate(authorization)
-
-    CallerDep = Annotated[Caller, Depends(caller)]  # noqa: N806 (a type alias)
     responses: dict[int | str, dict[str, Any]] = {
         code: {"model": ErrorBody} for code in (401, 403, 404, 409, 422, 503)
     }

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from broker.core.models import ENV_VAR_PATTERN, SecretRequest, Strict, TaskIdentity
 
@@ -54,6 +54,14 @@ class LaunchRequest(Strict):
     pod_template: str | None = None
     timeout_seconds: Annotated[int, Field(gt=0, le=7 * 24 * 3600)] = 3600
     pod_overrides: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("secrets", mode="before")
+    @classmethod
+    def _names_as_requests(cls, value: Any) -> Any:
+        """A bare name means "that secret, as env vars with default naming"."""
+        if isinstance(value, list):
+            return [{"name": item} if isinstance(item, str) else item for item in value]
+        return value
 
 
 Phase = Literal["Pending", "Running", "Succeeded", "Failed", "Unknown", "Deleted"]

@@ -352,8 +352,9 @@ def build_plan(request: LaunchRequest, policy: PlanPolicy, caller_identity: str)
         "task_id": label_value(task.task_id),
         "run_id": label_value(task.run_id),
         "try_number": str(task.try_number),
-        "map_index": str(task.map_index),
     }
+    if task.map_index >= 0:  # like the KubernetesPodOperator: only mapped tasks carry it
+        labels["map_index"] = str(task.map_index)
     user_labels = _merge(template.labels, request.scheduling.labels)
     annotations = _merge(template.annotations, request.scheduling.annotations)
     annotations[SECRET_NAMES_ANNOTATION] = ",".join(names)

@@ -308,9 +308,21 @@ class KubeCluster:
                     watcher.stop()
 
 
+def _api_message(exc: ApiException) -> str:
+    try:
+        return str(json.loads(exc.body or "{}").get("message", ""))
+    except (ValueError, AttributeError):
+        return ""
+
+
 def _translate(exc: ApiException, what: str) -> BrokerError:
     status = exc.status or 0
     reason = f"{what}: {exc.reason or 'error'} (HTTP {status})"
+    # The API server's message names the invalid field; a Secret's may quote its data,
+    # so it is passed on for everything but Secrets.
+    message = _api_message(exc)
+    if message and "secret" not in what:
+        reason = f"{reason}: {message}"
     if status == 404:
         return NotFoundError(reason)
     if status == 409:

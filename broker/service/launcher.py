@@ -11,10 +11,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from queue import Empty, Queue
 from typing import Any, cast
 
 from kubernetes import client
@@ -446,15 +448,48 @@ class Launcher:
     def logs(
         self, launch_id: str, *, follow: bool, since_seconds: int | None, timestamps: bool
     ) -> Iterator[bytes]:
+        """The pod's log. With ``follow`` the stream ends once the pod has finished and
+        its log has gone quiet, even where the node keeps the stream open (kwok does)."""
         found = self.find(launch_id)
-        return self.kube.pod_logs(
-            found.namespace,
-            found.pod.metadata.name,
+        namespace, name = found.namespace, found.pod.metadata.name
+        chunks = self.kube.pod_logs(
+            namespace,
+            name,
             container=CONTAINER_NAME,
             follow=follow,
             since_seconds=since_seconds,
             timestamps=timestamps,
         )
+        if not follow:
+            return chunks
+        return self._follow(chunks, namespace, name)
+
+    def _follow(self, chunks: Iterator[bytes], namespace: str, name: str) -> Iterator[bytes]:
+        queue: Queue[bytes | None] = Queue(maxsize=256)
+
+        def pump() -> None:
+            with contextlib.suppress(Exception):
+                for chunk in chunks:
+                    queue.put(chunk)
+            queue.put(None)
+
+        threading.Thread(target=pump, name=f"logs-{name}", daemon=True).start()
+        while True:
+            try:
+                chunk = queue.get(timeout=1.0)
+            except Empty:
+                pod = self.kube.read_pod(namespace, name)
+                phase = pod.status.phase if pod is not None and pod.status else None
+                if pod is None or phase in ("Succeeded", "Failed"):
+                    with contextlib.suppress(Exception):
+                        close = getattr(chunks, "close", None)
+                        if close is not None:
+                            close()
+                    return
+                continue
+            if chunk is None:
+                return
+            yield chunk
 
     def kill(self, caller: Caller, launch_id: str) -> LaunchView:
         found = self.find(launch_id)

@@ -12,12 +12,16 @@ from broker.core.secret_value import SecretValue
 
 
 class ResolvedSecretLike(Protocol):
-    name: str
-    keys: dict[str, SecretValue]
-    vault_path: str
-    version: int | None
-    lease_id: str | None
-    lease_ttl: int | None
+    @property
+    def name(self) -> str: ...
+    @property
+    def keys(self) -> dict[str, SecretValue]: ...
+    @property
+    def vault_path(self) -> str: ...
+    @property
+    def version(self) -> int | None: ...
+    @property
+    def lease_id(self) -> str | None: ...
 
 
 class BundleLike(Protocol):

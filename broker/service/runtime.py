@@ -22,6 +22,7 @@ from broker.service.launcher import Launcher
 from broker.service.reconciler import Reconciler
 from broker.settings import BrokerSettings, VaultAuthSettings
 from broker.vault.client import VaultAuth, VaultSession
+from broker.vault.layout import VaultLayout
 from broker.vault.resolver import SecretResolver
 
 log = logging.getLogger("podbroker")
@@ -113,13 +114,12 @@ def build_runtime(settings: BrokerSettings, *, dev_generate_key: bool = False) -
         ca_file=str(settings.vault.ca_file) if settings.vault.ca_file else None,
         timeout=settings.vault.timeout_seconds,
     )
-    resolver = SecretResolver(
-        vault,
-        cache_ttl=settings.vault.policy_cache_seconds,
-        mount=settings.vault.config_mount,
-        token_role=settings.vault.token_role,
+    layout = VaultLayout(
+        config_mount=settings.vault.config_mount,
         policy_prefix=settings.vault.grant_policy_prefix,
+        token_role=settings.vault.token_role,
     )
+    resolver = SecretResolver(vault, settings.vault.policy_cache_seconds, layout=layout)
     kube = KubeCluster(
         load_api_client(settings.kubernetes.kubeconfig),
         timeout=settings.kubernetes.request_timeout_seconds,
