@@ -316,6 +316,11 @@ def test_dynamic_database_credentials_capped_and_revoked(
     assert token_info["meta"]["launch_id"] == "launch-a"
     assert sorted(token_info["policies"]) == sorted(decision.grant_policies)
 
+    # ...and Vault's own audit log joins the read to the task instance.
+    audit = penv.vault.audit_log.read_text()
+    assert '"launch_id":"launch-a"' in audit and '"dag_id":"etl_daily"' in audit
+    assert pw_a not in audit  # Vault HMACs response data in its audit log
+
     assert can_login(postgres, user_a, pw_a)
     resolver.revoke(first.lease_ids)
     assert not can_login(postgres, user_a, pw_a)
