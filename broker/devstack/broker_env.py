@@ -275,13 +275,14 @@ def start_broker(
     postgres: Postgres,
     *,
     extra_settings: dict[str, Any] | None = None,
+    task_namespace: str = TASK_NAMESPACE,
 ) -> BrokerHandle:
     """Provision and start a broker that runs with its own ServiceAccount (never the
     admin kubeconfig) and logs in to Vault through the Kubernetes auth method."""
     folder.mkdir(parents=True, exist_ok=True)
     with kube.api_client() as api:
-        _apply(api, broker_rbac([TASK_NAMESPACE]))
-    kube.simulate_logs(TASK_NAMESPACE, DEMO_POD_LOG)
+        _apply(api, broker_rbac([task_namespace]))
+    kube.simulate_logs(task_namespace, DEMO_POD_LOG)
     planted = example_secret_values()
     seed_vault(vault, postgres, planted)
 
@@ -317,7 +318,7 @@ def start_broker(
         },
         "kubernetes": {
             "kubeconfig": str(kubeconfig),
-            "task_namespaces": [TASK_NAMESPACE],
+            "task_namespaces": [task_namespace],
             "orphan_grace_seconds": 5,
             "reconcile_interval_seconds": 5,
             "pod_retention_seconds": 600,
@@ -371,7 +372,7 @@ def start_broker(
     handle = BrokerHandle(
         f"http://127.0.0.1:{port}",
         static_token,
-        TASK_NAMESPACE,
+        task_namespace,
         config_path,
         folder / "broker.log",
         process,

@@ -330,6 +330,7 @@ def _translate(exc: ApiException, what: str) -> BrokerError:
     if status in (400, 422):
         return InvalidRequestError(reason)
     if status in (401, 403):
-        # The broker's own credentials lack a permission: an operator must fix RBAC.
-        return BrokerError(f"{reason}: check the broker's RBAC")
+        # The broker's own RBAC, or an admission rule such as a quota, refused it.
+        hint = "exceeded quota" if "exceeded quota" in message else "check the broker's RBAC"
+        return BrokerError(f"{reason}: forbidden by the API server ({hint})")
     return KubernetesUnavailableError(reason)
