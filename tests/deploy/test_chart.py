@@ -11,7 +11,7 @@ import yaml
 
 from broker.core.plan import MANAGED_BY_LABEL, SECRET_NAME_PREFIX
 from broker.settings import load_settings
-from tests.deploy.conftest import CHART, Helm, Release, find
+from tests.deploy.conftest import CHART, REPO_ROOT, Helm, Release, find
 
 # Value sets a user would really install with (beyond the defaults).
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -253,3 +253,17 @@ def test_service_monitor_renders_but_needs_the_operator_crd(
         "apply", "--dry-run=server", "-f", "-", input_text=yaml.safe_dump_all(rest)
     )
     assert accepted.returncode == 0, accepted.stderr
+
+
+def test_standalone_admission_policy_manifest_matches_the_chart(helm: Helm) -> None:
+    """deploy/manifests/admission-policy.yaml is the chart's rendering for default names."""
+    standalone = REPO_ROOT / "deploy" / "manifests" / "admission-policy.yaml"
+    result = helm.run(
+        "template", "podbroker", str(CHART), "--namespace", "podbroker",
+        "--show-only", "templates/admission-policy.yaml",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    committed = [d for d in yaml.safe_load_all(standalone.read_text()) if d]
+    assert committed == [d for d in yaml.safe_load_all(result.stdout) if d], (
+        "re-render deploy/manifests/admission-policy.yaml (command in its header)"
+    )
