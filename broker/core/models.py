@@ -28,8 +28,9 @@ class TaskIdentity(Strict):
 
 class EnvDelivery(Strict):
     """Deliver a secret's keys as environment variables: each key upper-cased behind
-    ``prefix`` (``prefix="DB_"``: key ``password`` -> ``DB_PASSWORD``), or exactly as
-    ``mapping`` says (key -> variable); keys outside the mapping are not delivered."""
+    ``prefix`` (``prefix="DB_"``: key ``password`` -> ``DB_PASSWORD``; by default the
+    secret's name, so ``orders-db`` gives ``ORDERS_DB_PASSWORD``; ``prefix=""`` for none),
+    or exactly as ``mapping`` says (key -> variable); unmapped keys are not delivered."""
 
     type: Literal["env"] = "env"
     prefix: str | None = None

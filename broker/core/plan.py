@@ -178,7 +178,10 @@ class LaunchPlan:
                             continue
                         env_var = delivery.mapping[key]
                     else:
-                        env_var = _env_var_name(delivery.prefix or "", key)
+                        prefix = delivery.prefix
+                        if prefix is None:  # default: the secret's own name, e.g. ORDERS_DB_
+                            prefix = _env_var_name("", request.name) + "_"
+                        env_var = _env_var_name(prefix, key)
                     slots.append(SecretSlot(request.name, key, data_key, env_var=env_var))
                 else:
                     slots.append(
