@@ -24,7 +24,14 @@ app.command()(gc)
 from broker.cli.policies import app as policies_app  # noqa: E402
 
 app.add_typer(policies_app, name="policies")
+from broker.cli.check_dags import register as register_check_dags  # noqa: E402
+
+register_check_dags(policies_app)
 
 from broker.cli.vault import app as vault_app  # noqa: E402
 
 app.add_typer(vault_app, name="vault")
+
+from broker.cli.dev import dev_app  # noqa: E402
+
+app.add_typer(dev_app, name="dev")

@@ -1,0 +1,174 @@
+"""`podbroker dev up` and `podbroker dev demo`: the local stack (OpenBao, a Kubernetes
+control plane with kwok, PostgreSQL), a real broker, and, for the demo, the example DAGs
+run by Airflow, ending with the secret-usage report. Same code as the test fixtures."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+dev_app = typer.Typer(
+    help="Run podbroker locally on a real (throwaway) stack.", no_args_is_help=True
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE_DAGS = REPO_ROOT / "airflow_plugin" / "example_dags"
+
+
+def _say(message: str) -> None:
+    typer.echo(f"[{time.strftime('%H:%M:%S')}] {message}")
+
+
+def _wait_for_ctrl_c() -> None:
+    _say("running; press Ctrl-C to stop everything")
+    try:
+        signal.pause()
+    except KeyboardInterrupt:
+        _say("stopping ...")
+
+
+def _airflow_dag_ids(env: dict[str, str]) -> list[str]:
+    airflow = Path(sys.executable).parent / "airflow"
+    result = subprocess.run(
+        [str(airflow), "dags", "list", "-o", "json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        typer.echo(f"error: airflow dags list failed:\n{result.stderr[-2000:]}", err=True)
+        raise typer.Exit(1)
+    start = result.stdout.find("[")
+    return sorted(item["dag_id"] for item in json.loads(result.stdout[start:]))
+
+
+@dev_app.command()
+def up(
+    folder: Annotated[Path | None, typer.Option(help="Keep the stack's files here.")] = None,
+) -> None:
+    """Start OpenBao, the control plane, PostgreSQL and a broker; print where each
+    listens; stop everything on Ctrl-C."""
+    from broker.devstack.broker_env import start_broker
+    from broker.devstack.stack import local_stack
+
+    with local_stack(folder, progress=_say, keep_folder=folder is not None) as stack:
+        _say("starting the broker (own ServiceAccount, Vault login by Kubernetes auth) ...")
+        broker = start_broker(stack.folder / "broker", stack.kube, stack.vault, stack.postgres)
+        try:
+            typer.echo("")
+            typer.echo(
+                f"  OpenBao      {stack.vault.url}   (dev root token in "
+                f"{stack.folder}/openbao is test-only)"
+            )
+            typer.echo(f"  Kubernetes   {stack.kube.server}   KUBECONFIG={stack.kube.kubeconfig}")
+            typer.echo(f"  PostgreSQL   {stack.postgres.host}:{stack.postgres.port}")
+            typer.echo(f"  broker       {broker.url}   (config {broker.config_path})")
+            typer.echo(f"  task pods    namespace {broker.namespace}")
+            typer.echo("")
+            _wait_for_ctrl_c()
+        finally:
+            broker.stop()
+
+
+@dev_app.command()
+def demo(
+    keep_running: Annotated[
+        bool, typer.Option(help="Stay up after the demo until Ctrl-C.")
+    ] = False,
+    report_file: Annotated[Path, typer.Option(help="Where to write the HTML report.")] = Path(
+        "podbroker-usage-report.html"
+    ),
+) -> None:
+    """The whole story on this machine: stack, broker, policies applied, every example DAG
+    run by `airflow dags test`, then the secret-usage report."""
+    from broker.devstack.airflow_env import prepare_airflow_home
+    from broker.devstack.broker_env import (
+        AIRFLOW_NAMESPACE,
+        TOKEN_AUDIENCE,
+        WORKER_SERVICE_ACCOUNT,
+        start_broker,
+    )
+    from broker.devstack.stack import local_stack
+
+    began = time.monotonic()
+    outcomes: list[tuple[str, str, float]] = []
+    with local_stack(progress=_say) as stack:
+        _say("starting the broker (own ServiceAccount, Vault login by Kubernetes auth) ...")
+        broker = start_broker(stack.folder / "broker", stack.kube, stack.vault, stack.postgres)
+        try:
+            _say(f"broker ready at {broker.url}; example policies from policies/ applied")
+            _say("preparing Airflow (SQLite, airflow db migrate) ...")
+            env = prepare_airflow_home(stack.folder / "airflow", EXAMPLE_DAGS)
+            token_file = stack.folder / "worker-token"
+            token_file.write_text(
+                stack.kube.mint_token(
+                    AIRFLOW_NAMESPACE, WORKER_SERVICE_ACCOUNT, audiences=[TOKEN_AUDIENCE]
+                )
+            )
+            env["AIRFLOW_CONN_PODBROKER_DEFAULT"] = json.dumps(
+                {
+                    "conn_type": "podbroker",
+                    "host": broker.url,
+                    "extra": {
+                        "auth_method": "service_account_token",
+                        "token_file": str(token_file),
+                        "namespace": broker.namespace,
+                    },
+                }
+            )
+            airflow = Path(sys.executable).parent / "airflow"
+            for dag_id in _airflow_dag_ids(env):
+                _say(f"airflow dags test {dag_id} ...")
+                started = time.monotonic()
+                run = subprocess.run(
+                    [str(airflow), "dags", "test", dag_id],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                )
+                log_file = stack.folder / f"airflow-{dag_id}.log"
+                log_file.write_text(run.stdout + run.stderr)
+                failed = run.returncode != 0 or "state=failed" in run.stdout + run.stderr
+                outcome = "failed" if failed else "success"
+                outcomes.append((dag_id, outcome, time.monotonic() - started))
+                for line in (run.stdout + run.stderr).splitlines():
+                    if "podbroker" in line and ("denied" in line or "not granted" in line):
+                        typer.echo(f"    {line.strip()[-160:]}")
+                        break
+            typer.echo("")
+            typer.echo("Example DAG runs:")
+            for dag_id, outcome, seconds in outcomes:
+                typer.echo(f"  {dag_id:<40} {outcome:<8} {seconds:5.1f}s")
+            typer.echo("")
+            import httpx
+
+            table = httpx.get(
+                f"{broker.url}/v1/audit/report",
+                params={"format": "table"},
+                headers=broker.headers(),
+                timeout=60,
+            )
+            typer.echo(table.text)
+            html = httpx.get(
+                f"{broker.url}/v1/audit/report",
+                params={"format": "html"},
+                headers=broker.headers(),
+                timeout=60,
+            )
+            report_file.write_text(html.text)
+            _say(f"HTML report written to {report_file.resolve()}")
+            _say(f"demo finished in {time.monotonic() - began:.0f}s")
+            if keep_running:
+                typer.echo(f"  broker {broker.url}   KUBECONFIG={stack.kube.kubeconfig}")
+                _wait_for_ctrl_c()
+        finally:
+            broker.stop()
