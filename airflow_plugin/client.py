@@ -159,11 +159,15 @@ class BrokerClient:
         follow: bool,
         since_seconds: int | None = None,
         timestamps: bool = False,
+        idle_timeout: float | None = None,
     ) -> Iterator[str]:
-        """GET /v1/launches/{id}/logs as lines, as they arrive when ``follow``."""
-        timeout = httpx.Timeout(
-            self.settings.timeout, read=None if follow else self.settings.timeout
-        )
+        """GET /v1/launches/{id}/logs as lines, as they arrive when ``follow``.
+
+        With ``idle_timeout``, a followed stream that stays silent that long simply
+        ends: the caller checks the launch status and reconnects if the pod still runs
+        (a follow stream is not guaranteed to close when the container ends)."""
+        read_timeout = idle_timeout if follow else self.settings.timeout
+        timeout = httpx.Timeout(self.settings.timeout, read=read_timeout)
         try:
             with self._http.stream(
                 "GET",
@@ -174,7 +178,11 @@ class BrokerClient:
                 if response.status_code >= 400:
                     response.read()
                     raise error_from_response(response, response.text)
-                yield from response.iter_lines()
+                try:
+                    yield from response.iter_lines()
+                except httpx.ReadTimeout:
+                    if not (follow and idle_timeout):
+                        raise
         except httpx.TransportError as exc:
             raise _transport_error(exc, self.settings.base_url) from exc
 

@@ -43,6 +43,8 @@ _ON_FINISH_ACTIONS = ("delete_pod", "delete_succeeded_pod", "keep_pod")
 _TIMESTAMPED = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d) ?(.*)$")
 _LAUNCH_ATTEMPTS = 3
 _MAX_LOG_RECONNECTS = 5
+# A followed log stream silent this long is reopened after a status check.
+_LOG_IDLE_SECONDS = 10.0
 
 
 def split_timestamp(line: str) -> tuple[datetime | None, str]:
@@ -399,13 +401,12 @@ class BrokerPodOperator(BaseOperator):
         self.log.info("[%s] %s", "pod", line)
 
     def _follow_logs(self, client: BrokerClient, view: LaunchView) -> None:
-        """Stream the log into the task log as lines arrive. If the stream breaks, reconnect
-        from the last timestamp seen (lines at or before it are skipped), like KPO; if the
-        pod ended meanwhile, one last non-follow read picks up the tail."""
+        """Stream the log into the task log as lines arrive. A stream that breaks or
+        stays idle is reopened from the last timestamp seen (lines at or before it are
+        skipped), like KPO; once the pod has ended, one non-follow read takes the tail."""
         last_seen: datetime | None = None
         failures = 0
         while True:
-            interrupted = False
             try:
                 last_seen = self._read_logs(client, view.launch_id, True, last_seen)
                 failures = 0
@@ -415,14 +416,13 @@ class BrokerPodOperator(BaseOperator):
                     self.log.warning("giving up on the log stream: %s", exc.reason)
                     return
                 self.log.warning("log stream interrupted (%s); reconnecting", exc.reason)
-                interrupted = True
             except BrokerError as exc:
                 # Logs are best effort: the outcome comes from the launch status.
                 self.log.warning("cannot read the pod log: %s", exc.reason)
                 return
             view = self._status(client, view.launch_id)
             if view.phase in TERMINAL_PHASES:
-                if interrupted and view.phase != "Deleted":
+                if view.phase != "Deleted":
                     try:
                         self._read_logs(client, view.launch_id, False, last_seen)
                     except BrokerError as exc:
@@ -438,7 +438,11 @@ class BrokerPodOperator(BaseOperator):
         if last_seen is not None:
             since = math.ceil((datetime.now(UTC) - last_seen).total_seconds()) + 1
         for raw in client.iter_log_lines(
-            launch_id, follow=follow, timestamps=True, since_seconds=since
+            launch_id,
+            follow=follow,
+            timestamps=True,
+            since_seconds=since,
+            idle_timeout=max(_LOG_IDLE_SECONDS, self.poll_interval) if follow else None,
         ):
             stamp, text = split_timestamp(raw)
             if stamp is not None and last_seen is not None and stamp <= last_seen:

@@ -167,3 +167,20 @@ def test_audit_report_passes_filters(tmp_path: Path) -> None:
     with BrokerClient(settings(tmp_path), transport=httpx.MockTransport(handler)) as c:
         assert c.audit_report(dag="analytics_etl_daily") == "<h1>report</h1>"
     assert dict(seen[0].url.params) == {"format": "html", "dag": "analytics_etl_daily"}
+
+
+class _SilentAfter(httpx.SyncByteStream):
+    """A followed log stream: some lines, then silence (the read times out)."""
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        yield b"2026-11-24T10:00:00Z a\n"
+        raise httpx.ReadTimeout("idle")
+
+
+def test_idle_follow_stream_ends_quietly_only_when_asked(tmp_path: Path) -> None:
+    transport = httpx.MockTransport(lambda r: httpx.Response(200, stream=_SilentAfter()))
+    with BrokerClient(settings(tmp_path), transport=transport) as c:
+        lines = list(c.iter_log_lines("L1", follow=True, idle_timeout=1.0))
+        assert lines == ["2026-11-24T10:00:00Z a"]
+        with pytest.raises(TemporaryError):
+            list(c.iter_log_lines("L1", follow=True))

@@ -1,0 +1,217 @@
+"""`podbroker policies check-dags DAGS_DIR`: load a DAG folder with Airflow's DagBag,
+list every BrokerPodOperator's declared secrets and decide them against the policy
+(from a policies folder, or the one stored in Vault). For DAG repositories' CI, before
+deploying: exit 1 with a table of task -> secrets not granted (or unknown), or when a
+DAG file does not import.
+
+Exit codes: 0 every declared secret is granted, 1 denials / unknown names / DAG import
+errors / policy-file errors, 2 usage, 3 Vault unreachable or refused. Needs the
+``airflow`` extra (DagBag); only names are read, never values."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from broker.core.models import SecretRequest, TaskIdentity
+from broker.core.policy import PolicySet, decide
+from broker.errors import BrokerError
+from broker.vault import names
+
+# check-dags decides without a real run; grants match on dag and task ids only.
+CHECK_RUN_ID = "check-dags"
+
+
+@dataclass(frozen=True)
+class DeclaredTask:
+    """One BrokerPodOperator task and the secret names it declares."""
+
+    dag_id: str
+    task_id: str
+    fileloc: str
+    secrets: tuple[SecretRequest, ...]
+
+
+@dataclass(frozen=True)
+class TaskCheck:
+    task: DeclaredTask
+    denied: tuple[str, ...]
+    unknown: tuple[str, ...]
+    reasons: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.denied and not self.unknown
+
+
+def check_tasks(policy: PolicySet, tasks: Iterable[DeclaredTask]) -> list[TaskCheck]:
+    """Decide each task's declared secrets exactly as the broker would at launch time
+    (same :func:`broker.core.policy.decide`, including delivery constraints)."""
+    results = []
+    for task in tasks:
+        identity = TaskIdentity(dag_id=task.dag_id, task_id=task.task_id, run_id=CHECK_RUN_ID)
+        decision = decide(policy, identity, task.secrets)
+        results.append(
+            TaskCheck(
+                task=task,
+                denied=tuple(decision.denied),
+                unknown=tuple(decision.unknown),
+                reasons=tuple(decision.reasons),
+            )
+        )
+    return results
+
+
+def _declared(task: Any) -> tuple[SecretRequest, ...] | None:
+    """Secrets of a BrokerPodOperator (also a mapped one, from its partial kwargs)."""
+    from airflow_plugin.operator import BrokerPodOperator
+    from airflow_plugin.secrets import parse_secrets
+
+    if isinstance(task, BrokerPodOperator):
+        return task.secret_requests
+    operator_class = getattr(task, "operator_class", None)
+    if isinstance(operator_class, type) and issubclass(operator_class, BrokerPodOperator):
+        return parse_secrets(getattr(task, "partial_kwargs", {}).get("secrets"))
+    return None
+
+
+def load_declared_tasks(dags_dir: Path) -> tuple[list[DeclaredTask], dict[str, str]]:
+    """Parse ``dags_dir`` with Airflow's DagBag (no metadata database needed); return
+    the BrokerPodOperator tasks and the import errors by file."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(dags_dir), collect_dags=True)
+    tasks = []
+    for dag_id in sorted(bag.dags):
+        dag = bag.dags[dag_id]
+        for task in sorted(dag.tasks, key=lambda t: t.task_id):
+            secrets = _declared(task)
+            if secrets is None:
+                continue
+            tasks.append(
+                DeclaredTask(
+                    dag_id=dag_id,
+                    task_id=task.task_id,
+                    fileloc=str(getattr(dag, "fileloc", "") or ""),
+                    secrets=secrets,
+                )
+            )
+    return tasks, dict(bag.import_errors)
+
+
+def render_table(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
+def _policy_from_vault(
+    addr: str, token: str, ca_file: str | None, mount: str, prefix: str
+) -> PolicySet:
+    """Read the stored policy from Vault (``podbroker`` KV v2 mount, read only)."""
+    from broker.cli.vault import connect, fail
+    from broker.vault.layout import VaultLayout
+    from broker.vault.policy_store import export_policy
+
+    session = connect(addr, token, ca_file)
+    try:
+        return export_policy(
+            session.hvac_client, VaultLayout(config_mount=mount, policy_prefix=prefix)
+        )
+    except BrokerError as exc:
+        fail(exc)
+
+
+def check_dags(
+    dags_dir: Annotated[
+        Path,
+        typer.Argument(exists=True, file_okay=False, dir_okay=True, help="The DAG folder."),
+    ],
+    policies: Annotated[
+        Path | None,
+        typer.Option(
+            "--policies",
+            exists=True,
+            file_okay=False,
+            dir_okay=True,
+            help="Policy folder to check against (instead of Vault).",
+        ),
+    ] = None,
+    vault_addr: Annotated[
+        str, typer.Option("--vault-addr", envvar="VAULT_ADDR", help="Vault URL.")
+    ] = "",
+    vault_token: Annotated[
+        str,
+        typer.Option(
+            "--vault-token", envvar="VAULT_TOKEN", help="Token (never printed).", show_default=False
+        ),
+    ] = "",
+    vault_ca_file: Annotated[
+        str | None, typer.Option("--vault-ca-file", envvar="VAULT_CACERT")
+    ] = None,
+    config_mount: Annotated[str, typer.Option("--config-mount")] = names.CONFIG_MOUNT,
+    policy_prefix: Annotated[str, typer.Option("--policy-prefix")] = names.GRANT_POLICY_PREFIX,
+) -> None:
+    """Check every BrokerPodOperator's declared secrets against the policies."""
+    if policies is not None:
+        from broker.policyfiles import PolicyFileError, load_policy_dir
+
+        try:
+            policy = load_policy_dir(policies)
+        except PolicyFileError as exc:
+            for issue in exc.issues:
+                typer.echo(f"error: {issue}", err=True)
+            raise typer.Exit(1) from exc
+    elif vault_addr:
+        policy = _policy_from_vault(
+            vault_addr, vault_token, vault_ca_file, config_mount, policy_prefix
+        )
+    else:
+        typer.echo("error: give --policies DIR or --vault-addr (or VAULT_ADDR)", err=True)
+        raise typer.Exit(2)
+
+    try:
+        tasks, import_errors = load_declared_tasks(dags_dir)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    for file, message in sorted(import_errors.items()):
+        last = message.strip().splitlines()[-1] if message.strip() else "import failed"
+        typer.echo(f"error: {file}: DAG import failed: {last}", err=True)
+
+    results = check_tasks(policy, tasks)
+    rows = [("DAG", "TASK", "SECRETS", "RESULT")]
+    for r in results:
+        if r.ok:
+            outcome = "granted"
+        else:
+            parts = []
+            if r.denied:
+                parts.append(f"not granted: {', '.join(r.denied)}")
+            if r.unknown:
+                parts.append(f"unknown: {', '.join(r.unknown)}")
+            outcome = "; ".join(parts)
+        names = ", ".join(s.name for s in r.task.secrets) or "-"
+        rows.append((r.task.dag_id, r.task.task_id, names, outcome))
+    typer.echo(render_table(rows))
+    failing = [r for r in results if not r.ok]
+    for r in failing:
+        for reason in r.reasons:
+            typer.echo(f"  {r.task.dag_id}.{r.task.task_id}: {reason}")
+    typer.echo(
+        f"{len(results)} task(s) checked, {len(failing)} with secrets not granted, "
+        f"{len(import_errors)} DAG file(s) failed to import"
+    )
+    if failing or import_errors:
+        raise typer.Exit(1)
+
+
+def register(policies_app: typer.Typer) -> None:
+    """Add ``check-dags`` to the ``podbroker policies`` sub-app."""
+    policies_app.command("check-dags")(check_dags)

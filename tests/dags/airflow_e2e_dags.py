@@ -1,0 +1,58 @@
+"""DAGs run by tests/e2e/test_airflow_*.py with `airflow dags test` against the real
+broker. DAG ids match the example policies in policies/ (analytics_etl_* may have the
+warehouse secrets with env delivery; ml_score_* may have feature-store as files;
+nothing grants payments-api to analytics)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import DAG
+
+from airflow_plugin.operator import BrokerPodOperator
+from airflow_plugin.secrets import env_secret, file_secret
+
+START = pendulum.datetime(2026, 1, 1, tz="UTC")
+RUN_DURATION = "kwok.podbroker.dev/run-duration"
+
+with DAG("analytics_etl_e2e_allowed", schedule=None, start_date=START, catchup=False):
+    BrokerPodOperator(
+        task_id="load_warehouse",
+        image="python:3.12-slim",
+        cmds=["python", "-m", "etl.load"],
+        arguments=["--day", "{{ ds }}"],
+        env_vars={"RUN_DAY": "{{ ds }}", "MODE": "full"},
+        secrets=[env_secret("warehouse-loader", prefix="WH_"), "warehouse-readonly"],
+        labels={"team": "analytics"},
+        poll_interval=0.5,
+    )
+
+with DAG("analytics_etl_e2e_denied", schedule=None, start_date=START, catchup=False):
+    BrokerPodOperator(
+        task_id="peek_payments",
+        image="python:3.12-slim",
+        secrets=["warehouse-readonly", "payments-api"],
+        retries=3,
+        retry_delay=timedelta(seconds=1),
+        poll_interval=0.5,
+    )
+
+with DAG("ml_score_e2e_deferred", schedule=None, start_date=START, catchup=False):
+    BrokerPodOperator(
+        task_id="score",
+        image="python:3.12-slim",
+        secrets=[file_secret("feature-store", mount_path="/var/run/secrets/features")],
+        deferrable=True,
+        poll_interval=0.5,
+    )
+
+with DAG("analytics_etl_e2e_slow", schedule=None, start_date=START, catchup=False):
+    BrokerPodOperator(
+        task_id="load_slowly",
+        image="python:3.12-slim",
+        secrets=[env_secret("warehouse-loader", prefix="WH_")],
+        annotations={RUN_DURATION: "300s"},
+        on_finish_action="keep_pod",
+        poll_interval=0.5,
+    )

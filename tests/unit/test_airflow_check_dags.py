@@ -1,0 +1,42 @@
+"""check-dags decisions: the same decide() the broker uses, over declared tasks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from airflow_plugin.secrets import env_secret, file_secret, parse_secrets
+from broker.cli.check_dags import DeclaredTask, check_tasks, render_table
+from broker.policyfiles import load_policy_dir
+
+POLICIES = Path(__file__).resolve().parents[2] / "policies"
+
+
+def task(dag_id: str, task_id: str, *specs: object) -> DeclaredTask:
+    return DeclaredTask(dag_id, task_id, "dags/x.py", parse_secrets(list(specs)))  # type: ignore[arg-type]
+
+
+def test_granted_denied_unknown_and_delivery_constraints() -> None:
+    policy = load_policy_dir(POLICIES)
+    results = check_tasks(
+        policy,
+        [
+            task("analytics_etl_daily", "load", env_secret("warehouse-loader", prefix="WH_")),
+            task("analytics_etl_daily", "peek", "warehouse-readonly", "payments-api"),
+            task(
+                "analytics_etl_daily",
+                "load_files",
+                file_secret("warehouse-loader", mount_path="/s"),
+            ),
+            task("ml_score_nightly", "score", "no-such-secret"),
+        ],
+    )
+    assert [r.ok for r in results] == [True, False, False, False]
+    assert results[1].denied == ("payments-api",)
+    assert results[2].denied == ("warehouse-loader",)  # grant allows env delivery only
+    assert "only env delivery" in results[2].reasons[0]
+    assert results[3].unknown == ("no-such-secret",)
+
+
+def test_table_aligns_columns() -> None:
+    table = render_table([("DAG", "TASK"), ("a_long_dag", "t")])
+    assert table.splitlines() == ["DAG         TASK", "a_long_dag  t"]
