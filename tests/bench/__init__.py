@@ -1,0 +1,1 @@
+"""Benchmarks on the real local stack (printed tables, never timed assertions)."""
