@@ -47,19 +47,21 @@ _MAX_LOG_RECONNECTS = 5
 _LOG_IDLE_SECONDS = 10.0
 
 
-def split_timestamp(line: str) -> tuple[datetime | None, str]:
-    """``2026-11-24T10:00:00.123456789Z text`` -> (datetime, "text"); lines without a
-    timestamp come back unchanged with None."""
+def split_timestamp(line: str) -> tuple[int | None, str]:
+    """``2026-11-24T10:00:00.123456789Z text`` -> (nanoseconds since the epoch, "text");
+    lines without a timestamp come back unchanged with None. Nanoseconds, because
+    several lines often share one microsecond."""
     match = _TIMESTAMPED.match(line)
     if not match:
         return None, line
     whole, fraction, zone, text = match.groups()
-    micro = (fraction or ".0")[1:7].ljust(6, "0")
     zone = "+00:00" if zone == "Z" else zone
     try:
-        return datetime.fromisoformat(f"{whole}.{micro}{zone}"), text
+        seconds = int(datetime.fromisoformat(f"{whole}{zone}").timestamp())
     except ValueError:
         return None, line
+    nanos = int((fraction or ".0")[1:10].ljust(9, "0"))
+    return seconds * 1_000_000_000 + nanos, text
 
 
 def _env_dict(env_vars: Mapping[str, Any] | Sequence[Any] | None) -> dict[str, str]:
@@ -226,6 +228,7 @@ class BrokerPodOperator(BaseOperator):
         self.launch_timeout_seconds = launch_timeout_seconds
         self.podbroker_conn_id = podbroker_conn_id
         self._launch_id: str | None = None
+        self._last_log_ns: int | None = None
 
     @property
     def secret_names(self) -> list[str]:
@@ -404,11 +407,11 @@ class BrokerPodOperator(BaseOperator):
         """Stream the log into the task log as lines arrive. A stream that breaks or
         stays idle is reopened from the last timestamp seen (lines at or before it are
         skipped), like KPO; once the pod has ended, one non-follow read takes the tail."""
-        last_seen: datetime | None = None
+        self._last_log_ns = None
         failures = 0
         while True:
             try:
-                last_seen = self._read_logs(client, view.launch_id, True, last_seen)
+                self._read_logs(client, view.launch_id, follow=True)
                 failures = 0
             except TemporaryError as exc:
                 failures += 1
@@ -424,19 +427,20 @@ class BrokerPodOperator(BaseOperator):
             if view.phase in TERMINAL_PHASES:
                 if view.phase != "Deleted":
                     try:
-                        self._read_logs(client, view.launch_id, False, last_seen)
+                        self._read_logs(client, view.launch_id, follow=False)
                     except BrokerError as exc:
                         self.log.warning("cannot read the end of the pod log: %s", exc.reason)
                 return
             time.sleep(self.poll_interval)
 
-    def _read_logs(
-        self, client: BrokerClient, launch_id: str, follow: bool, last_seen: datetime | None
-    ) -> datetime | None:
-        """One pass over the log from ``last_seen`` on; returns the newest timestamp."""
+    def _read_logs(self, client: BrokerClient, launch_id: str, *, follow: bool) -> None:
+        """One pass over the log. Resumes after ``self._last_log_ns`` (the newest line
+        logged so far, kept per line so an interrupted pass loses nothing)."""
+        resume_after = self._last_log_ns
         since = None
-        if last_seen is not None:
-            since = math.ceil((datetime.now(UTC) - last_seen).total_seconds()) + 1
+        if resume_after is not None:
+            now_ns = int(datetime.now(UTC).timestamp() * 1_000_000_000)
+            since = math.ceil((now_ns - resume_after) / 1_000_000_000) + 1
         for raw in client.iter_log_lines(
             launch_id,
             follow=follow,
@@ -445,12 +449,11 @@ class BrokerPodOperator(BaseOperator):
             idle_timeout=max(_LOG_IDLE_SECONDS, self.poll_interval) if follow else None,
         ):
             stamp, text = split_timestamp(raw)
-            if stamp is not None and last_seen is not None and stamp <= last_seen:
-                continue
             if stamp is not None:
-                last_seen = stamp
+                if resume_after is not None and stamp <= resume_after:
+                    continue
+                self._last_log_ns = max(stamp, self._last_log_ns or stamp)
             self._log_line(text)
-        return last_seen
 
     def _copy_logs(self, client: BrokerClient, view: LaunchView) -> None:
         if view.phase == "Deleted":

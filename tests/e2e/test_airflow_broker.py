@@ -104,6 +104,12 @@ def assert_no_planted_values(broker: BrokerHandle, *texts: str) -> None:
         assert not leaked, f"{len(leaked)} planted secret value(s) reached the Airflow side"
 
 
+def operator_lines(output: str) -> str:
+    """The operator's own lines of a `dags test` output (for assertion messages)."""
+    keep = ("[pod]", "launch", "log", "podbroker", "pod ")
+    return "\n".join(line for line in output.splitlines() if any(k in line for k in keep))[-4000:]
+
+
 def wait_for(check: Callable[[], bool], what: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -121,7 +127,7 @@ def test_allowed_task_succeeds_and_pod_log_reaches_the_task_log(
     ti = latest_ti(env, "analytics_etl_e2e_allowed")
     assert ti["state"] == "success", output[-5000:]
     for line in DEMO_POD_LOG:
-        assert line in output
+        assert line in output, operator_lines(output)
     xcom = xcom_of(env, ti)
     assert xcom["launch_id"]
     assert xcom["pod_name"]
@@ -157,7 +163,7 @@ def test_deferrable_task_succeeds_through_the_trigger(
     assert ti["state"] == "success", output[-5000:]
     assert "running trigger in line" in output  # it really deferred
     for line in DEMO_POD_LOG:
-        assert line in output  # fetched on resume
+        assert line in output, operator_lines(output)  # fetched on resume
     assert xcom_of(env, ti)["launch_id"]
     assert_no_planted_values(broker, output, everything_airflow_kept(env))
 

@@ -157,14 +157,22 @@ def test_invalid_env_name_fails_without_retry(wire) -> None:  # type: ignore[no-
 
 def test_success_streams_logs_pushes_xcom_and_deletes(wire, capsys) -> None:  # type: ignore[no-untyped-def]
     broker = wire(ScriptedBroker(["Running", "Running", "Succeeded"]))
-    broker.logs = [(200, "2026-11-24T10:00:00.000000001Z hello\n2026-11-24T10:00:01Z done\n")]
+    broker.logs = [
+        (
+            200,
+            "2026-11-24T10:00:00.000000001Z hello\n"
+            "2026-11-24T10:00:00.000000002Z same-microsecond\n"
+            "2026-11-24T10:00:01Z done\n",
+        )
+    ]
     ti = FakeTI()
     op = operator()
     op.execute({"ti": ti})  # type: ignore[arg-type]
     out = capsys.readouterr().out
     assert ti.xcom == {"launch_id": "L1", "pod_name": "d-t-1"}
     # The stream is re-read while the pod still shows Running: each line once.
-    assert out.count("[pod] hello") == 1 and out.count("[pod] done") == 1
+    for line in ("hello", "same-microsecond", "done"):
+        assert out.count(f"[pod] {line}") == 1
     assert broker.deleted  # on_finish_action=delete_pod
     launch = json.loads(broker.requests[0].content)
     assert launch["task"]["try_number"] == 2
@@ -355,5 +363,7 @@ def test_error_mapping() -> None:
 def test_split_timestamp() -> None:
     stamp, text = split_timestamp("2026-11-24T10:00:00.123456789Z hello world")
     assert text == "hello world"
-    assert stamp is not None and stamp.microsecond == 123456
+    assert stamp == 1795514400_123456789
+    later, _ = split_timestamp("2026-11-24T10:00:00.123456790Z next")
+    assert later == stamp + 1  # same microsecond, still ordered
     assert split_timestamp("plain line") == (None, "plain line")
