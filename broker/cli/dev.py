@@ -36,6 +36,8 @@ def _wait_for_ctrl_c() -> None:
 
 def _airflow_dag_ids(env: dict[str, str]) -> list[str]:
     airflow = Path(sys.executable).parent / "airflow"
+    # Airflow 3 lists DAGs from its database: parse the folder into it first.
+    subprocess.run([str(airflow), "dags", "reserialize"], env=env, capture_output=True, check=False)
     result = subprocess.run(
         [str(airflow), "dags", "list", "-o", "json"],
         env=env,
@@ -46,8 +48,12 @@ def _airflow_dag_ids(env: dict[str, str]) -> list[str]:
     if result.returncode != 0:
         typer.echo(f"error: airflow dags list failed:\n{result.stderr[-2000:]}", err=True)
         raise typer.Exit(1)
-    start = result.stdout.find("[")
-    return sorted(item["dag_id"] for item in json.loads(result.stdout[start:]))
+    # Log lines may precede the JSON document; it is the last line that parses.
+    for line in reversed(result.stdout.splitlines()):
+        if line.startswith("["):
+            return sorted(item["dag_id"] for item in json.loads(line))
+    typer.echo(f"error: airflow dags list printed no DAG list:\n{result.stdout[-2000:]}", err=True)
+    raise typer.Exit(1)
 
 
 @dev_app.command()
