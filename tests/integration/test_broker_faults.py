@@ -15,8 +15,8 @@ import pytest
 from kubernetes import client
 
 from broker.audit.store import open_audit_store
-from broker.core.audit_events import AuditEvent, EventKind
 from broker.core.api_models import ContainerSpec, LaunchRequest
+from broker.core.audit_events import AuditEvent, EventKind
 from broker.core.models import SecretRequest, TaskIdentity
 from broker.core.plan import PlanPolicy, build_plan
 from broker.devstack.broker_env import BrokerHandle, start_broker
@@ -45,10 +45,15 @@ def own_vault(tmp_path: Path) -> Iterator[OpenBao]:
 
 @pytest.fixture
 def own_broker(
-    tmp_path: Path, kube: ControlPlane, own_vault: OpenBao, postgres: Postgres, unique: str,
+    tmp_path: Path,
+    kube: ControlPlane,
+    own_vault: OpenBao,
+    postgres: Postgres,
+    unique: str,
 ) -> Iterator[BrokerHandle]:
-    handle = start_broker(tmp_path / "broker", kube, own_vault, postgres,
-                          task_namespace=f"tasks-{unique}")
+    handle = start_broker(
+        tmp_path / "broker", kube, own_vault, postgres, task_namespace=f"tasks-{unique}"
+    )
     yield handle
     handle.stop()
 
@@ -70,26 +75,38 @@ def launch_body(dag_id: str, secrets: list[str]) -> dict[str, Any]:
 
 def broker_objects(core: client.CoreV1Api, namespace: str) -> tuple[list[str], list[str]]:
     selector = "podbroker.dev/managed-by=podbroker"
-    pods = [p.metadata.name for p in core.list_namespaced_pod(
-        namespace, label_selector=selector).items]
-    secrets = [s.metadata.name for s in core.list_namespaced_secret(
-        namespace, label_selector=selector).items]
+    pods = [
+        p.metadata.name for p in core.list_namespaced_pod(namespace, label_selector=selector).items
+    ]
+    secrets = [
+        s.metadata.name
+        for s in core.list_namespaced_secret(namespace, label_selector=selector).items
+    ]
     return pods, secrets
 
 
 def test_vault_down_gives_503_and_creates_nothing(
-    own_broker: BrokerHandle, own_vault: OpenBao, kube_api: client.ApiClient,
+    own_broker: BrokerHandle,
+    own_vault: OpenBao,
+    kube_api: client.ApiClient,
 ) -> None:
     core = client.CoreV1Api(kube_api)
-    ok = httpx.post(f"{own_broker.url}/v1/launches", headers=own_broker.headers(), timeout=30,
-                    json=launch_body("analytics_etl_before", ["warehouse-readonly"]))
+    ok = httpx.post(
+        f"{own_broker.url}/v1/launches",
+        headers=own_broker.headers(),
+        timeout=30,
+        json=launch_body("analytics_etl_before", ["warehouse-readonly"]),
+    )
     assert ok.status_code == 201, ok.text
     before = broker_objects(core, own_broker.namespace)
 
     own_vault.stop()
-    response = httpx.post(f"{own_broker.url}/v1/launches", headers=own_broker.headers(),
-                          timeout=60, json=launch_body("analytics_etl_during",
-                                                       ["warehouse-readonly"]))
+    response = httpx.post(
+        f"{own_broker.url}/v1/launches",
+        headers=own_broker.headers(),
+        timeout=60,
+        json=launch_body("analytics_etl_during", ["warehouse-readonly"]),
+    )
     assert response.status_code == 503, response.text
     error = response.json()
     assert error["retryable"] is True
@@ -101,31 +118,45 @@ def test_vault_down_gives_503_and_creates_nothing(
 
 
 def test_api_server_error_after_the_pod_is_created_rolls_the_pod_back(
-    own_broker: BrokerHandle, kube_api: client.ApiClient,
+    own_broker: BrokerHandle,
+    kube_api: client.ApiClient,
 ) -> None:
     core = client.CoreV1Api(kube_api)
     namespace = own_broker.namespace
     # A real admission failure for the second object: no Secrets may be created here.
-    core.create_namespaced_resource_quota(namespace, client.V1ResourceQuota(
-        metadata=client.V1ObjectMeta(name="no-secrets"),
-        spec=client.V1ResourceQuotaSpec(hard={"count/secrets": "0"})))
-    assert eventually(lambda: core.read_namespaced_resource_quota(
-        "no-secrets", namespace).status.hard is not None)
+    core.create_namespaced_resource_quota(
+        namespace,
+        client.V1ResourceQuota(
+            metadata=client.V1ObjectMeta(name="no-secrets"),
+            spec=client.V1ResourceQuotaSpec(hard={"count/secrets": "0"}),
+        ),
+    )
+    assert eventually(
+        lambda: core.read_namespaced_resource_quota("no-secrets", namespace).status.hard is not None
+    )
 
-    response = httpx.post(f"{own_broker.url}/v1/launches", headers=own_broker.headers(),
-                          timeout=60, json=launch_body("analytics_etl_quota",
-                                                       ["warehouse-readonly"]))
+    response = httpx.post(
+        f"{own_broker.url}/v1/launches",
+        headers=own_broker.headers(),
+        timeout=60,
+        json=launch_body("analytics_etl_quota", ["warehouse-readonly"]),
+    )
     assert response.status_code >= 400, response.text
-    assert eventually(lambda: broker_objects(core, namespace) == ([], []), timeout=15), \
+    assert eventually(lambda: broker_objects(core, namespace) == ([], []), timeout=15), (
         "the pod created before the failing Secret create was not rolled back"
-    kinds = [(e.kind, e.details.get("stage")) for e in audit_events(own_broker)
-             if e.task_id == "load" and e.dag_id == "analytics_etl_quota"]
+    )
+    kinds = [
+        (e.kind, e.details.get("stage"))
+        for e in audit_events(own_broker)
+        if e.task_id == "load" and e.dag_id == "analytics_etl_quota"
+    ]
     assert (EventKind.POD_CREATED, None) in kinds
     assert (EventKind.LAUNCH_FAILED, "create_secret") in kinds
 
 
 def test_reconciler_removes_a_pod_left_without_its_secret(
-    own_broker: BrokerHandle, kube_api: client.ApiClient,
+    own_broker: BrokerHandle,
+    kube_api: client.ApiClient,
 ) -> None:
     """The state a broker killed between its two creates leaves: the pod, no Secret."""
     core = client.CoreV1Api(kube_api)
@@ -138,14 +169,20 @@ def test_reconciler_removes_a_pod_left_without_its_secret(
         scheduling={"annotations": {RUN_DURATION_ANNOTATION: "300s"}},  # type: ignore[arg-type]
     )
     plan = build_plan(request, PlanPolicy(namespaces=(namespace,)), "static:dev")
-    core.create_namespaced_pod(namespace, plan.pod_with_secret_refs(
-        {"warehouse-readonly": ["host", "username", "password"]}))
+    core.create_namespaced_pod(
+        namespace,
+        plan.pod_with_secret_refs({"warehouse-readonly": ["host", "username", "password"]}),
+    )
     assert broker_objects(core, namespace)[0] == [plan.pod_name]
 
     own_broker.restart()  # the start-up sweep runs at once; grace is 5s in this stack
-    assert eventually(lambda: broker_objects(core, namespace)[0] == [], timeout=40), \
+    assert eventually(lambda: broker_objects(core, namespace)[0] == [], timeout=40), (
         "the orphan pod survived the reconciler"
-    cleanups = [e.details for e in audit_events(own_broker)
-                if e.kind == EventKind.RECONCILER_CLEANUP]
-    assert {"action": "delete pod without secret",
-            "object": f"{namespace}/{plan.pod_name}"} in cleanups
+    )
+    cleanups = [
+        e.details for e in audit_events(own_broker) if e.kind == EventKind.RECONCILER_CLEANUP
+    ]
+    assert {
+        "action": "delete pod without secret",
+        "object": f"{namespace}/{plan.pod_name}",
+    } in cleanups

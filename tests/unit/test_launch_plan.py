@@ -169,8 +169,11 @@ def test_secret_value_never_shows_in_repr_or_format() -> None:
 
 
 def test_default_env_names_carry_the_secret_name() -> None:
-    plan = build_plan(request(secrets=[SecretRequest(name="orders-db"),
-                                       SecretRequest(name="warehouse.ro")]), POLICY, "x")
+    plan = build_plan(
+        request(secrets=[SecretRequest(name="orders-db"), SecretRequest(name="warehouse.ro")]),
+        POLICY,
+        "x",
+    )
     pod = plan.pod_with_secret_refs({"orders-db": ["password"], "warehouse.ro": ["password"]})
     names = {e["name"] for e in pod["spec"]["containers"][0]["env"]}
     assert names == {"ORDERS_DB_PASSWORD", "WAREHOUSE_RO_PASSWORD"}
