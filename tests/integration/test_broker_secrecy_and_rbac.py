@@ -130,11 +130,13 @@ def test_worker_identity_cannot_read_secrets(
     ).json()
     token = broker.kube.mint_token(AIRFLOW_NAMESPACE, WORKER_SERVICE_ACCOUNT)
     kubeconfig = broker.kube.user_kubeconfig(token, tmp_path / "worker.kubeconfig")
-    with config.new_client_from_config(config_file=str(kubeconfig)) as worker_api:
-        with pytest.raises(ApiException) as denied:
-            client.CoreV1Api(worker_api).read_namespaced_secret(
-                f"podbroker-{view['launch_id']}", broker.namespace
-            )
+    with (
+        config.new_client_from_config(config_file=str(kubeconfig)) as worker_api,
+        pytest.raises(ApiException) as denied,
+    ):
+        client.CoreV1Api(worker_api).read_namespaced_secret(
+            f"podbroker-{view['launch_id']}", broker.namespace
+        )
     assert denied.value.status == 403
 
 
