@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 import statistics
 import sys
 import time
@@ -114,6 +115,7 @@ class BenchReport:
     audit_append: list[float] = field(default_factory=list)
     wall_seconds: float = 0.0
     setup_seconds: float = 0.0
+    load: tuple[float, float] = (0.0, 0.0)  # 1-minute load average before, after
 
 
 # -- statistics ---------------------------------------------------------------------------
@@ -359,33 +361,40 @@ def _ignore_404(call: Callable[..., object], *args: object, **kwargs: object) ->
             raise
 
 
-def measure_audit_append(folder: Path, count: int) -> list[float]:
-    """Seconds per AuditStore.append on a fresh SQLite store next to the broker's, with
-    the broker's own code and settings (in this process: the broker exposes no audit
-    histogram). A launch makes 3 appends before its pod create, 2 more before its Secret."""
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+class AuditProbe:
+    """Times AuditStore.append on a fresh SQLite store next to the broker's, with the
+    broker's own code and settings, inside each round so it sees the same disk load
+    (in this process: the broker exposes no audit histogram). A launch makes 3 appends
+    before its pod create, 2 more before its Secret create."""
 
-    from broker.audit.store import open_audit_store
-    from broker.core import audit_events as ev
-    from broker.core.models import TaskIdentity
+    def __init__(self, folder: Path) -> None:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    folder.mkdir(parents=True, exist_ok=True)
-    store = open_audit_store(f"sqlite:///{folder / 'bench-audit.db'}", Ed25519PrivateKey.generate())
-    task = TaskIdentity(dag_id="bench_audit", task_id="t", run_id="r", try_number=1)
-    timings: list[float] = []
-    for index in range(count):
+        from broker.audit.store import open_audit_store
+        from broker.core.models import TaskIdentity
+
+        folder.mkdir(parents=True, exist_ok=True)
+        self.store = open_audit_store(
+            f"sqlite:///{folder / 'bench-audit.db'}", Ed25519PrivateKey.generate()
+        )
+        self.task = TaskIdentity(dag_id="bench_audit", task_id="t", run_id="r", try_number=1)
+        self.count = 0
+
+    def append(self) -> float:
+        from broker.core import audit_events as ev
+
+        self.count += 1
         event = ev.launch_requested(
-            launch_id=f"bench{index:015d}",
+            launch_id=f"bench{self.count:015d}",
             caller="static:bench",
-            task=task,
+            task=self.task,
             secret_names=["warehouse-readonly"],
             namespace="bench",
             image=IMAGE,
         )
         started = time.perf_counter()
-        store.append(event)
-        timings.append(time.perf_counter() - started)
-    return timings
+        self.store.append(event)
+        return time.perf_counter() - started
 
 
 def rotated(items: Sequence[Scenario], by: int) -> Iterator[Scenario]:
@@ -405,8 +414,11 @@ def run_bench(
 ) -> BenchReport:
     """``warmup`` unrecorded rounds, then ``iterations`` recorded rounds of every row."""
     bench = Bench(broker, admin, gap=gap)
+    probe = AuditProbe(broker.config_path.parent / "bench")
     samples: dict[str, list[Sample]] = {s.key: [] for s in SCENARIOS}
+    audit: list[float] = []
     began = time.perf_counter()
+    load_before = os.getloadavg()[0]
     try:
         for round_no in range(warmup + iterations):
             for scenario in rotated(SCENARIOS, round_no):
@@ -414,18 +426,21 @@ def run_bench(
                 if round_no >= warmup:
                     samples[scenario.key].append(sample)
                 time.sleep(gap)
+            appended = probe.append()
+            if round_no >= warmup:
+                audit.append(appended)
             bench.cleanup_round(round_no)
             if round_no + 1 == warmup or (round_no + 1 - warmup) % 10 == 0:
                 progress(f"round {round_no + 1}/{warmup + iterations}")
     finally:
         bench.close()
-    audit = measure_audit_append(broker.config_path.parent / "bench", warmup + iterations)
     return BenchReport(
         iterations,
         warmup,
         samples,
-        audit_append=audit[warmup:],
+        audit_append=audit,
         wall_seconds=time.perf_counter() - began,
+        load=(load_before, os.getloadavg()[0]),
     )
 
 
@@ -484,7 +499,8 @@ def format_report(report: BenchReport) -> str:
         p50, p90, p99, mean = summary(report.audit_append)
         lines += [
             "",
-            "Component measured in the benchmark process with the broker's code and settings",
+            "Measured in the benchmark process (once per round) with the broker's code and "
+            "settings",
             f"{'':<46}{'p50':>8}{'p90':>8}{'p99':>8}{'mean':>8}",
             f"{'audit append (SQLite, synchronous=FULL)':<46}"
             f"{p50:8.1f}{p90:8.1f}{p99:8.1f}{mean:8.1f}",
@@ -493,6 +509,8 @@ def format_report(report: BenchReport) -> str:
         ]
     lines += [
         "",
+        f"{os.cpu_count()} CPUs, 1-minute load average {report.load[0]:.1f} before and "
+        f"{report.load[1]:.1f} after the rounds",
         f"benchmark wall time {report.wall_seconds:.0f}s"
         + (
             f", stack and broker start-up {report.setup_seconds:.0f}s"
