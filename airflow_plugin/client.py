@@ -145,11 +145,13 @@ class BrokerClient:
         """GET /v1/launches/{id}: phase, exit code, reason."""
         return LaunchView.model_validate_json(self._request("GET", _launch_path(launch_id)).content)
 
-    def kill(self, launch_id: str) -> LaunchView:
+    def kill(self, launch_id: str, *, reason: str | None = None) -> LaunchView:
         """DELETE /v1/launches/{id}: the broker deletes the pod and its Secret and
-        revokes the launch's leases."""
+        revokes the launch's leases. ``reason`` (``on_kill``, ``on_finish_action``,
+        ``startup_timeout``) goes along as a query parameter for the audit trail."""
+        params = {"reason": reason} if reason else None
         return LaunchView.model_validate_json(
-            self._request("DELETE", _launch_path(launch_id)).content
+            self._request("DELETE", _launch_path(launch_id), params=params).content
         )
 
     def iter_log_lines(

@@ -118,8 +118,12 @@ def broker_errors(action: str) -> Iterator[None]:
         raise AirflowFailException(
             f"podbroker denied {action}: secrets not granted: {names}. {exc.reason}"
         ) from exc
-    except (TemporaryError, AuthenticationError) as exc:
-        # 401 is retried: a projected token may be mid-rotation.
+    except AuthenticationError as exc:
+        # Retryable: a projected token may be mid-rotation.
+        raise AirflowException(
+            f"podbroker did not accept the worker's credentials during {action} (retryable): {exc}"
+        ) from exc
+    except TemporaryError as exc:
         raise AirflowException(
             f"podbroker unavailable during {action} (will retry): {exc}"
         ) from exc
@@ -337,7 +341,7 @@ class BrokerPodOperator(BaseOperator):
             raise AirflowFailException(message)
         with self.hook.get_conn() as client:
             if status == "startup_timeout":
-                self._kill_quietly(client, launch_id)
+                self._kill_quietly(client, launch_id, "startup_timeout")
                 raise AirflowException(
                     f"pod of launch {launch_id} still Pending after "
                     f"{self.startup_timeout_seconds}s; killed"
@@ -354,7 +358,7 @@ class BrokerPodOperator(BaseOperator):
             return
         self.log.info("task killed: deleting launch %s", self._launch_id)
         with self.hook.get_conn() as client:
-            self._kill_quietly(client, self._launch_id)
+            self._kill_quietly(client, self._launch_id, "on_kill")
 
     # -- steps -------------------------------------------------------------------
 
@@ -385,7 +389,7 @@ class BrokerPodOperator(BaseOperator):
         deadline = time.monotonic() + self.startup_timeout_seconds
         while view.phase == "Pending":
             if time.monotonic() > deadline:
-                self._kill_quietly(client, view.launch_id)
+                self._kill_quietly(client, view.launch_id, "startup_timeout")
                 raise AirflowException(
                     f"pod {view.pod_name} still Pending after {self.startup_timeout_seconds}s "
                     f"({view.reason or 'no reason given'}); killed"
@@ -464,9 +468,9 @@ class BrokerPodOperator(BaseOperator):
         except BrokerError as exc:
             self.log.warning("cannot read the pod log: %s", exc.reason)
 
-    def _kill_quietly(self, client: BrokerClient, launch_id: str) -> None:
+    def _kill_quietly(self, client: BrokerClient, launch_id: str, reason: str) -> None:
         try:
-            client.kill(launch_id)
+            client.kill(launch_id, reason=reason)
         except BrokerError as exc:
             # The broker's reconciler deletes it at launch timeout anyway.
             self.log.warning("could not delete launch %s: %s", launch_id, exc.reason)
@@ -477,7 +481,7 @@ class BrokerPodOperator(BaseOperator):
             self.on_finish_action == "delete_pod"
             or (self.on_finish_action == "delete_succeeded_pod" and succeeded)
         ):
-            self._kill_quietly(client, view.launch_id)
+            self._kill_quietly(client, view.launch_id, "on_finish_action")
         if succeeded:
             self.log.info("pod %s succeeded", view.pod_name)
             return

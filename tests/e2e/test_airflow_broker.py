@@ -213,3 +213,38 @@ def test_killing_a_running_task_removes_its_pod_and_secret(
     remaining_secrets = objects_of(core, broker.namespace, dag_id)[1]
     assert not set(remaining_secrets) & set(secrets)
     assert_no_planted_values(broker, output, everything_airflow_kept(env))
+
+
+def test_projected_service_account_token_file_authenticates(
+    env: dict[str, str], broker: BrokerHandle, tmp_path: Path
+) -> None:
+    """The in-cluster default: no password, a ServiceAccount token file (audience
+    podbroker) that the broker checks with TokenReview."""
+    from broker.devstack.broker_env import (
+        AIRFLOW_NAMESPACE,
+        TOKEN_AUDIENCE,
+        WORKER_SERVICE_ACCOUNT,
+    )
+
+    token_file = tmp_path / "token"
+    token_file.write_text(
+        broker.kube.mint_token(
+            AIRFLOW_NAMESPACE, WORKER_SERVICE_ACCOUNT, audiences=[TOKEN_AUDIENCE]
+        )
+    )
+    conn = {
+        "conn_type": "podbroker",
+        "host": broker.url,
+        "extra": {"token_file": str(token_file), "namespace": broker.namespace},
+    }
+    sa_env = {**env, "AIRFLOW_CONN_PODBROKER_DEFAULT": json.dumps(conn)}
+    result = dags_test(sa_env, "analytics_etl_e2e_allowed")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, operator_lines(output)
+    assert latest_ti(sa_env, "analytics_etl_e2e_allowed")["state"] == "success", output[-3000:]
+
+    token_file.write_text("not-a-valid-token")  # read again on every call
+    result = dags_test(sa_env, "analytics_etl_e2e_allowed")
+    output = result.stdout + result.stderr
+    assert latest_ti(sa_env, "analytics_etl_e2e_allowed")["state"] != "success"
+    assert "401" in output, operator_lines(output)

@@ -174,6 +174,7 @@ def test_success_streams_logs_pushes_xcom_and_deletes(wire, capsys) -> None:  # 
     for line in ("hello", "same-microsecond", "done"):
         assert out.count(f"[pod] {line}") == 1
     assert broker.deleted  # on_finish_action=delete_pod
+    assert broker.requests[-1].url.params["reason"] == "on_finish_action"
     launch = json.loads(broker.requests[0].content)
     assert launch["task"]["try_number"] == 2
 
@@ -279,6 +280,7 @@ def test_on_kill_deletes_the_launch(wire) -> None:  # type: ignore[no-untyped-de
     op.on_kill()
     assert broker.deleted
     assert broker.requests[-1].url.path == "/v1/launches/L1"
+    assert broker.requests[-1].url.params["reason"] == "on_kill"
 
 
 def test_deferrable_defers_with_a_serializable_trigger(wire) -> None:  # type: ignore[no-untyped-def]
