@@ -36,8 +36,9 @@ lock: | $(BIN)/uv
 # Control-plane binaries: built once from pinned Go modules into $(PODBROKER_CACHE),
 # or taken from $$KUBEBUILDER_ASSETS.
 binaries:
-	@echo "==> control-plane binaries (etcd, kube-apiserver, controller-manager, scheduler, kubectl, kwok)"
+	@echo "==> control-plane binaries (etcd, kube-apiserver, controller-manager, scheduler, kubectl, kwok, helm)"
 	@bash deploy/devstack/build-binaries.sh >/dev/null
+	@bash deploy/devstack/build-binaries.sh helm >/dev/null
 
 postgres-packages:
 	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && [ -z "$$PODBROKER_PG_BINDIR" ]; then \
