@@ -24,8 +24,3 @@ def test_tiny_dag_passes_airflow_dags_test(airflow_env: dict[str, str]) -> None:
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert "smoke-tiny-ran-42" in output
-    assert (
-        "state=success" in output.replace("state: success", "state=success")
-        or "DagRunState.SUCCESS" in output
-        or "success" in output.lower()
-    )
