@@ -112,9 +112,14 @@ def create_app(runtime: Runtime) -> FastAPI:
         return StreamingResponse(chunks, media_type="text/plain; charset=utf-8")
 
     @app.delete("/v1/launches/{launch_id}", response_model=LaunchView, responses=responses)
-    def kill(launch_id: str, who: CallerDep) -> LaunchView:
-        """Kill a launch: its pod and Secret are deleted and its leases revoked."""
-        return runtime.launcher.kill(who, launch_id)
+    def kill(
+        launch_id: str,
+        who: CallerDep,
+        reason: Annotated[str | None, Query(max_length=200, pattern=r"^[A-Za-z0-9_. -]*$")] = None,
+    ) -> LaunchView:
+        """Kill a launch: its pod and Secret are deleted and its leases revoked.
+        ``reason`` (e.g. on_kill, on_finish_action) is recorded in the audit trail."""
+        return runtime.launcher.kill(who, launch_id, reason)
 
     @app.get("/v1/audit/report", responses=responses)
     def report(

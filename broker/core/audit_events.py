@@ -35,6 +35,7 @@ class EventKind(StrEnum):
     SECRET_DELETED = "secret_deleted"
     LEASES_REVOKED = "leases_revoked"
     LAUNCH_KILLED = "launch_killed"
+    POD_DELETED = "pod_deleted"  # a finished launch's pod removed by its caller
     LAUNCH_FAILED = "launch_failed"
     RECONCILER_CLEANUP = "reconciler_cleanup"
     POLICY_APPLIED = "policy_applied"

@@ -491,22 +491,26 @@ class Launcher:
                 return
             yield chunk
 
-    def kill(self, caller: Caller, launch_id: str) -> LaunchView:
+    def kill(self, caller: Caller, launch_id: str, reason: str | None = None) -> LaunchView:
+        """DELETE a launch. A running one is killed (recorded as launch_killed); a
+        finished one is only tidied away (pod_deleted), so the trail tells them apart."""
         found = self.find(launch_id)
         pod = found.pod
         task = _task_from_pod(pod)
         authorize_dag(caller, task.dag_id)
+        finished = bool(pod.status and pod.status.phase in ("Succeeded", "Failed"))
+        kind = ev.EventKind.POD_DELETED if finished else ev.EventKind.LAUNCH_KILLED
         self.audit.append(
             ev.launch_event(
-                ev.EventKind.LAUNCH_KILLED,
+                kind,
                 launch_id=launch_id,
                 task=task,
                 caller=caller,
                 by=caller.identity,
-                reason="DELETE /v1/launches",
+                reason=reason or "DELETE /v1/launches",
             )
         )
-        self.finish(found, reason="killed")
+        self.finish(found, reason="pod deleted" if finished else "killed")
         self.kube.delete_pod(found.namespace, pod.metadata.name)
         view = describe(pod)
         return view.model_copy(update={"phase": "Deleted"})
@@ -522,7 +526,8 @@ class Launcher:
         meta = self.kube.read_secret_metadata(found.namespace, secret)
         phase = pod.status.phase if pod.status else None
         view = describe(pod)
-        if reason == "pod ended":
+        already_cleaned = bool((pod.metadata.annotations or {}).get(CLEANED_ANNOTATION))
+        if phase in ("Succeeded", "Failed") and not already_cleaned:
             self.audit.append(
                 ev.launch_event(
                     ev.EventKind.POD_FINISHED,

@@ -189,3 +189,51 @@ def test_real_launches_leave_a_verifiable_trail_and_a_report(
     text = json.dumps(report)
     assert "warehouse-readonly" in text
     assert "payments-api" in text  # the denial is reported
+
+
+def test_deleting_a_finished_launch_is_not_recorded_as_a_kill(broker: BrokerHandle) -> None:
+    dag_id = f"analytics_etl_{uuid.uuid4().hex[:6]}"
+    finished = launch(broker, dag_id, "done", []).json()
+    running = httpx.post(
+        f"{broker.url}/v1/launches",
+        headers=broker.headers(),
+        timeout=30,
+        json={
+            "task": {"dag_id": dag_id, "task_id": "busy", "run_id": uuid.uuid4().hex},
+            "container": {"image": "python:3.12-slim"},
+            "scheduling": {"annotations": {RUN_DURATION_ANNOTATION: "300s"}},
+        },
+    ).json()
+    status_url = f"{broker.url}/v1/launches/{finished['launch_id']}"
+    deadline = time.monotonic() + 30
+    while (
+        httpx.get(status_url, headers=broker.headers(), timeout=10).json()["phase"] != "Succeeded"
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.3)
+    for view, reason in ((finished, "on_finish_action"), (running, "on_kill")):
+        response = httpx.delete(
+            f"{broker.url}/v1/launches/{view['launch_id']}",
+            params={"reason": reason},
+            headers=broker.headers(),
+            timeout=30,
+        )
+        assert response.status_code == 200, response.text
+    store = open_audit_store(f"sqlite:///{broker.config_path.parent / 'audit.db'}", create=False)
+    with store:
+        recorded = [
+            (e.task_id, e.kind, e.details.get("reason"))
+            for e in store.events()
+            if e.dag_id == dag_id and e.kind in (EventKind.POD_DELETED, EventKind.LAUNCH_KILLED)
+        ]
+    assert sorted(recorded) == [
+        ("busy", EventKind.LAUNCH_KILLED, "on_kill"),
+        ("done", EventKind.POD_DELETED, "on_finish_action"),
+    ]
+    bad = httpx.delete(
+        f"{broker.url}/v1/launches/x",
+        params={"reason": "<script>"},
+        headers=broker.headers(),
+        timeout=10,
+    )
+    assert bad.status_code == 422
