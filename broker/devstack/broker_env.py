@@ -242,10 +242,14 @@ class BrokerHandle:
     kube: ControlPlane
     vault: OpenBao
     planted: dict[str, dict[str, str]] = field(repr=False, default_factory=dict)
+    verify: str | bool = True
+    """CA bundle for an HTTPS broker."""
 
     def wait_ready(self, timeout: float = 60) -> None:
         wait_until(
-            lambda: httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200,
+            lambda: (
+                httpx.get(f"{self.url}/readyz", timeout=2, verify=self.verify).status_code == 200
+            ),
             timeout=timeout,
             what="broker /readyz",
             alive=self.process,
@@ -276,6 +280,7 @@ def start_broker(
     *,
     extra_settings: dict[str, Any] | None = None,
     task_namespace: str = TASK_NAMESPACE,
+    tls_ca_file: str | None = None,
 ) -> BrokerHandle:
     """Provision and start a broker that runs with its own ServiceAccount (never the
     admin kubeconfig) and logs in to Vault through the Kubernetes auth method."""
@@ -369,8 +374,9 @@ def start_broker(
         folder / "broker.log",
         env=env,
     ).start()
+    tls = settings["server"].get("tls_cert_file")
     handle = BrokerHandle(
-        f"http://127.0.0.1:{port}",
+        f"{'https' if tls else 'http'}://{'localhost' if tls else '127.0.0.1'}:{port}",
         static_token,
         task_namespace,
         config_path,
@@ -379,6 +385,7 @@ def start_broker(
         kube,
         vault,
         planted,
+        verify=tls_ca_file or True,
     )
     try:
         handle.wait_ready()

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
 
 from broker.devstack.pki import LocalCA, write_service_account_keys
 from broker.devstack.procs import ManagedProcess, StackError, free_port, wait_until
@@ -199,9 +200,17 @@ class ControlPlane:
             },
         }
         with self.api_client() as api:
-            client.CustomObjectsApi(api).create_cluster_custom_object(
-                "kwok.x-k8s.io", "v1alpha1", "clusterlogs", body
-            )
+            objects = client.CustomObjectsApi(api)
+            try:
+                objects.create_cluster_custom_object(
+                    "kwok.x-k8s.io", "v1alpha1", "clusterlogs", body
+                )
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
+                objects.patch_cluster_custom_object(
+                    "kwok.x-k8s.io", "v1alpha1", "clusterlogs", f"logs-{namespace}", body
+                )
         return log_file
 
     def stop(self) -> None:
