@@ -182,51 +182,54 @@ class Launcher:
         authorize_dag(caller, task.dag_id)
         plan = build_plan(request, self.plan_policy, caller.identity)
         names = [s.name for s in request.secrets]
-        self.audit.append(
-            ev.launch_requested(
-                launch_id=plan.launch_id,
-                caller=caller,
-                task=task,
-                secret_names=names,
-                namespace=plan.namespace,
-                image=request.container.image,
-            )
+        requested = ev.launch_requested(
+            launch_id=plan.launch_id,
+            caller=caller,
+            task=task,
+            secret_names=names,
+            namespace=plan.namespace,
+            image=request.container.image,
         )
-        with VAULT_LATENCY.labels("decide").time():
-            decision = self.secrets.decide(task, request.secrets)
+        try:
+            with VAULT_LATENCY.labels("decide").time():
+                decision = self.secrets.decide(task, request.secrets)
+        except BrokerError as exc:
+            with contextlib.suppress(BrokerError):
+                self.audit.append_many(
+                    [requested, self._failure_event(plan, caller, "decide", exc)]
+                )
+            raise
         teams = sorted({g.split("/", 1)[0] for g in decision.matched_grants})
-        self.audit.append(
-            ev.decision(
-                launch_id=plan.launch_id,
-                caller=caller,
-                task=task,
-                secret_names=names,
-                allowed=decision.allowed,
-                matched_grants={n: [d.grant] for n, d in decision.secrets.items()},
-                reasons=decision.reasons,
-                denied=[*decision.denied, *decision.unknown],
-                teams=teams,
-            )
+        decided = ev.decision(
+            launch_id=plan.launch_id,
+            caller=caller,
+            task=task,
+            secret_names=names,
+            allowed=decision.allowed,
+            matched_grants={n: [d.grant] for n, d in decision.secrets.items()},
+            reasons=decision.reasons,
+            denied=[*decision.denied, *decision.unknown],
+            teams=teams,
         )
         if not decision.allowed:
+            self.audit.append_many([requested, decided])
             DENIALS.inc()
             decision.raise_for_denial()
         expected = self._expected_keys(request)
         pod_manifest = plan.pod_with_secret_refs(expected) if expected is not None else None
         pod_manifest = self._with_task_annotation(pod_manifest or plan.pod, task)
-
-        self.audit.append(
-            ev.launch_event(
-                ev.EventKind.POD_CREATED,
-                launch_id=plan.launch_id,
-                task=task,
-                caller=caller,
-                secret_names=names,
-                teams=teams,
-                namespace=plan.namespace,
-                pod=plan.pod_name,
-            )
+        intent = ev.launch_event(
+            ev.EventKind.POD_CREATED,
+            launch_id=plan.launch_id,
+            task=task,
+            caller=caller,
+            secret_names=names,
+            teams=teams,
+            namespace=plan.namespace,
+            pod=plan.pod_name,
         )
+        # One commit before any side effect: if it fails, nothing has happened.
+        self.audit.append_many([requested, decided, intent])
         bundle_future: Future[BundleLike] | None = None
         if request.secrets:
             bundle_future = self._pool.submit(self._resolve, plan, request, decision)
@@ -326,15 +329,13 @@ class Launcher:
             }
             for s in bundle.secrets
         ]
-        self.audit.append(
-            ev.secrets_resolved(
-                launch_id=plan.launch_id,
-                caller=caller,
-                task=plan.task,
-                secrets=sources,
-                token_accessor=bundle.token_accessor,
-                teams=teams,
-            )
+        resolved = ev.secrets_resolved(
+            launch_id=plan.launch_id,
+            caller=caller,
+            task=plan.task,
+            secrets=sources,
+            token_accessor=bundle.token_accessor,
+            teams=teams,
         )
         values = {s.name: s.keys for s in bundle.secrets}
         annotations = {
@@ -349,18 +350,17 @@ class Launcher:
             LEASES_ANNOTATION: ",".join(bundle.lease_ids),
         }
         manifest = plan.secret_manifest(values, pod_uid, annotations)
-        self.audit.append(
-            ev.launch_event(
-                ev.EventKind.SECRET_CREATED,
-                launch_id=plan.launch_id,
-                task=plan.task,
-                caller=caller,
-                secret_names=sorted(values),
-                teams=teams,
-                namespace=plan.namespace,
-                secret=plan.secret_name,
-            )
+        created = ev.launch_event(
+            ev.EventKind.SECRET_CREATED,
+            launch_id=plan.launch_id,
+            task=plan.task,
+            caller=caller,
+            secret_names=sorted(values),
+            teams=teams,
+            namespace=plan.namespace,
+            secret=plan.secret_name,
         )
+        self.audit.append_many([resolved, created])
         self.kube.create_secret(manifest)
         LIVE_SECRETS.inc()
 
@@ -375,20 +375,24 @@ class Launcher:
             secret_names=names,
         )
 
+    @staticmethod
+    def _failure_event(
+        plan: LaunchPlan, caller: Caller, stage: str, exc: BaseException
+    ) -> ev.AuditEvent:
+        return ev.launch_event(
+            ev.EventKind.LAUNCH_FAILED,
+            launch_id=plan.launch_id,
+            task=plan.task,
+            caller=caller,
+            stage=stage,
+            error=type(exc).__name__,
+        )
+
     def _audit_failure(
         self, plan: LaunchPlan, caller: Caller, stage: str, exc: BaseException
     ) -> None:
         with contextlib.suppress(BrokerError):
-            self.audit.append(
-                ev.launch_event(
-                    ev.EventKind.LAUNCH_FAILED,
-                    launch_id=plan.launch_id,
-                    task=plan.task,
-                    caller=caller,
-                    stage=stage,
-                    error=type(exc).__name__,
-                )
-            )
+            self.audit.append(self._failure_event(plan, caller, stage, exc))
 
     def _rollback(
         self,

@@ -333,3 +333,18 @@ def test_two_processes_appending_at_once_keep_one_chain(store_url: str, tmp_path
         # handler is not fair, one writer may legitimately take every turn.)
         owners = [lid.split("-")[0] for lid in launches if lid]
         assert sum(1 for a, b in itertools.pairwise(owners) if a != b) > 1
+
+
+def test_append_many_chains_events_in_one_transaction(
+    store: AuditStore, key: Ed25519PrivateKey,
+) -> None:
+    fill(store, 2)
+    records = store.append_many([event(10), event(11), event(12)])
+    assert [r.position for r in records] == [3, 4, 5]
+    assert records[1].prev_hash == records[0].hash
+    assert records[2].prev_hash == records[1].hash
+    assert store.last_position() == 5
+    result = store.verify(key.public_key())
+    assert result.ok, result.summary()
+    with pytest.raises(TypeError):
+        store.append_many([])
