@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,6 +93,7 @@ class SecretResolver:
         self._policy: PolicySet | None = None
         self._versions: tuple[int, int] | None = None
         self._checked_at = float("-inf")
+        self._reads = ThreadPoolExecutor(max_workers=8, thread_name_prefix="vault-read")
 
     # -- policy ------------------------------------------------------------------------
 
@@ -168,22 +170,28 @@ class SecretResolver:
         token_ttl = max(min(caps), 30) if dynamic else self.child_ttl
         num_uses = len(names) + (1 if dynamic else 0)
         child_token, accessor = self._mint(identity, decision, launch_id, token_ttl, num_uses)
-        child = self.session.new_client(child_token)
-        resolved: list[ResolvedSecret] = []
-        try:
-            for name in names:
+
+        def read(name: str) -> ResolvedSecret:
+            # One client per read: reads run in parallel and a client is not thread-safe.
+            child = self.session.new_client(child_token)
+            try:
                 entry = entries[name]
                 grant = decision.secrets[name].grant
                 if isinstance(entry, KvSecret):
-                    resolved.append(self._read_kv(child, name, entry, grant))
-                else:
-                    cap = decision.secrets[name].max_lease_ttl or self.default_dynamic_ttl
-                    resolved.append(self._read_database(child, name, entry, grant, cap, token_ttl))
-        except BaseException:
+                    return self._read_kv(child, name, entry, grant)
+                cap = decision.secrets[name].max_lease_ttl or self.default_dynamic_ttl
+                return self._read_database(child, name, entry, grant, cap, token_ttl)
+            finally:
+                child.adapter.close()
+
+        # The reads are independent: run them at once so a launch waits for the slowest
+        # one, not their sum (the pod create overlaps this whole step).
+        futures = [self._reads.submit(read, name) for name in names]
+        resolved = [f.result() for f in futures if f.exception() is None]
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:
             self._cleanup([s.lease_id for s in resolved if s.lease_id], accessor)
-            raise
-        finally:
-            child.adapter.close()
+            raise errors[0]  # type: ignore[misc]
         log.info(
             "resolved %s for %s/%s run %s launch %s with child token accessor %s",
             names,
