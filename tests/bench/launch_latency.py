@@ -504,8 +504,8 @@ def format_report(report: BenchReport) -> str:
             f"{'':<46}{'p50':>8}{'p90':>8}{'p99':>8}{'mean':>8}",
             f"{'audit append (SQLite, synchronous=FULL)':<46}"
             f"{p50:8.1f}{p90:8.1f}{p99:8.1f}{mean:8.1f}",
-            "  serial on every launch's critical path: 3 appends before the pod create,",
-            "  2 more before the Secret create when secrets are requested",
+            "  on every launch's critical path: one commit (3 events) before the pod create,",
+            "  one more (2 events) before the Secret create when secrets are requested",
         ]
     lines += [
         "",
