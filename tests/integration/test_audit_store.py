@@ -336,7 +336,8 @@ def test_two_processes_appending_at_once_keep_one_chain(store_url: str, tmp_path
 
 
 def test_append_many_chains_events_in_one_transaction(
-    store: AuditStore, key: Ed25519PrivateKey,
+    store: AuditStore,
+    key: Ed25519PrivateKey,
 ) -> None:
     fill(store, 2)
     records = store.append_many([event(10), event(11), event(12)])
