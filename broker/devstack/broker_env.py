@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import ssl
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -242,8 +243,8 @@ class BrokerHandle:
     kube: ControlPlane
     vault: OpenBao
     planted: dict[str, dict[str, str]] = field(repr=False, default_factory=dict)
-    verify: str | bool = True
-    """CA bundle for an HTTPS broker."""
+    verify: ssl.SSLContext | bool = True
+    """TLS trust for an HTTPS broker."""
 
     def wait_ready(self, timeout: float = 60) -> None:
         wait_until(
@@ -385,7 +386,7 @@ def start_broker(
         kube,
         vault,
         planted,
-        verify=tls_ca_file or True,
+        verify=ssl.create_default_context(cafile=tls_ca_file) if tls_ca_file else True,
     )
     try:
         handle.wait_ready()

@@ -67,7 +67,7 @@ def test_https_when_given_a_cert_and_key(
         response = httpx.post(
             f"{broker.url}/v1/launches",
             headers=broker.headers(),
-            verify=str(ca.cert_path),
+            verify=broker.verify,
             timeout=30,
             json=launch_body("analytics_etl_tls", "load"),
         )
