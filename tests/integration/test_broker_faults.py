@@ -4,9 +4,8 @@ with its own OpenBao and task namespace, so stopping parts does not disturb othe
 
 from __future__ import annotations
 
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +22,9 @@ from broker.devstack.broker_env import BrokerHandle, start_broker
 from broker.devstack.kube import RUN_DURATION_ANNOTATION, ControlPlane
 from broker.devstack.openbao import OpenBao, start_openbao
 from broker.devstack.postgres import Postgres
+from tests.helpers import eventually
 
 pytestmark = pytest.mark.stack
-
-
-def eventually(check: Callable[[], bool], timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.2)
-    return False
 
 
 @pytest.fixture

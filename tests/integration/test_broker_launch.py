@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import time
 import uuid
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -18,17 +16,9 @@ from kubernetes.client.exceptions import ApiException
 
 from broker.devstack.broker_env import BrokerHandle
 from broker.devstack.kube import RUN_DURATION_ANNOTATION
+from tests.helpers import eventually
 
 pytestmark = pytest.mark.stack
-
-
-def eventually(check: Callable[[], bool], timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.2)
-    return False
 
 
 def body(

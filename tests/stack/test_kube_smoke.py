@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -11,15 +9,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from broker.devstack.kube import EXIT_CODE_ANNOTATION, RUN_DURATION_ANNOTATION, ControlPlane
-
-
-def eventually(check: Callable[[], bool], timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.2)
-    return False
+from tests.helpers import eventually
 
 
 def make_service_account(api: client.ApiClient, namespace: str, name: str) -> None:
