@@ -72,20 +72,38 @@ def verify(
         list[Path],
         typer.Option("--public-key", help="PEM public (or private) key; repeat for rotated keys"),
     ],
+    anchor: Annotated[
+        Path | None,
+        typer.Option(
+            help="file holding the head seen by the last verify (kept outside the store): "
+            "fails if the chain was truncated or rolled back since; updated when OK"
+        ),
+    ] = None,
 ) -> None:
     """Walk the chain; exit 1 and name the first broken position if it was tampered with."""
+    from broker.audit.anchor import Anchor, check_anchor
     from broker.audit.keys import load_public_key
     from broker.audit.store import open_audit_store
 
+    problem: str | None = None
     try:
         keys = [load_public_key(p) for p in public_key]
+        previous = Anchor.read(anchor) if anchor is not None else None
         with open_audit_store(store, create=False) as audit:
             result = audit.verify(keys)
+            if result.ok and previous is not None:
+                problem = check_anchor(audit, result, previous)
     except BrokerError as exc:
         raise _fail(exc.reason) from None
     typer.echo(result.summary())
     if not result.ok:
         raise typer.Exit(1)
+    if problem is not None:
+        typer.echo(f"audit chain CONTRADICTS the anchor {anchor}: {problem}")
+        raise typer.Exit(1)
+    if anchor is not None:
+        Anchor(result.last_position, result.last_hash).write(anchor)
+        typer.echo(f"anchor {anchor} now at position {result.last_position}")
 
 
 @audit_app.command()

@@ -163,3 +163,49 @@ def test_relative_since() -> None:
     now = datetime(2026, 3, 10, tzinfo=UTC)
     assert parse_when("7d", now) == now - timedelta(days=7)
     assert parse_when("2026-03-01T05:00", now) == datetime(2026, 3, 1, 5, tzinfo=UTC)
+
+
+def test_anchor_catches_truncation_rollback_and_rewrite(tmp_path: Path, key_path: Path) -> None:
+    """Each replacement store below verifies on its own (a validly signed chain); only
+    the anchor from an earlier verify tells it is not the history seen before."""
+    pub, anchor = f"{key_path}.pub", tmp_path / "anchor.json"
+    original = f"sqlite:///{tmp_path / 'original.db'}"
+    count = seed(original, key_path)
+
+    def verify(url: str) -> tuple[int, str]:
+        result = runner.invoke(
+            app, ["audit", "verify", "--store", url, "--public-key", pub, "--anchor", str(anchor)]
+        )
+        return result.exit_code, result.output
+
+    code, output = verify(original)
+    assert code == 0, output
+    assert json.loads(anchor.read_text())["position"] == count
+
+    emptied = f"sqlite:///{tmp_path / 'emptied.db'}"
+    open_audit_store(emptied, load_signing_key(key_path)).close()
+    shorter = f"sqlite:///{tmp_path / 'shorter.db'}"
+    with open_audit_store(shorter, load_signing_key(key_path)) as store:
+        for event in scenario()[: count - 2]:
+            store.append(event)
+    rewritten = f"sqlite:///{tmp_path / 'rewritten.db'}"
+    with open_audit_store(rewritten, load_signing_key(key_path)) as store:
+        for event in reversed(scenario()):
+            store.append(event)
+    for url, problem in (
+        (emptied, "truncated or rolled back"),
+        (shorter, "truncated or rolled back"),
+        (rewritten, "history was rewritten"),
+    ):
+        plain = runner.invoke(app, ["audit", "verify", "--store", url, "--public-key", pub])
+        assert plain.exit_code == 0, plain.output  # no anchor: the forgery passes
+        code, output = verify(url)
+        assert code == 1, output
+        assert problem in output
+    assert json.loads(anchor.read_text())["position"] == count  # a failure keeps the anchor
+
+    with open_audit_store(original, load_signing_key(key_path)) as store:
+        store.append(scenario()[0])
+    code, output = verify(original)
+    assert code == 0, output
+    assert json.loads(anchor.read_text())["position"] == count + 1
