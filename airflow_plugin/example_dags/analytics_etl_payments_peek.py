@@ -17,7 +17,7 @@ with DAG(
     schedule=None,
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
-    tags=["podbroker", "example"],
+    tags=["podbroker", "example", "expect-denied"],
 ):
     BrokerPodOperator(
         task_id="peek_payments",

@@ -4,8 +4,10 @@ run by Airflow, ending with the secret-usage report. Same code as the test fixtu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -56,6 +58,27 @@ def _airflow_dag_ids(env: dict[str, str]) -> list[str]:
     raise typer.Exit(1)
 
 
+def _expects_denial(database: Path, dag_id: str) -> bool:
+    """A DAG tagged ``expect-denied`` asks for a secret it is not granted, on purpose."""
+    with contextlib.closing(sqlite3.connect(database)) as conn:
+        row = conn.execute(
+            "SELECT 1 FROM dag_tag WHERE dag_id = ? AND name = 'expect-denied'", (dag_id,)
+        ).fetchone()
+    return row is not None
+
+
+def _task_states(database: Path, dag_id: str) -> list[tuple[str, str]]:
+    """Each task's final state in the DAG's latest run, read from Airflow's SQLite DB."""
+    with contextlib.closing(sqlite3.connect(database)) as conn:
+        rows = conn.execute(
+            "SELECT task_id, state FROM task_instance WHERE dag_id = ? AND run_id = "
+            "(SELECT run_id FROM dag_run WHERE dag_id = ? ORDER BY id DESC LIMIT 1) "
+            "ORDER BY task_id",
+            (dag_id, dag_id),
+        ).fetchall()
+    return [(str(task), str(state)) for task, state in rows]
+
+
 @dev_app.command()
 def up(
     folder: Annotated[Path | None, typer.Option(help="Keep the stack's files here.")] = None,
@@ -89,9 +112,9 @@ def demo(
     keep_running: Annotated[
         bool, typer.Option(help="Stay up after the demo until Ctrl-C.")
     ] = False,
-    report_file: Annotated[Path, typer.Option(help="Where to write the HTML report.")] = Path(
-        "podbroker-usage-report.html"
-    ),
+    demo_dir: Annotated[
+        Path, typer.Option(help="Where the HTML report and the Airflow output go.")
+    ] = Path(".demo"),
 ) -> None:
     """The whole story on this machine: stack, broker, policies applied, every example DAG
     run by `airflow dags test`, then the secret-usage report."""
@@ -105,7 +128,8 @@ def demo(
     from broker.devstack.stack import local_stack
 
     began = time.monotonic()
-    outcomes: list[tuple[str, str, float]] = []
+    outcomes: list[tuple[str, list[tuple[str, str]], float, int, str, bool]] = []
+    report_file = demo_dir / "podbroker-usage-report.html"
     with local_stack(progress=_say) as stack:
         _say("starting the broker (own ServiceAccount, Vault login by Kubernetes auth) ...")
         broker = start_broker(stack.folder / "broker", stack.kube, stack.vault, stack.postgres)
@@ -131,7 +155,10 @@ def demo(
                 }
             )
             airflow = Path(sys.executable).parent / "airflow"
+            demo_dir.mkdir(exist_ok=True)
+            database = stack.folder / "airflow" / "airflow.db"
             for dag_id in _airflow_dag_ids(env):
+                expect_denied = _expects_denial(database, dag_id)
                 _say(f"airflow dags test {dag_id} ...")
                 started = time.monotonic()
                 run = subprocess.run(
@@ -141,19 +168,31 @@ def demo(
                     text=True,
                     check=False,
                 )
-                log_file = stack.folder / f"airflow-{dag_id}.log"
-                log_file.write_text(run.stdout + run.stderr)
-                failed = run.returncode != 0 or "state=failed" in run.stdout + run.stderr
-                outcome = "failed" if failed else "success"
-                outcomes.append((dag_id, outcome, time.monotonic() - started))
-                for line in (run.stdout + run.stderr).splitlines():
-                    if "podbroker" in line and ("denied" in line or "not granted" in line):
-                        typer.echo(f"    {line.strip()[-160:]}")
-                        break
+                output = run.stdout + run.stderr
+                (demo_dir / f"airflow-{dag_id}.log").write_text(output)
+                states = _task_states(database, dag_id)
+                denials = [line.strip() for line in output.splitlines() if "not granted" in line]
+                denial = next((d for d in denials if "secrets not granted" in d), "")
+                pod_lines = sum(1 for line in output.splitlines() if "podbroker-demo:" in line)
+                ok = bool(states) and all(state == "success" for _, state in states)
+                as_expected = (not ok and bool(denial)) if expect_denied else ok
+                outcomes.append(
+                    (dag_id, states, time.monotonic() - started, pod_lines, denial, as_expected)
+                )
             typer.echo("")
-            typer.echo("Example DAG runs:")
-            for dag_id, outcome, seconds in outcomes:
-                typer.echo(f"  {dag_id:<40} {outcome:<8} {seconds:5.1f}s")
+            typer.echo("Example DAG runs (each task's final state):")
+            for dag_id, states, seconds, pod_lines, denial, as_expected in outcomes:
+                tasks = ", ".join(f"{task}={state}" for task, state in states) or "no task ran"
+                mark = "ok " if as_expected else "!! "
+                typer.echo(f"  {mark}{dag_id:<30} {seconds:5.1f}s  {tasks}")
+                if pod_lines:
+                    typer.echo(f"       {pod_lines} pod log lines reached the Airflow task log")
+                if denial:
+                    reason = (
+                        denial[denial.find("secrets not") :] if "secrets not" in denial else denial
+                    )
+                    typer.echo(f"       denied: {reason[:150]}")
+            typer.echo(f"  (full Airflow output per DAG in {demo_dir.resolve()})")
             typer.echo("")
             import httpx
 
@@ -172,9 +211,14 @@ def demo(
             )
             report_file.write_text(html.text)
             _say(f"HTML report written to {report_file.resolve()}")
+            unexpected = [o[0] for o in outcomes if not o[5]]
             _say(f"demo finished in {time.monotonic() - began:.0f}s")
             if keep_running:
                 typer.echo(f"  broker {broker.url}   KUBECONFIG={stack.kube.kubeconfig}")
                 _wait_for_ctrl_c()
         finally:
             broker.stop()
+    unexpected = [dag_id for dag_id, *_, as_expected in outcomes if not as_expected]
+    if unexpected:
+        typer.echo(f"error: unexpected outcome for {', '.join(unexpected)}", err=True)
+        raise typer.Exit(1)
