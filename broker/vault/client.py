@@ -132,6 +132,7 @@ class VaultSession:
     timeout: float = 5.0
     renew_fraction: float = 1 / 3
     _client: hvac.Client = field(init=False, repr=False)
+    _http: requests.Session = field(default_factory=requests.Session, init=False, repr=False)
     _state: _TokenState = field(default_factory=_TokenState, init=False, repr=False)
     _lock: threading.RLock = field(default_factory=threading.RLock, init=False, repr=False)
 
@@ -149,9 +150,15 @@ class VaultSession:
 
     def new_client(self, token: str | None = None) -> hvac.Client:
         """A bare hvac client for this server with the same TLS and timeout (used for
-        child tokens too)."""
+        child tokens too). All clients share one HTTP connection pool, so a launch's
+        reads reuse open (TLS) connections; the token travels per request, not in the
+        pool, and the pool is closed only with the session."""
         verify: bool | str = self.ca_file if self.ca_file else True
-        return hvac.Client(url=self.url, token=token, verify=verify, timeout=self.timeout)
+        # hvac takes TLS trust from a given session over its own argument: set it there.
+        self._http.verify = verify
+        return hvac.Client(
+            url=self.url, token=token, verify=verify, timeout=self.timeout, session=self._http
+        )
 
     @property
     def hvac_client(self) -> hvac.Client:

@@ -172,17 +172,14 @@ class SecretResolver:
         child_token, accessor = self._mint(identity, decision, launch_id, token_ttl, num_uses)
 
         def read(name: str) -> ResolvedSecret:
-            # One client per read: reads run in parallel and a client is not thread-safe.
+            # A client per read (its token); the HTTP pool underneath is shared.
             child = self.session.new_client(child_token)
-            try:
-                entry = entries[name]
-                grant = decision.secrets[name].grant
-                if isinstance(entry, KvSecret):
-                    return self._read_kv(child, name, entry, grant)
-                cap = decision.secrets[name].max_lease_ttl or self.default_dynamic_ttl
-                return self._read_database(child, name, entry, grant, cap, token_ttl)
-            finally:
-                child.adapter.close()
+            entry = entries[name]
+            grant = decision.secrets[name].grant
+            if isinstance(entry, KvSecret):
+                return self._read_kv(child, name, entry, grant)
+            cap = decision.secrets[name].max_lease_ttl or self.default_dynamic_ttl
+            return self._read_database(child, name, entry, grant, cap, token_ttl)
 
         # The reads are independent: run them at once so a launch waits for the slowest
         # one, not their sum (the pod create overlaps this whole step).
