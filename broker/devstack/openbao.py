@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import ssl
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,12 +34,14 @@ class OpenBao:
     root_token: str
     process: ManagedProcess
     audit_log: Path
+    ca_file: Path | None = None
+    """With TLS: the CA that signed the server's certificate."""
 
     def stop(self) -> None:
         self.process.stop()
 
 
-def start_openbao(folder: Path) -> OpenBao:
+def start_openbao(folder: Path, *, tls: bool = False) -> OpenBao:
     """Start `bao server -dev` on a free loopback port and wait for /v1/sys/health.
 
     A file audit device is declared in a config file (OpenBao 2.x no longer enables audit
@@ -59,12 +62,16 @@ def start_openbao(folder: Path) -> OpenBao:
         f"-dev-listen-address=127.0.0.1:{port}",
         f"-config={config}",
     ]
+    if tls:  # dev mode makes a CA and a server certificate for 127.0.0.1 in the folder
+        argv += ["-dev-tls", f"-dev-tls-cert-dir={folder}"]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
     process = ManagedProcess("openbao", argv, folder / "openbao.log", env=env).start()
-    url = f"http://127.0.0.1:{port}"
+    url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+    ca_file = folder / "vault-ca.pem" if tls else None
 
     def healthy() -> bool:
-        response = httpx.get(f"{url}/v1/sys/health", timeout=1.0)
+        verify = ssl.create_default_context(cafile=str(ca_file)) if ca_file else True
+        response = httpx.get(f"{url}/v1/sys/health", timeout=1.0, verify=verify)
         return response.status_code == 200 and response.json().get("sealed") is False
 
     try:
@@ -72,4 +79,6 @@ def start_openbao(folder: Path) -> OpenBao:
     except StackError:
         process.stop()
         raise
-    return OpenBao(url=url, root_token=root_token, process=process, audit_log=audit_log)
+    return OpenBao(
+        url=url, root_token=root_token, process=process, audit_log=audit_log, ca_file=ca_file
+    )
