@@ -225,9 +225,12 @@ def seed_vault(vault: OpenBao, postgres: Postgres, values: dict[str, dict[str, s
     )
 
 
-def apply_example_policies(vault: OpenBao, folder: Path = EXAMPLE_POLICIES) -> None:
+def apply_example_policies(
+    vault: OpenBao, folder: Path = EXAMPLE_POLICIES, *, prune: bool = False
+) -> None:
+    """`podbroker policies apply FOLDER [--prune]`, in process."""
     root = hvac.Client(url=vault.url, token=vault.root_token)
-    apply_plan(root, plan(root, VaultLayout(), load_policy_dir(folder)))
+    apply_plan(root, plan(root, VaultLayout(), load_policy_dir(folder), prune=prune))
 
 
 @dataclass
