@@ -134,6 +134,25 @@ class KubeCluster:
             what=f"annotate pod {namespace}/{name}",
         )
 
+    def claim_pod(
+        self, namespace: str, name: str, resource_version: str, annotations: dict[str, str]
+    ) -> bool:
+        """PATCH pods/NAME annotations only if the pod is still at ``resource_version``
+        (optimistic concurrency): False when another writer got there first, so exactly
+        one broker replica acts on a pod's end."""
+        body = {"metadata": {"resourceVersion": resource_version, "annotations": annotations}}
+        try:
+            self._call(
+                "patch_pod",
+                lambda: self.core.patch_namespaced_pod(
+                    name, namespace, body, _request_timeout=self.timeout
+                ),
+                what=f"claim pod {namespace}/{name}",
+            )
+        except ConflictError:
+            return False
+        return True
+
     def create_secret(self, manifest: dict[str, Any]) -> None:
         """POST secrets. The manifest holds values: it is never logged or echoed."""
         namespace = manifest["metadata"]["namespace"]

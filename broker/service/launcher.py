@@ -521,17 +521,20 @@ class Launcher:
 
     # -- end of a pod ---------------------------------------------------------------------
 
-    def finish(self, found: TaskPod, *, reason: str = "pod ended") -> None:
-        """Delete the pod's Secret and revoke its leases (idempotent)."""
+    def finish(self, found: TaskPod, *, reason: str = "pod ended", force: bool = False) -> None:
+        """Delete the pod's Secret and revoke its leases, once: the replica that claims
+        the pod (an annotation written with the pod's resourceVersion as precondition)
+        does it; the others see the claim and stop. ``force`` skips the claim (the sweep
+        finishing what a crashed claimant left)."""
         pod = found.pod
+        if not force and not self._claim(found):
+            return
         launch_id = found.launch_id
         task = _task_from_pod(pod)
         secret = secret_name_for(launch_id)
-        meta = self.kube.read_secret_metadata(found.namespace, secret)
         phase = pod.status.phase if pod.status else None
         view = describe(pod)
-        already_cleaned = bool((pod.metadata.annotations or {}).get(CLEANED_ANNOTATION))
-        if phase in ("Succeeded", "Failed") and not already_cleaned:
+        if phase in ("Succeeded", "Failed") and not force:
             self.audit.append(
                 ev.launch_event(
                     ev.EventKind.POD_FINISHED,
@@ -542,30 +545,44 @@ class Launcher:
                     exit_code=view.exit_code,
                 )
             )
-        if meta is not None:
-            self.audit.append(
-                ev.launch_event(
-                    ev.EventKind.SECRET_DELETED,
-                    launch_id=launch_id,
-                    task=task,
-                    secret_names=view.secret_names,
-                    namespace=found.namespace,
-                    secret=secret,
-                    reason=reason,
-                )
+        meta = self.kube.read_secret_metadata(found.namespace, secret)
+        if meta is None:
+            return
+        self.audit.append(
+            ev.launch_event(
+                ev.EventKind.SECRET_DELETED,
+                launch_id=launch_id,
+                task=task,
+                secret_names=view.secret_names,
+                namespace=found.namespace,
+                secret=secret,
+                reason=reason,
             )
-            if self.kube.delete_secret(found.namespace, secret):
-                LIVE_SECRETS.dec()
-            leases = [
-                x
-                for x in (meta.get("annotations") or {}).get(LEASES_ANNOTATION, "").split(",")
-                if x
-            ]
-            if leases:
-                self._revoke(None, None, leases, launch_id=launch_id, task=task)
-        with contextlib.suppress(BrokerError):
-            self.kube.patch_pod_annotations(
+        )
+        if self.kube.delete_secret(found.namespace, secret):
+            LIVE_SECRETS.dec()
+        leases = [
+            x for x in (meta.get("annotations") or {}).get(LEASES_ANNOTATION, "").split(",") if x
+        ]
+        if leases:
+            self._revoke(None, None, leases, launch_id=launch_id, task=task)
+
+    def _claim(self, found: TaskPod) -> bool:
+        """True if this replica now owns the cleanup of ``found``'s pod."""
+        pod = found.pod
+        for _ in range(3):
+            if (pod.metadata.annotations or {}).get(CLEANED_ANNOTATION):
+                return False
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            if self.kube.claim_pod(
                 found.namespace,
                 pod.metadata.name,
-                {CLEANED_ANNOTATION: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
-            )
+                pod.metadata.resource_version,
+                {CLEANED_ANNOTATION: stamp},
+            ):
+                return True
+            fresh = self.kube.read_pod(found.namespace, pod.metadata.name)
+            if fresh is None:
+                return True  # gone already: nobody else will look at it again
+            pod = fresh
+        return False

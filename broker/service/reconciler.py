@@ -104,6 +104,10 @@ class Reconciler:
                 cleaned = dt.datetime.fromisoformat(
                     annotations[CLEANED_ANNOTATION].replace("Z", "+00:00")
                 )
+                if launch_id in secret_ids and _age_seconds(cleaned, now) > self.grace_seconds:
+                    # Claimed by a replica that died before deleting the Secret.
+                    self.launcher.finish(TaskPod(namespace, pod), force=True)
+                    result.secrets_cleaned += 1
                 if _age_seconds(cleaned, now) > self.retention_seconds:
                     self._cleanup(namespace, launch_id, "delete retained pod", pod.metadata.name)
                     if self.kube.delete_pod(namespace, pod.metadata.name):

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,6 +26,7 @@ from broker.devstack.kube import RUN_DURATION_ANNOTATION, ControlPlane
 from broker.devstack.openbao import OpenBao, start_openbao
 from broker.devstack.pki import LocalCA
 from broker.devstack.postgres import Postgres
+from tests.helpers import eventually
 
 pytestmark = pytest.mark.stack
 
@@ -118,6 +121,19 @@ def test_two_replicas_share_one_postgres_audit_chain(
         with ThreadPoolExecutor(8) as pool:
             codes = list(pool.map(post, range(16)))
         assert codes == [201] * 16
+
+        def all_secrets_deleted() -> bool:
+            with open_audit_store(postgres.url(database), create=False) as store:
+                deleted = {
+                    e.task_id
+                    for e in store.events()
+                    if e.kind == EventKind.SECRET_DELETED and e.dag_id == dag_id
+                }
+            return len(deleted) == 16
+
+        # Both replicas watch the namespace and see every pod end.
+        assert eventually(all_secrets_deleted, timeout=60)
+        time.sleep(3)  # give a second, duplicate cleanup the chance to show up
     finally:
         for broker in replicas:
             broker.stop()
@@ -127,9 +143,16 @@ def test_two_replicas_share_one_postgres_audit_chain(
         requested = [
             e for e in store.events() if e.kind == EventKind.LAUNCH_REQUESTED and e.dag_id == dag_id
         ]
+        ends = Counter(
+            (e.task_id, e.kind)
+            for e in store.events()
+            if e.dag_id == dag_id and e.kind in (EventKind.POD_FINISHED, EventKind.SECRET_DELETED)
+        )
     assert result.ok, result.summary()
     assert len(requested) == 16
     assert len({e.task_id for e in requested}) == 16
+    # Exactly one replica cleaned up each pod (the claim), not both.
+    assert sorted(ends.values()) == [1] * 32, ends
 
 
 def test_gc_command_runs_one_reconcile_pass(broker: BrokerHandle) -> None:
