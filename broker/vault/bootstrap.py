@@ -130,7 +130,9 @@ def bootstrap(client: hvac.Client, options: BootstrapOptions) -> list[str]:
     wanted_role: dict[str, Any] = {
         "allowed_policies_glob": [f"{layout.policy_prefix}*"],
         "disallowed_policies": ["root", layout.broker_policy],
-        "orphan": False,
+        # Orphans: a child token (and its dynamic leases) must not die with the broker's
+        # own login token, which a restart or re-login replaces within its TTL.
+        "orphan": True,
         "renewable": False,
         "token_type": "service",
         "token_explicit_max_ttl": options.child_token_max_ttl,

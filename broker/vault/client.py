@@ -77,6 +77,10 @@ def _vault_messages(exc: hvac.exceptions.VaultError) -> str:
     return type(exc).__name__
 
 
+def _status(exc: hvac.exceptions.VaultError) -> str:
+    return str(getattr(exc, "status_code", None) or "?")
+
+
 @contextmanager
 def translate_errors(what: str) -> Iterator[None]:
     """Map hvac/requests exceptions raised while doing ``what`` (e.g. ``"read secret
@@ -103,9 +107,10 @@ def translate_errors(what: str) -> Iterator[None]:
         hvac.exceptions.BadGateway,
         hvac.exceptions.UnexpectedError,
     ) as exc:
-        raise VaultUnavailableError(f"Vault failed to {what}: {_vault_messages(exc)}") from exc
+        log.warning("Vault failed to %s: %s", what, _vault_messages(exc))
+        raise VaultUnavailableError(f"Vault failed to {what} (HTTP {_status(exc)})") from exc
     except hvac.exceptions.InvalidRequest as exc:
-        raise InvalidRequestError(f"Vault refused to {what}: {_vault_messages(exc)}") from exc
+        raise InvalidRequestError(f"Vault refused to {what} as invalid (HTTP 400)") from exc
     except hvac.exceptions.VaultError as exc:
         raise VaultUnavailableError(f"Vault error while trying to {what}") from exc
     except requests.Timeout as exc:
@@ -247,10 +252,34 @@ class VaultSession:
 
     def call(self, what: str, fn: Callable[[hvac.Client], T]) -> T:
         """Run ``fn(client)`` with the broker's token, renewing first when needed, with
-        errors translated (``what`` names the operation for messages)."""
+        errors translated (``what`` names the operation for messages).
+
+        A 403 on the broker's OWN token is not a policy denial of the caller: the token
+        was revoked or expired early (rotation, restore). Log in again once and retry;
+        if Vault still refuses, it is the broker that is unavailable (retryable 503),
+        never a 403 that would fail tasks for good."""
         self.ensure_token()
-        with translate_errors(what):
-            return fn(self._client)
+        try:
+            with translate_errors(what):
+                return fn(self._client)
+        except (DeniedError, VaultUnavailableError) as first:
+            if not isinstance(
+                first.__cause__, hvac.exceptions.Forbidden | hvac.exceptions.Unauthorized
+            ):
+                raise
+            log.warning(
+                "Vault refused the broker's token while trying to %s; logging in again", what
+            )
+        try:
+            with self._lock:
+                self.login()
+            with translate_errors(what):
+                return fn(self._client)
+        except DeniedError as exc:
+            raise VaultUnavailableError(
+                f"Vault refuses the broker's own token while trying to {what}: check the "
+                "broker's Vault login and policy"
+            ) from exc
 
     def ping(self) -> None:
         """``auth/token/lookup-self``: Vault reachable, unsealed, and our token valid."""

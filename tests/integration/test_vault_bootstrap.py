@@ -39,7 +39,7 @@ def test_bootstrap_is_idempotent_and_least_privilege(
 
     role = vault_root.read(f"auth/token/roles/{layout.token_role}")["data"]
     assert role["allowed_policies_glob"] == [f"{layout.policy_prefix}*"]
-    assert role["orphan"] is False and role["renewable"] is False
+    assert role["orphan"] is True and role["renewable"] is False
     assert role["token_explicit_max_ttl"] == 7200 and role["token_no_default_policy"] is True
 
     broker = vault_root.auth.token.create(policies=[layout.broker_policy], ttl="10m")
@@ -55,7 +55,7 @@ def test_bootstrap_is_idempotent_and_least_privilege(
     assert capabilities(vault, token, f"sys/policies/acl/{layout.broker_policy}") == ["deny"]
 
     # A drifted role is put back.
-    vault_root.write_data(f"auth/token/roles/{layout.token_role}", data={"orphan": True})
+    vault_root.write_data(f"auth/token/roles/{layout.token_role}", data={"orphan": False})
     assert bootstrap(vault_root, options) == [f"wrote token role {layout.token_role}"]
 
 
