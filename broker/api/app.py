@@ -8,7 +8,7 @@ import logging
 from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi import Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -52,6 +52,7 @@ def _caller(request: Request, authorization: Annotated[str | None, Header()] = N
 
 
 CallerDep = Annotated[Caller, Depends(_caller)]
+LaunchId = Annotated[str, Path(pattern=r"^[0-9a-f]{20}$", description="from POST /v1/launches")]
 
 
 def create_app(runtime: Runtime) -> FastAPI:
@@ -91,14 +92,14 @@ def create_app(runtime: Runtime) -> FastAPI:
         return view
 
     @app.get("/v1/launches/{launch_id}", response_model=LaunchView, responses=responses)
-    def status(launch_id: str, who: CallerDep) -> LaunchView:
+    def status(launch_id: LaunchId, who: CallerDep) -> LaunchView:
         view = runtime.launcher.status(launch_id)
         runtime.authorize(who, view.task.dag_id)
         return view
 
     @app.get("/v1/launches/{launch_id}/logs", response_class=StreamingResponse, responses=responses)
     def logs(
-        launch_id: str,
+        launch_id: LaunchId,
         who: CallerDep,
         follow: bool = False,
         since_seconds: Annotated[int | None, Query(ge=1)] = None,
@@ -113,7 +114,7 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     @app.delete("/v1/launches/{launch_id}", response_model=LaunchView, responses=responses)
     def kill(
-        launch_id: str,
+        launch_id: LaunchId,
         who: CallerDep,
         reason: Annotated[str | None, Query(max_length=200, pattern=r"^[A-Za-z0-9_. -]*$")] = None,
     ) -> LaunchView:

@@ -36,6 +36,7 @@ class EventKind(StrEnum):
     LEASES_REVOKED = "leases_revoked"
     LAUNCH_KILLED = "launch_killed"
     POD_DELETED = "pod_deleted"  # a finished launch's pod removed by its caller
+    LAUNCH_REATTACHED = "launch_reattached"  # the same try asked again: its existing pod
     LAUNCH_FAILED = "launch_failed"
     RECONCILER_CLEANUP = "reconciler_cleanup"
     POLICY_APPLIED = "policy_applied"
@@ -110,7 +111,8 @@ class AuditEvent(BaseModel):
     """One thing the broker decided or did. ``details`` is JSON (kind-specific layout,
     see the builders below); ``secret_names`` lists logical secret names involved."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # A rejected event must not quote what it rejected (it may be a value).
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     time: datetime = Field(default_factory=utc_now)
     kind: EventKind

@@ -113,10 +113,13 @@ def label_value(value: str) -> str:
     return cleaned
 
 
-def launch_id_for(task: TaskIdentity) -> str:
-    """Deterministic id of a task try: the same identity always maps to the same launch,
-    which makes POST /v1/launches idempotent across retries and broker replicas."""
-    key = json.dumps([task.dag_id, task.task_id, task.run_id, task.try_number, task.map_index])
+def launch_id_for(task: TaskIdentity, namespace: str = "") -> str:
+    """Deterministic id of a task try (in a namespace): the same identity always maps to
+    the same launch, which makes POST /v1/launches idempotent across retries and broker
+    replicas."""
+    key = json.dumps(
+        [task.dag_id, task.task_id, task.run_id, task.try_number, task.map_index, namespace]
+    )
     return hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
@@ -310,6 +313,35 @@ def _merge(base: Mapping[str, str], extra: Mapping[str, str]) -> dict[str, str]:
     return merged
 
 
+# Annotations that change a container's confinement (the API server turns the AppArmor
+# one into securityContext.appArmorProfile), and placement onto control-plane nodes.
+_UNSAFE_ANNOTATION_PARTS = ("apparmor", "seccomp")
+_CONTROL_PLANE_PREFIX = "node-role.kubernetes.io/"
+
+
+def _reject_unsafe_scheduling(request: LaunchRequest) -> None:
+    for key in request.scheduling.annotations:
+        if any(part in key.lower() for part in _UNSAFE_ANNOTATION_PARTS):
+            raise InvalidRequestError(
+                f"annotation {key!r} would change the container's confinement; the broker "
+                "sets seccomp (and AppArmor comes from the node's runtime default)"
+            )
+    for key in request.scheduling.node_selector:
+        if key.startswith(_CONTROL_PLANE_PREFIX):
+            raise InvalidRequestError(
+                f"node_selector {key!r}: task pods never run on control-plane nodes"
+            )
+    for toleration in request.scheduling.tolerations:
+        if not toleration.key:
+            raise InvalidRequestError(
+                "a toleration without a key tolerates every taint; name the taint"
+            )
+        if toleration.key.startswith(_CONTROL_PLANE_PREFIX):
+            raise InvalidRequestError(
+                f"toleration {toleration.key!r}: task pods never run on control-plane nodes"
+            )
+
+
 def build_plan(request: LaunchRequest, policy: PlanPolicy, caller_identity: str) -> LaunchPlan:
     """Validate the request against the policy and build the plan; raise
     InvalidRequestError (422) naming the offending field otherwise."""
@@ -344,9 +376,10 @@ def build_plan(request: LaunchRequest, policy: PlanPolicy, caller_identity: str)
     for key in request.scheduling.annotations:
         if key.startswith("podbroker.dev/"):
             raise InvalidRequestError(f"annotation {key!r} is reserved for the broker")
+    _reject_unsafe_scheduling(request)
 
     task = request.task
-    launch_id = launch_id_for(task)
+    launch_id = launch_id_for(task, namespace)
     pod_name = pod_name_for(task, launch_id)
     labels = {
         MANAGED_BY_LABEL: MANAGED_BY_VALUE,
@@ -358,8 +391,9 @@ def build_plan(request: LaunchRequest, policy: PlanPolicy, caller_identity: str)
     }
     if task.map_index >= 0:  # like the KubernetesPodOperator: only mapped tasks carry it
         labels["map_index"] = str(task.map_index)
-    user_labels = _merge(template.labels, request.scheduling.labels)
-    annotations = _merge(template.annotations, request.scheduling.annotations)
+    # The platform's template wins over the request wherever both set a key.
+    user_labels = _merge(request.scheduling.labels, template.labels)
+    annotations = _merge(request.scheduling.annotations, template.annotations)
     annotations[SECRET_NAMES_ANNOTATION] = ",".join(names)
     annotations[CALLER_ANNOTATION] = caller_identity
     resources = {
@@ -399,7 +433,7 @@ def build_plan(request: LaunchRequest, policy: PlanPolicy, caller_identity: str)
         "activeDeadlineSeconds": request.timeout_seconds,
         "securityContext": pod_security,
         "containers": [container],
-        "nodeSelector": _merge(template.node_selector, request.scheduling.node_selector),
+        "nodeSelector": _merge(request.scheduling.node_selector, template.node_selector),
         "tolerations": [
             t.model_dump(by_alias=True, exclude_none=True, mode="json") for t in tolerations
         ],

@@ -287,7 +287,7 @@ class KubeCluster:
         status = review.status
         if not status or not status.authenticated or not status.user:
             return None
-        if audience not in (status.audiences or [audience]):
+        if audience not in (status.audiences or []):  # empty means the API server's own
             return None
         return cast(str, status.user.username)
 

@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from queue import Empty, Queue
+from queue import Empty, Full, Queue
 from typing import Any, cast
 
 from kubernetes import client
@@ -45,6 +45,7 @@ from broker.service.ports import AuditSink, BundleLike, SecretSource
 log = logging.getLogger("podbroker.launch")
 
 CLEANED_ANNOTATION = "podbroker.dev/cleaned-at"
+ACCESSOR_ANNOTATION = "podbroker.dev/token-accessor"
 LAUNCHES = Counter("podbroker_launches_total", "Launch requests by outcome", ["outcome"])
 DENIALS = Counter("podbroker_denials_total", "Launches denied by policy")
 LAUNCH_LATENCY = Histogram(
@@ -190,6 +191,8 @@ class Launcher:
             namespace=plan.namespace,
             image=request.container.image,
         )
+        # A retry of the same try reattaches; look for its pod while deciding.
+        existing_future = self._pool.submit(self.kube.read_pod, plan.namespace, plan.pod_name)
         try:
             with VAULT_LATENCY.labels("decide").time():
                 decision = self.secrets.decide(task, request.secrets)
@@ -215,6 +218,24 @@ class Launcher:
             self.audit.append_many([requested, decided])
             DENIALS.inc()
             decision.raise_for_denial()
+        existing = existing_future.result()
+        if existing is not None:
+            self.audit.append_many(
+                [
+                    requested,
+                    decided,
+                    ev.launch_event(
+                        ev.EventKind.LAUNCH_REATTACHED,
+                        launch_id=plan.launch_id,
+                        task=task,
+                        caller=caller,
+                        secret_names=names,
+                        namespace=plan.namespace,
+                        pod=plan.pod_name,
+                    ),
+                ]
+            )
+            return describe(existing, created=False)
         expected = self._expected_keys(request)
         pod_manifest = plan.pod_with_secret_refs(expected) if expected is not None else None
         pod_manifest = self._with_task_annotation(pod_manifest or plan.pod, task)
@@ -260,7 +281,9 @@ class Launcher:
         try:
             self._create_secret(plan, caller, teams, bundle, pod_ref.uid)
         except BrokerError as exc:
-            self._rollback(plan, caller, bundle.lease_ids, "create_secret", exc)
+            self._rollback(
+                plan, caller, bundle.lease_ids, "create_secret", exc, accessor=bundle.token_accessor
+            )
             raise
         return self._view_after_create(plan, pod_manifest)
 
@@ -289,8 +312,7 @@ class Launcher:
     def _discard_bundle(self, future: Future[BundleLike], plan: LaunchPlan, caller: Caller) -> None:
         with contextlib.suppress(BrokerError):
             bundle = future.result()
-            if bundle.lease_ids:
-                self._revoke(plan, caller, bundle.lease_ids)
+            self._revoke(plan, caller, bundle.lease_ids, accessor=bundle.token_accessor)
 
     def _expected_keys(self, request: LaunchRequest) -> dict[str, list[str]] | None:
         """Secret -> key names known from the catalog, or None if any must be read first."""
@@ -348,6 +370,8 @@ class Launcher:
                 separators=(",", ":"),
             ),
             LEASES_ANNOTATION: ",".join(bundle.lease_ids),
+            # An accessor can revoke its token but not use it (safe to keep, like lease ids).
+            ACCESSOR_ANNOTATION: bundle.token_accessor,
         }
         manifest = plan.secret_manifest(values, pod_uid, annotations)
         created = ev.launch_event(
@@ -401,15 +425,17 @@ class Launcher:
         lease_ids: Sequence[str],
         stage: str,
         exc: BaseException,
+        accessor: str | None = None,
     ) -> None:
-        """Undo a half-made launch: the pod (its Secret goes with it) and any leases."""
-        self._audit_failure(plan, caller, stage, exc)
+        """Undo a half-made launch: the pod (its Secret goes with it), any leases and the
+        child token. Undoing comes first; recording it never blocks it."""
         with contextlib.suppress(BrokerError):
             self.kube.delete_pod(plan.namespace, plan.pod_name)
         with contextlib.suppress(BrokerError):
             self.kube.delete_secret(plan.namespace, plan.secret_name)
-        if lease_ids:
-            self._revoke(plan, caller, lease_ids)
+        if lease_ids or accessor:
+            self._revoke(plan, caller, lease_ids, accessor=accessor)
+        self._audit_failure(plan, caller, stage, exc)
 
     def _revoke(
         self,
@@ -418,25 +444,42 @@ class Launcher:
         lease_ids: Sequence[str],
         launch_id: str | None = None,
         task: TaskIdentity | None = None,
+        accessor: str | None = None,
     ) -> None:
+        """Revoke leases (and the child token, when known), then record what happened:
+        revocation reduces exposure, so it never waits for the audit store."""
         launch_id = plan.launch_id if plan else launch_id
-        with contextlib.suppress(BrokerError):
-            self.audit.append(
-                ev.launch_event(
-                    ev.EventKind.LEASES_REVOKED,
-                    launch_id=launch_id,
-                    task=plan.task if plan else task,
-                    caller=caller,
-                    lease_ids=list(lease_ids),
-                )
-            )
+        revoked, error = True, None
         try:
             with VAULT_LATENCY.labels("revoke").time():
-                self.secrets.revoke(lease_ids)
-        except BrokerError:
+                if lease_ids:
+                    self.secrets.revoke(lease_ids)
+                if accessor:
+                    self.secrets.revoke_token(accessor)
+        except BrokerError as exc:
+            revoked, error = False, type(exc).__name__
             log.warning(
                 "lease revocation failed for launch %s; leases expire on their TTL", launch_id
             )
+        self.record_quietly(
+            ev.launch_event(
+                ev.EventKind.LEASES_REVOKED,
+                launch_id=launch_id,
+                task=plan.task if plan else task,
+                caller=caller,
+                lease_ids=list(lease_ids),
+                token_accessor=accessor,
+                revoked=revoked,
+                error=error,
+            )
+        )
+
+    def record_quietly(self, event: ev.AuditEvent) -> None:
+        """Audit a clean-up step without letting a down audit store stop the clean-up."""
+        try:
+            self.audit.append(event)
+        except BrokerError as exc:
+            log.warning("audit store unavailable; %s not recorded: %s", event.kind, exc.reason)
 
     # -- lookups --------------------------------------------------------------------------
 
@@ -470,30 +513,46 @@ class Launcher:
 
     def _follow(self, chunks: Iterator[bytes], namespace: str, name: str) -> Iterator[bytes]:
         queue: Queue[bytes | None] = Queue(maxsize=256)
+        stop = threading.Event()
 
         def pump() -> None:
             with contextlib.suppress(Exception):
                 for chunk in chunks:
-                    queue.put(chunk)
-            queue.put(None)
+                    while not stop.is_set():
+                        try:
+                            queue.put(chunk, timeout=1.0)
+                            break
+                        except Full:
+                            continue
+                    if stop.is_set():
+                        return
+            with contextlib.suppress(Full):
+                queue.put(None, timeout=1.0)
+
+        def close_upstream() -> None:
+            stop.set()
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    close()
 
         threading.Thread(target=pump, name=f"logs-{name}", daemon=True).start()
-        while True:
-            try:
-                chunk = queue.get(timeout=1.0)
-            except Empty:
-                pod = self.kube.read_pod(namespace, name)
-                phase = pod.status.phase if pod is not None and pod.status else None
-                if pod is None or phase in ("Succeeded", "Failed"):
-                    with contextlib.suppress(Exception):
-                        close = getattr(chunks, "close", None)
-                        if close is not None:
-                            close()
+        try:
+            while True:
+                try:
+                    chunk = queue.get(timeout=1.0)
+                except Empty:
+                    pod = self.kube.read_pod(namespace, name)
+                    phase = pod.status.phase if pod is not None and pod.status else None
+                    if pod is None or phase in ("Succeeded", "Failed"):
+                        return
+                    continue
+                if chunk is None:
                     return
-                continue
-            if chunk is None:
-                return
-            yield chunk
+                yield chunk
+        finally:
+            # The client went away or the pod ended: stop the pump and the upstream stream.
+            close_upstream()
 
     def kill(self, caller: Caller, launch_id: str, reason: str | None = None) -> LaunchView:
         """DELETE a launch. A running one is killed (recorded as launch_killed); a
@@ -535,7 +594,7 @@ class Launcher:
         phase = pod.status.phase if pod.status else None
         view = describe(pod)
         if phase in ("Succeeded", "Failed") and not force:
-            self.audit.append(
+            self.record_quietly(
                 ev.launch_event(
                     ev.EventKind.POD_FINISHED,
                     launch_id=launch_id,
@@ -548,24 +607,43 @@ class Launcher:
         meta = self.kube.read_secret_metadata(found.namespace, secret)
         if meta is None:
             return
-        self.audit.append(
+        self.release_secret(
+            found.namespace, meta, reason=reason, task=task, secret_names=view.secret_names
+        )
+
+    def release_secret(
+        self,
+        namespace: str,
+        meta: dict[str, Any],
+        *,
+        reason: str,
+        task: TaskIdentity | None = None,
+        secret_names: Sequence[str] = (),
+    ) -> None:
+        """Delete a broker Secret and revoke the leases and child token its annotations
+        name. Deleting comes first: values leave the cluster even if Vault or the
+        audit store is down."""
+        annotations = meta.get("annotations") or {}
+        labels = meta.get("labels") or {}
+        launch_id = labels.get(LAUNCH_ID_LABEL)
+        name = str(meta.get("name"))
+        if self.kube.delete_secret(namespace, name):
+            LIVE_SECRETS.dec()
+        self.record_quietly(
             ev.launch_event(
                 ev.EventKind.SECRET_DELETED,
                 launch_id=launch_id,
                 task=task,
-                secret_names=view.secret_names,
-                namespace=found.namespace,
-                secret=secret,
+                secret_names=list(secret_names),
+                namespace=namespace,
+                secret=name,
                 reason=reason,
             )
         )
-        if self.kube.delete_secret(found.namespace, secret):
-            LIVE_SECRETS.dec()
-        leases = [
-            x for x in (meta.get("annotations") or {}).get(LEASES_ANNOTATION, "").split(",") if x
-        ]
-        if leases:
-            self._revoke(None, None, leases, launch_id=launch_id, task=task)
+        leases = [x for x in annotations.get(LEASES_ANNOTATION, "").split(",") if x]
+        accessor = annotations.get(ACCESSOR_ANNOTATION) or None
+        if leases or accessor:
+            self._revoke(None, None, leases, launch_id=launch_id, task=task, accessor=accessor)
 
     def _claim(self, found: TaskPod) -> bool:
         """True if this replica now owns the cleanup of ``found``'s pod."""

@@ -45,8 +45,14 @@ class Reconciler:
     # -- event driven ---------------------------------------------------------------------
 
     def on_pod_event(self, namespace: str, kind: str, pod: client.V1Pod) -> None:
-        """A watched pod changed: if it just ended, clean up its Secret and leases."""
-        if kind == "DELETED" or pod.status is None or pod.status.phase not in FINISHED:
+        """A watched pod changed: if it just ended, clean up its Secret and leases. A pod
+        deleted by someone else takes its Secret along (garbage collector) but not its
+        leases: revoke them while the Secret's annotations still name them."""
+        if kind == "DELETED":
+            if not (pod.metadata.annotations or {}).get(CLEANED_ANNOTATION):
+                self._release_secret_of(namespace, pod, "pod deleted")
+            return
+        if pod.status is None or pod.status.phase not in FINISHED:
             return
         if (pod.metadata.annotations or {}).get(CLEANED_ANNOTATION):
             return
@@ -89,9 +95,9 @@ class Reconciler:
             created = dt.datetime.fromisoformat(meta["creationTimestamp"].replace("Z", "+00:00"))
             if launch_id not in pods and _age_seconds(created, now) > self.grace_seconds:
                 self._cleanup(namespace, launch_id, "delete orphan secret", meta["name"])
-                if self.kube.delete_secret(namespace, meta["name"]):
-                    result.orphan_secrets_deleted += 1
-                    live -= 1
+                self.launcher.release_secret(namespace, meta, reason="orphan")
+                result.orphan_secrets_deleted += 1
+                live -= 1
         for launch_id, pod in pods.items():
             phase = pod.status.phase if pod.status else None
             annotations = pod.metadata.annotations or {}
@@ -124,10 +130,39 @@ class Reconciler:
                 self._cleanup(namespace, launch_id, "delete pod without secret", pod.metadata.name)
                 if self.kube.delete_pod(namespace, pod.metadata.name):
                     result.orphan_pods_deleted += 1
+            elif (
+                phase == "Pending"
+                and pod.metadata.deletion_timestamp is None
+                and (
+                    age > (pod.spec.active_deadline_seconds or 0) + self.grace_seconds
+                    and pod.spec.active_deadline_seconds
+                )
+            ):
+                # Never started (unschedulable): activeDeadlineSeconds only runs once a
+                # node has it, so its Secret would otherwise stay forever.
+                self._cleanup(
+                    namespace, launch_id, "delete pod that never started", pod.metadata.name
+                )
+                self._release_secret_of(namespace, pod, "pod never started")
+                if self.kube.delete_pod(namespace, pod.metadata.name):
+                    result.orphan_pods_deleted += 1
         return live
 
+    def _release_secret_of(self, namespace: str, pod: client.V1Pod, reason: str) -> None:
+        launch_id = (pod.metadata.labels or {}).get(LAUNCH_ID_LABEL)
+        if not launch_id:
+            return
+        try:
+            meta = self.kube.read_secret_metadata(namespace, secret_name_for(launch_id))
+            if meta is not None:
+                self.launcher.release_secret(namespace, meta, reason=reason)
+        except BrokerError as exc:
+            log.warning(
+                "releasing the secret of %s/%s failed: %s", namespace, pod.metadata.name, exc.reason
+            )
+
     def _cleanup(self, namespace: str, launch_id: str | None, action: str, name: str) -> None:
-        self.launcher.audit.append(
+        self.launcher.record_quietly(
             ev.launch_event(
                 ev.EventKind.RECONCILER_CLEANUP,
                 launch_id=launch_id,

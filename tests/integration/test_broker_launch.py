@@ -14,6 +14,8 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from broker.audit.store import open_audit_store
+from broker.core.audit_events import EventKind
 from broker.devstack.broker_env import BrokerHandle
 from broker.devstack.kube import RUN_DURATION_ANNOTATION
 from tests.helpers import eventually
@@ -45,6 +47,12 @@ def body(
 
 def digests(values: list[str]) -> list[str]:
     return sorted(hashlib.sha256(v.encode()).hexdigest()[:12] for v in values)
+
+
+def kinds_of(broker: BrokerHandle, launch_id: str) -> list[EventKind]:
+    store = open_audit_store(f"sqlite:///{broker.config_path.parent / 'audit.db'}", create=False)
+    with store:
+        return [e.kind for e in store.events() if e.launch_id == launch_id]
 
 
 def post(broker: BrokerHandle, payload: dict[str, Any]) -> httpx.Response:
@@ -243,9 +251,15 @@ def test_concurrent_duplicate_requests_make_one_pod(
     assert codes == [200] * 7 + [201], [r.text for r in responses]
     assert len({r.json()["launch_id"] for r in responses}) == 1
     assert len(pods_of(core, broker.namespace, dag_id)) == 1
+    launch_id = responses[0].json()["launch_id"]
+    resolved_before = kinds_of(broker, launch_id).count(EventKind.SECRETS_RESOLVED)
     again = post(broker, payload)
     assert again.status_code == 200
     assert again.json()["created"] is False
+    # A later retry of the same try reads nothing from Vault: it reattaches.
+    after = kinds_of(broker, launch_id)
+    assert after.count(EventKind.SECRETS_RESOLVED) == resolved_before
+    assert after[-1] == EventKind.LAUNCH_REATTACHED
 
 
 def test_kill_deletes_pod_and_secret(broker: BrokerHandle, kube_api: client.ApiClient) -> None:

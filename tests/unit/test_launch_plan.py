@@ -177,3 +177,71 @@ def test_default_env_names_carry_the_secret_name() -> None:
     pod = plan.pod_with_secret_refs({"orders-db": ["password"], "warehouse.ro": ["password"]})
     names = {e["name"] for e in pod["spec"]["containers"][0]["env"]}
     assert names == {"ORDERS_DB_PASSWORD", "WAREHOUSE_RO_PASSWORD"}
+
+
+@pytest.mark.parametrize(
+    ("scheduling", "needle"),
+    [
+        (
+            Scheduling(
+                annotations={"container.apparmor.security.beta.kubernetes.io/base": "unconfined"}
+            ),
+            "confinement",
+        ),
+        (
+            Scheduling(annotations={"seccomp.security.alpha.kubernetes.io/pod": "unconfined"}),
+            "confinement",
+        ),
+        (Scheduling(node_selector={"node-role.kubernetes.io/control-plane": ""}), "control-plane"),
+        (Scheduling(tolerations=[{"operator": "Exists"}]), "every taint"),  # type: ignore[list-item]
+        (
+            Scheduling(
+                tolerations=[
+                    {
+                        "key": "node-role.kubernetes.io/control-plane",  # type: ignore[list-item]
+                        "operator": "Exists",
+                    }
+                ]
+            ),
+            "control-plane",
+        ),
+    ],
+)
+def test_scheduling_fields_cannot_loosen_confinement_or_placement(
+    scheduling: Scheduling,
+    needle: str,
+) -> None:
+    with pytest.raises(InvalidRequestError, match=needle):
+        build_plan(request(scheduling=scheduling), POLICY, "x")
+
+
+def test_the_template_wins_over_the_request() -> None:
+    policy = PlanPolicy(
+        namespaces=("tasks",),
+        templates={"pool": PodTemplate(labels={"tier": "batch"}, node_selector={"pool": "tasks"})},
+    )
+    pod = build_plan(
+        request(
+            pod_template="pool",
+            scheduling=Scheduling(
+                labels={"tier": "system"}, node_selector={"pool": "system", "zone": "a"}
+            ),
+        ),
+        policy,
+        "x",
+    ).pod
+    assert pod["metadata"]["labels"]["tier"] == "batch"
+    assert pod["spec"]["nodeSelector"] == {"pool": "tasks", "zone": "a"}
+
+
+def test_same_try_in_another_namespace_is_another_launch() -> None:
+    assert launch_id_for(TASK, "a") != launch_id_for(TASK, "b")
+
+
+def test_a_rejected_audit_event_does_not_quote_the_value() -> None:
+    from broker.core import audit_events as ev
+
+    with pytest.raises(ValueError, match="looks like a secret value") as rejected:
+        ev.launch_event(ev.EventKind.LAUNCH_FAILED, launch_id="x", password="PLANTED-hunter2")
+    assert "PLANTED-hunter2" not in str(rejected.value)
+    assert "password" in str(rejected.value)
