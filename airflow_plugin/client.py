@@ -223,12 +223,23 @@ class AsyncBrokerClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def get_launch(self, launch_id: str) -> LaunchView:
-        """GET /v1/launches/{id}."""
+    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
-            response = await self._http.get(_launch_path(launch_id))
+            response = await self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
             raise _transport_error(exc, self.settings.base_url) from exc
         if response.status_code >= 400:
             raise error_from_response(response, response.text)
+        return response
+
+    async def get_launch(self, launch_id: str) -> LaunchView:
+        """GET /v1/launches/{id}."""
+        response = await self._request("GET", _launch_path(launch_id))
+        return LaunchView.model_validate_json(response.content)
+
+    async def kill(self, launch_id: str, *, reason: str | None = None) -> LaunchView:
+        """DELETE /v1/launches/{id} (see :meth:`BrokerClient.kill`); the trigger's
+        on_kill sends ``reason="on_kill"``."""
+        params = {"reason": reason} if reason else None
+        response = await self._request("DELETE", _launch_path(launch_id), params=params)
         return LaunchView.model_validate_json(response.content)

@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from airflow_plugin.client import TERMINAL_PHASES, BrokerClient
 from airflow_plugin.hook import BrokerHook
+from airflow_plugin.retry import DEFAULT_UNAVAILABLE_TIMEOUT_SECONDS, Outage
 from airflow_plugin.secrets import SecretSpec, parse_secrets
 from airflow_plugin.settings import DEFAULT_CONN_ID, ConnectionConfigError
 from airflow_plugin.trigger import BrokerLaunchTrigger
@@ -42,7 +43,6 @@ _ON_FINISH_ACTIONS = ("delete_pod", "delete_succeeded_pod", "keep_pod")
 # Kubernetes log timestamps are RFC 3339 with up to nanoseconds.
 _TIMESTAMPED = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d) ?(.*)$")
 _LAUNCH_ATTEMPTS = 3
-_MAX_LOG_RECONNECTS = 5
 # A followed log stream silent this long is reopened after a status check.
 _LOG_IDLE_SECONDS = 10.0
 
@@ -155,6 +155,11 @@ class BrokerPodOperator(BaseOperator):
     :param poll_interval: seconds between status polls.
     :param launch_timeout_seconds: the broker stops the pod after this (default:
         ``execution_timeout`` if set, else one hour).
+    :param broker_unavailable_timeout_seconds: while the pod runs, keep retrying status
+        polls and log reconnects that find the broker unavailable (503, connection
+        errors, a 401 during token rotation) with capped exponential backoff for this long
+        before failing the try (0: fail at once). A try that fails after its launch was
+        created deletes the launch first, so a retry never runs beside an orphaned pod.
     :param podbroker_conn_id: the ``podbroker`` connection.
     """
 
@@ -195,6 +200,7 @@ class BrokerPodOperator(BaseOperator):
         deferrable: bool | None = None,
         poll_interval: float = 2.0,
         launch_timeout_seconds: int | None = None,
+        broker_unavailable_timeout_seconds: float = DEFAULT_UNAVAILABLE_TIMEOUT_SECONDS,
         podbroker_conn_id: str = DEFAULT_CONN_ID,
         **kwargs: Any,
     ) -> None:
@@ -206,6 +212,8 @@ class BrokerPodOperator(BaseOperator):
             )
         if poll_interval <= 0 or startup_timeout_seconds <= 0:
             raise ValueError("poll_interval and startup_timeout_seconds must be positive")
+        if broker_unavailable_timeout_seconds < 0:
+            raise ValueError("broker_unavailable_timeout_seconds must not be negative")
         self.image = image
         self.cmds = list(cmds or [])
         self.arguments = list(arguments or [])
@@ -230,9 +238,12 @@ class BrokerPodOperator(BaseOperator):
         )
         self.poll_interval = poll_interval
         self.launch_timeout_seconds = launch_timeout_seconds
+        self.broker_unavailable_timeout_seconds = broker_unavailable_timeout_seconds
         self.podbroker_conn_id = podbroker_conn_id
         self._launch_id: str | None = None
         self._last_log_ns: int | None = None
+        # The launch this try deleted, so a failing try does not delete it twice.
+        self._deleted_launch: str | None = None
 
     @property
     def secret_names(self) -> list[str]:
@@ -320,13 +331,20 @@ class BrokerPodOperator(BaseOperator):
                         poll_interval=self.poll_interval,
                         startup_timeout_seconds=self.startup_timeout_seconds,
                         started_at=time.time(),
+                        broker_unavailable_timeout_seconds=self.broker_unavailable_timeout_seconds,
                     ),
                     method_name="execute_complete",
                 )
-            view = self._await_start(client, view)
-            if self.get_logs:
-                self._follow_logs(client, view)
-            view = self._await_end(client, view)
+            try:
+                view = self._await_start(client, view)
+                if self.get_logs:
+                    self._follow_logs(client, view)
+                view = self._await_end(client, view)
+            except Exception:
+                # The pod may still run: delete it before this try fails, or the retry
+                # (a new try_number, a new launch) runs beside it with its secrets.
+                self._abandon(client, view.launch_id, "task_failed")
+                raise
             self._finish(client, view)
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> None:
@@ -336,6 +354,12 @@ class BrokerPodOperator(BaseOperator):
         status = event.get("status")
         if status == "error":
             message = f"podbroker trigger failed for launch {launch_id}: {event.get('message')}"
+            # The pod may still run: delete it before failing the try (see execute).
+            try:
+                with self.hook.get_conn() as client:
+                    self._abandon(client, launch_id, "trigger_error")
+            except Exception as exc:  # never hide the trigger's error behind this one
+                self.log.warning("could not delete launch %s: %s", launch_id, exc)
             if event.get("retryable"):
                 raise AirflowException(message)
             raise AirflowFailException(message)
@@ -346,8 +370,8 @@ class BrokerPodOperator(BaseOperator):
                     f"pod of launch {launch_id} still Pending after "
                     f"{self.startup_timeout_seconds}s; killed"
                 )
-            with broker_errors("reading the launch status"):
-                view = client.get_launch(launch_id)
+            # The trigger saw the pod end: nothing left to delete if this read fails.
+            view = self._status(client, launch_id)
             if self.get_logs:
                 self._copy_logs(client, view)
             self._finish(client, view)
@@ -381,9 +405,33 @@ class BrokerPodOperator(BaseOperator):
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def _outage(self) -> Outage:
+        return Outage(
+            self.broker_unavailable_timeout_seconds,
+            first_delay=min(max(self.poll_interval, 1.0), 30.0),
+        )
+
     def _status(self, client: BrokerClient, launch_id: str) -> LaunchView:
-        with broker_errors("reading the launch status"):
-            return client.get_launch(launch_id)
+        """GET /v1/launches/{id}, riding out broker unavailability (and a 401 while the
+        projected token rotates) for ``broker_unavailable_timeout_seconds``."""
+        outage = self._outage()
+        while True:
+            try:
+                return client.get_launch(launch_id)
+            except (TemporaryError, AuthenticationError) as exc:
+                retry_after = exc.retry_after if isinstance(exc, TemporaryError) else 0
+                delay = outage.next_delay(retry_after)
+                if delay is None:
+                    action = f"reading the launch status (for {outage.elapsed:.0f}s)"
+                    with broker_errors(action):
+                        raise
+                self.log.warning(
+                    "reading launch %s failed (%s); retrying in %.1fs", launch_id, exc.reason, delay
+                )
+                time.sleep(delay)
+            except BrokerError:
+                with broker_errors("reading the launch status"):
+                    raise
 
     def _await_start(self, client: BrokerClient, view: LaunchView) -> LaunchView:
         deadline = time.monotonic() + self.startup_timeout_seconds
@@ -412,17 +460,22 @@ class BrokerPodOperator(BaseOperator):
         stays idle is reopened from the last timestamp seen (lines at or before it are
         skipped), like KPO; once the pod has ended, one non-follow read takes the tail."""
         self._last_log_ns = None
-        failures = 0
+        outage = self._outage()
         while True:
+            pause = self.poll_interval
             try:
                 self._read_logs(client, view.launch_id, follow=True)
-                failures = 0
+                outage.reset()
             except TemporaryError as exc:
-                failures += 1
-                if failures > _MAX_LOG_RECONNECTS:
+                delay = outage.next_delay(exc.retry_after)
+                if delay is None:
+                    # The outcome still comes from the status, polled by _await_end.
                     self.log.warning("giving up on the log stream: %s", exc.reason)
                     return
-                self.log.warning("log stream interrupted (%s); reconnecting", exc.reason)
+                self.log.warning(
+                    "log stream interrupted (%s); reconnecting in %.1fs", exc.reason, delay
+                )
+                pause = delay
             except BrokerError as exc:
                 # Logs are best effort: the outcome comes from the launch status.
                 self.log.warning("cannot read the pod log: %s", exc.reason)
@@ -435,7 +488,7 @@ class BrokerPodOperator(BaseOperator):
                     except BrokerError as exc:
                         self.log.warning("cannot read the end of the pod log: %s", exc.reason)
                 return
-            time.sleep(self.poll_interval)
+            time.sleep(pause)
 
     def _read_logs(self, client: BrokerClient, launch_id: str, *, follow: bool) -> None:
         """One pass over the log. Resumes after ``self._last_log_ns`` (the newest line
@@ -469,11 +522,26 @@ class BrokerPodOperator(BaseOperator):
             self.log.warning("cannot read the pod log: %s", exc.reason)
 
     def _kill_quietly(self, client: BrokerClient, launch_id: str, reason: str) -> None:
+        """DELETE /v1/launches/{id}?reason=...; a failure is only logged."""
         try:
             client.kill(launch_id, reason=reason)
         except BrokerError as exc:
             # The broker's reconciler deletes it at launch timeout anyway.
             self.log.warning("could not delete launch %s: %s", launch_id, exc.reason)
+            return
+        self._deleted_launch = launch_id
+
+    def _abandon(self, client: BrokerClient, launch_id: str, reason: str) -> None:
+        """This try is failing while its pod may still run: DELETE the launch unless
+        already done (startup timeout). Best effort: never raises, so the try's own
+        error is the one Airflow records."""
+        if self._deleted_launch == launch_id:
+            return
+        self.log.warning("deleting launch %s before failing the try", launch_id)
+        try:
+            self._kill_quietly(client, launch_id, reason)
+        except Exception as exc:
+            self.log.warning("could not delete launch %s: %s", launch_id, exc)
 
     def _finish(self, client: BrokerClient, view: LaunchView) -> None:
         succeeded = view.phase == "Succeeded"

@@ -1,5 +1,7 @@
 """Async trigger for deferrable BrokerPodOperator tasks: only polls
-GET /v1/launches/{id} until the pod ends; the operator fetches logs on resume."""
+GET /v1/launches/{id} until the pod ends; the operator fetches logs on resume. When a
+user marks the deferred task failed / succeeded or clears it, ``on_kill`` sends
+DELETE /v1/launches/{id}?reason=on_kill so its pod and Secret go too."""
 
 from __future__ import annotations
 
@@ -12,17 +14,22 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from airflow_plugin.client import TERMINAL_PHASES
 from airflow_plugin.hook import BrokerHook
+from airflow_plugin.retry import DEFAULT_UNAVAILABLE_TIMEOUT_SECONDS, Outage
 from airflow_plugin.settings import DEFAULT_CONN_ID, ConnectionConfigError
 from broker.errors import AuthenticationError, BrokerError, TemporaryError
 
-# Give up (retryable) after this many polls in a row that could not reach the broker.
-MAX_CONSECUTIVE_FAILURES = 30
+# on_kill runs under the triggerer's own bound ([triggerer] on_kill_timeout, 30s by
+# default): a few quick attempts fit in it.
+KILL_ATTEMPTS = 3
+KILL_RETRY_SECONDS = 1.0
 
 
 class BrokerLaunchTrigger(BaseTrigger):
     """Fires once: ``{"status": "done", "launch_id", "phase"}`` when the pod ended,
     ``{"status": "startup_timeout", ...}`` if it stayed Pending too long, or
-    ``{"status": "error", "message", "retryable"}``.
+    ``{"status": "error", "message", "retryable"}`` (retryable once the broker stayed
+    unavailable for ``broker_unavailable_timeout_seconds``; the operator then deletes
+    the launch before failing the try).
 
     ``started_at`` is the wall-clock time of deferral, so a triggerer restart does not
     restart the startup clock. Serialized kwargs hold no credentials: the connection is
@@ -35,6 +42,7 @@ class BrokerLaunchTrigger(BaseTrigger):
         poll_interval: float = 2.0,
         startup_timeout_seconds: int = 120,
         started_at: float | None = None,
+        broker_unavailable_timeout_seconds: float = DEFAULT_UNAVAILABLE_TIMEOUT_SECONDS,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.launch_id = launch_id
@@ -42,6 +50,7 @@ class BrokerLaunchTrigger(BaseTrigger):
         self.poll_interval = poll_interval
         self.startup_timeout_seconds = startup_timeout_seconds
         self.started_at = started_at if started_at is not None else time.time()
+        self.broker_unavailable_timeout_seconds = broker_unavailable_timeout_seconds
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -52,6 +61,7 @@ class BrokerLaunchTrigger(BaseTrigger):
                 "poll_interval": self.poll_interval,
                 "startup_timeout_seconds": self.startup_timeout_seconds,
                 "started_at": self.started_at,
+                "broker_unavailable_timeout_seconds": self.broker_unavailable_timeout_seconds,
             },
         )
 
@@ -65,19 +75,29 @@ class BrokerLaunchTrigger(BaseTrigger):
         except ConnectionConfigError as exc:
             yield self._event("error", message=str(exc), retryable=False)
             return
-        failures = 0
+        outage = Outage(
+            self.broker_unavailable_timeout_seconds,
+            first_delay=min(max(self.poll_interval, 1.0), 30.0),
+        )
         try:
             while True:
                 try:
                     view = await client.get_launch(self.launch_id)
-                    failures = 0
+                    outage.reset()
                 except (TemporaryError, AuthenticationError) as exc:
-                    failures += 1
-                    self.log.warning("polling launch %s failed (%s)", self.launch_id, exc.reason)
-                    if failures >= MAX_CONSECUTIVE_FAILURES:
-                        yield self._event("error", message=exc.reason, retryable=True)
+                    retry_after = exc.retry_after if isinstance(exc, TemporaryError) else 0
+                    delay = outage.next_delay(retry_after)
+                    if delay is None:
+                        message = f"{exc.reason} (unavailable for {outage.elapsed:.0f}s)"
+                        yield self._event("error", message=message, retryable=True)
                         return
-                    await asyncio.sleep(self.poll_interval)
+                    self.log.warning(
+                        "polling launch %s failed (%s); retrying in %.1fs",
+                        self.launch_id,
+                        exc.reason,
+                        delay,
+                    )
+                    await asyncio.sleep(delay)
                     continue
                 except (BrokerError, ConnectionConfigError) as exc:
                     yield self._event("error", message=str(exc), retryable=False)
@@ -92,5 +112,36 @@ class BrokerLaunchTrigger(BaseTrigger):
                     yield self._event("startup_timeout", pod_name=view.pod_name)
                     return
                 await asyncio.sleep(self.poll_interval)
+        finally:
+            await client.aclose()
+
+    async def on_kill(self) -> None:
+        """The user acted on the deferred task (mark failed / succeeded, clear): DELETE
+        /v1/launches/{id}?reason=on_kill so the broker deletes the pod and its Secret and
+        revokes its leases. Not called on triggerer restarts or redistribution (the pod
+        must keep running then). Failures are logged; the broker's reconciler deletes
+        the pod at its launch timeout anyway."""
+        try:
+            client = await BrokerHook(self.podbroker_conn_id).aget_conn()
+        except ConnectionConfigError as exc:
+            self.log.warning("cannot delete launch %s: %s", self.launch_id, exc)
+            return
+        try:
+            for attempt in range(1, KILL_ATTEMPTS + 1):
+                try:
+                    await client.kill(self.launch_id, reason="on_kill")
+                except TemporaryError as exc:
+                    if attempt == KILL_ATTEMPTS:
+                        self.log.warning(
+                            "could not delete launch %s: %s", self.launch_id, exc.reason
+                        )
+                        return
+                    await asyncio.sleep(KILL_RETRY_SECONDS * attempt)
+                except BrokerError as exc:
+                    self.log.warning("could not delete launch %s: %s", self.launch_id, exc.reason)
+                    return
+                else:
+                    self.log.info("task killed: deleted launch %s", self.launch_id)
+                    return
         finally:
             await client.aclose()
