@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import hvac
 import pytest
 from kubernetes import client
 
@@ -177,3 +178,61 @@ def test_reconciler_removes_a_pod_left_without_its_secret(
         "action": "delete pod without secret",
         "object": f"{namespace}/{plan.pod_name}",
     } in cleanups
+
+
+def test_an_orphaned_secret_is_deleted_and_its_database_lease_revoked(
+    own_broker: BrokerHandle,
+    own_vault: OpenBao,
+    kube_api: client.ApiClient,
+) -> None:
+    """A Secret whose pod vanished while no broker watched (its owner link gone, so the
+    garbage collector keeps it): the sweep deletes it AND revokes the lease it names."""
+    core = client.CoreV1Api(kube_api)
+    namespace = own_broker.namespace
+    response = httpx.post(
+        f"{own_broker.url}/v1/launches",
+        headers=own_broker.headers(),
+        timeout=30,
+        json={
+            "task": {
+                "dag_id": "analytics_etl_orphan",
+                "task_id": "extract_orders",
+                "run_id": uuid.uuid4().hex,
+            },
+            "container": {"image": "python:3.12-slim"},
+            "secrets": ["orders-db"],
+            "scheduling": {"annotations": {RUN_DURATION_ANNOTATION: "300s"}},
+        },
+    )
+    assert response.status_code == 201, response.text
+    view = response.json()
+    secret_name = f"podbroker-{view['launch_id']}"
+    lease_id = core.read_namespaced_secret(secret_name, namespace).metadata.annotations[
+        "podbroker.dev/lease-ids"
+    ]
+    root = hvac.Client(url=own_vault.url, token=own_vault.root_token)
+    assert root.sys.read_lease(lease_id)["data"]["id"] == lease_id
+
+    own_broker.stop()
+    core.patch_namespaced_secret(secret_name, namespace, {"metadata": {"ownerReferences": None}})
+    core.delete_namespaced_pod(view["pod_name"], namespace, grace_period_seconds=0)
+    assert eventually(lambda: broker_objects(core, namespace)[0] == [], timeout=30)
+    assert broker_objects(core, namespace)[1] == [secret_name]
+
+    own_broker.restart()  # start-up sweep; orphan grace is 5s in this stack
+
+    def lease_revoked() -> bool:
+        try:
+            root.sys.read_lease(lease_id)
+        except hvac.exceptions.InvalidRequest:
+            return True
+        return False
+
+    assert eventually(lambda: broker_objects(core, namespace)[1] == [], timeout=40)
+    assert eventually(lease_revoked, timeout=10), "the orphan's database lease survived"
+    revoked = [
+        e.details
+        for e in audit_events(own_broker)
+        if e.kind == EventKind.LEASES_REVOKED and e.launch_id == view["launch_id"]
+    ]
+    assert revoked and revoked[-1]["revoked"] is True
