@@ -26,6 +26,9 @@ from broker.errors import (
 
 T = TypeVar("T")
 MANAGED_SELECTOR = f"{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"
+# Ask the API server for metadata only (no Secret data on the wire).
+_PARTIAL_METADATA = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
+_PARTIAL_METADATA_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
 API_LATENCY = Histogram(
     "podbroker_kubernetes_call_seconds",
     "Latency of Kubernetes API calls by the broker",
@@ -179,18 +182,8 @@ class KubeCluster:
         return True
 
     def secret_exists(self, namespace: str, name: str) -> bool:
-        """GET secrets/NAME metadata only (partial object), never the data."""
-        try:
-            self._call(
-                "read_secret",
-                lambda: self.core.read_namespaced_secret(
-                    name, namespace, _request_timeout=self.timeout, _preload_content=False
-                ),
-                what=f"check secret {namespace}/{name}",
-            )
-        except NotFoundError:
-            return False
-        return True
+        """GET secrets/NAME as metadata only: does it exist."""
+        return self.read_secret_metadata(namespace, name) is not None
 
     def list_managed_pods(self, namespace: str, *, launch_id: str | None = None) -> list[Any]:
         """LIST pods with the broker's managed-by label (and one launch id if given)."""
@@ -207,13 +200,17 @@ class KubeCluster:
         return list(result.items)
 
     def read_secret_metadata(self, namespace: str, name: str) -> dict[str, Any] | None:
-        """GET secrets/NAME, keeping only metadata: the data is dropped unparsed-by-us
-        before anything else can see it. None when the Secret does not exist."""
+        """GET secrets/NAME as a PartialObjectMetadata: the API server sends metadata
+        only, so values never travel to the broker. None when it does not exist."""
         try:
             response = self._call(
                 "read_secret",
                 lambda: self.core.read_namespaced_secret(
-                    name, namespace, _request_timeout=self.timeout, _preload_content=False
+                    name,
+                    namespace,
+                    _request_timeout=self.timeout,
+                    _preload_content=False,
+                    _headers={"Accept": _PARTIAL_METADATA},
                 ),
                 what=f"read secret metadata {namespace}/{name}",
             )
@@ -223,8 +220,8 @@ class KubeCluster:
         return dict(metadata)
 
     def list_managed_secrets(self, namespace: str) -> list[dict[str, Any]]:
-        """LIST secrets with the managed-by label, as metadata only (values are dropped
-        before anything else sees the response)."""
+        """LIST secrets with the managed-by label as PartialObjectMetadataList: metadata
+        only, values never leave the API server."""
         response = self._call(
             "list_secrets",
             lambda: self.core.list_namespaced_secret(
@@ -232,10 +229,11 @@ class KubeCluster:
                 label_selector=MANAGED_SELECTOR,
                 _request_timeout=self.timeout,
                 _preload_content=False,
+                _headers={"Accept": _PARTIAL_METADATA_LIST},
             ),
             what=f"list secrets in {namespace}",
         )
-        items = json.loads(response.data).get("items", [])
+        items = json.loads(response.data).get("items") or []  # null when empty
         return [{"metadata": item.get("metadata", {})} for item in items]
 
     def pod_logs(

@@ -3,7 +3,6 @@ leases revoked at once), and sweeps periodically for what a crash left behind.""
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import logging
 import threading
@@ -195,8 +194,11 @@ class Reconciler:
 
     def _sweep_loop(self, interval_seconds: float) -> None:
         while not self._stop.is_set():
-            with contextlib.suppress(Exception):
+            try:
                 result = self.sweep()
+            except Exception:  # keep sweeping; say why this pass failed
+                log.exception("sweep failed")
+            else:
                 for error in result.errors:
                     log.warning("sweep: %s", error)
             self._stop.wait(interval_seconds)
