@@ -146,7 +146,12 @@ def load_settings(path: Path | None) -> BrokerSettings:
         except OSError as exc:
             raise InvalidRequestError(f"{path}: cannot read: {exc.strerror}") from exc
         except yaml.YAMLError as exc:
-            raise InvalidRequestError(f"{path}: not valid YAML: {exc}") from exc
+            # PyYAML's message quotes the offending line, which may hold a token: name
+            # the position and the problem only.
+            mark = getattr(exc, "problem_mark", None)
+            where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or "syntax error"
+            raise InvalidRequestError(f"{path}{where}: not valid YAML: {problem}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise InvalidRequestError(f"{path}: the top level must be a mapping")
         data = loaded or {}
@@ -156,4 +161,7 @@ def load_settings(path: Path | None) -> BrokerSettings:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
         )
-        raise InvalidRequestError(f"{path or 'environment'}: invalid settings: {problems}") from exc
+        # pydantic's own text quotes input values: keep only locations and messages.
+        raise InvalidRequestError(
+            f"{path or 'environment'}: invalid settings: {problems}"
+        ) from None

@@ -70,13 +70,6 @@ class VaultAuth:
         return cls(method="kubernetes", role=role, jwt_path=Path(jwt_path), mount=mount)
 
 
-def _vault_messages(exc: hvac.exceptions.VaultError) -> str:
-    errors = getattr(exc, "errors", None)
-    if isinstance(errors, list) and errors:
-        return "; ".join(str(e) for e in errors)[:300]
-    return type(exc).__name__
-
-
 def _status(exc: hvac.exceptions.VaultError) -> str:
     return str(getattr(exc, "status_code", None) or "?")
 
@@ -107,7 +100,8 @@ def translate_errors(what: str) -> Iterator[None]:
         hvac.exceptions.BadGateway,
         hvac.exceptions.UnexpectedError,
     ) as exc:
-        log.warning("Vault failed to %s: %s", what, _vault_messages(exc))
+        # Vault's error text can quote rendered statements (a database plugin's, with the
+        # generated password): it stays in Vault's own audit log, not in ours.
         raise VaultUnavailableError(f"Vault failed to {what} (HTTP {_status(exc)})") from exc
     except hvac.exceptions.InvalidRequest as exc:
         raise InvalidRequestError(f"Vault refused to {what} as invalid (HTTP 400)") from exc
