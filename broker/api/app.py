@@ -93,9 +93,7 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     @app.get("/v1/launches/{launch_id}", response_model=LaunchView, responses=responses)
     def status(launch_id: LaunchId, who: CallerDep) -> LaunchView:
-        view = runtime.launcher.status(launch_id)
-        runtime.authorize(who, view.task.dag_id)
-        return view
+        return runtime.launcher.status(who, launch_id)
 
     @app.get("/v1/launches/{launch_id}/logs", response_class=StreamingResponse, responses=responses)
     def logs(
@@ -106,9 +104,8 @@ def create_app(runtime: Runtime) -> FastAPI:
         timestamps: bool = False,
     ) -> StreamingResponse:
         """The pod's log (its main container), streamed; ``follow`` keeps it open."""
-        runtime.authorize(who, runtime.launcher.status(launch_id).task.dag_id)
         chunks: Iterator[bytes] = runtime.launcher.logs(
-            launch_id, follow=follow, since_seconds=since_seconds, timestamps=timestamps
+            who, launch_id, follow=follow, since_seconds=since_seconds, timestamps=timestamps
         )
         return StreamingResponse(chunks, media_type="text/plain; charset=utf-8")
 

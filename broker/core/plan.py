@@ -25,6 +25,7 @@ SECRET_NAMES_ANNOTATION = "podbroker.dev/secret-names"
 SECRET_SOURCES_ANNOTATION = "podbroker.dev/secret-sources"
 LEASES_ANNOTATION = "podbroker.dev/lease-ids"
 CALLER_ANNOTATION = "podbroker.dev/caller"
+TASK_ANNOTATION = "podbroker.dev/task"  # the full task identity (labels are truncated)
 SECRET_NAME_PREFIX = "podbroker-"
 CONTAINER_NAME = "base"  # the KubernetesPodOperator's name for the task container
 SECRETS_VOLUME = "podbroker-secrets"
@@ -396,6 +397,7 @@ def build_plan(request: LaunchRequest, policy: PlanPolicy, caller_identity: str)
     annotations = _merge(request.scheduling.annotations, template.annotations)
     annotations[SECRET_NAMES_ANNOTATION] = ",".join(names)
     annotations[CALLER_ANNOTATION] = caller_identity
+    annotations[TASK_ANNOTATION] = task.model_dump_json()
     resources = {
         "requests": _merge(
             template.resources.get("requests", {}), request.container.resources.requests

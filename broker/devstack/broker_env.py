@@ -248,6 +248,8 @@ class BrokerHandle:
     planted: dict[str, dict[str, str]] = field(repr=False, default_factory=dict)
     verify: ssl.SSLContext | bool = True
     """TLS trust for an HTTPS broker."""
+    etl_token: str = field(repr=False, default="")
+    """A static token allowed for ``analytics_etl_*`` DAGs only."""
 
     def wait_ready(self, timeout: float = 60) -> None:
         wait_until(
@@ -318,6 +320,7 @@ def start_broker(
 
     kubeconfig = kube.user_kubeconfig(jwt_file.read_text(), folder / "broker.kubeconfig")
     static_token = "dev-" + secrets.token_hex(16)
+    etl_token = "etl-" + secrets.token_hex(16)  # may launch analytics_etl_* DAGs only
     port = free_port()
     settings: dict[str, Any] = {
         "vault": {
@@ -342,7 +345,12 @@ def start_broker(
                     "name": "dev",
                     "sha256": hashlib.sha256(static_token.encode()).hexdigest(),
                     "dag_ids": ["*"],
-                }
+                },
+                {
+                    "name": "etl-only",
+                    "sha256": hashlib.sha256(etl_token.encode()).hexdigest(),
+                    "dag_ids": ["analytics_etl_*"],
+                },
             ],
         },
         "audit": {
@@ -390,6 +398,7 @@ def start_broker(
         vault,
         planted,
         verify=ssl.create_default_context(cafile=tls_ca_file) if tls_ca_file else True,
+        etl_token=etl_token,
     )
     try:
         handle.wait_ready()

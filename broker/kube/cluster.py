@@ -124,19 +124,6 @@ class KubeCluster:
             return False
         return True
 
-    def patch_pod_annotations(self, namespace: str, name: str, annotations: dict[str, str]) -> None:
-        """PATCH pods/NAME metadata.annotations (merge)."""
-        self._call(
-            "patch_pod",
-            lambda: self.core.patch_namespaced_pod(
-                name,
-                namespace,
-                {"metadata": {"annotations": annotations}},
-                _request_timeout=self.timeout,
-            ),
-            what=f"annotate pod {namespace}/{name}",
-        )
-
     def claim_pod(
         self, namespace: str, name: str, resource_version: str, annotations: dict[str, str]
     ) -> bool:

@@ -31,6 +31,7 @@ from broker.core.plan import (
     LEASES_ANNOTATION,
     SECRET_NAMES_ANNOTATION,
     SECRET_SOURCES_ANNOTATION,
+    TASK_ANNOTATION,
     LaunchPlan,
     PlanPolicy,
     build_plan,
@@ -77,7 +78,7 @@ class TaskPod:
 
 def _task_from_pod(pod: client.V1Pod) -> TaskIdentity:
     annotations = pod.metadata.annotations or {}
-    raw = annotations.get("podbroker.dev/task")
+    raw = annotations.get(TASK_ANNOTATION)
     if raw:
         return TaskIdentity.model_validate_json(raw)
     labels = pod.metadata.labels or {}
@@ -238,7 +239,7 @@ class Launcher:
             return describe(existing, created=False)
         expected = self._expected_keys(request)
         pod_manifest = plan.pod_with_secret_refs(expected) if expected is not None else None
-        pod_manifest = self._with_task_annotation(pod_manifest or plan.pod, task)
+        pod_manifest = pod_manifest or plan.pod
         intent = ev.launch_event(
             ev.EventKind.POD_CREATED,
             launch_id=plan.launch_id,
@@ -258,7 +259,7 @@ class Launcher:
             # Keys are learnt from the values: the pod must wait for Vault.
             bundle = self._await_bundle(bundle_future, plan, caller, None)
             keys = {s.name: list(s.keys) for s in bundle.secrets}
-            pod_manifest = self._with_task_annotation(plan.pod_with_secret_refs(keys), task)
+            pod_manifest = plan.pod_with_secret_refs(keys)
         try:
             pod_ref = self.kube.create_pod(pod_manifest)
         except ConflictError:
@@ -327,11 +328,6 @@ class Launcher:
             else:
                 return None
         return keys
-
-    @staticmethod
-    def _with_task_annotation(pod: dict[str, Any], task: TaskIdentity) -> dict[str, Any]:
-        pod["metadata"]["annotations"]["podbroker.dev/task"] = task.model_dump_json()
-        return pod
 
     def _create_secret(
         self,
@@ -483,21 +479,30 @@ class Launcher:
 
     # -- lookups --------------------------------------------------------------------------
 
-    def find(self, launch_id: str) -> TaskPod:
+    def find(self, caller: Caller, launch_id: str) -> TaskPod:
+        """The launch's pod, if ``caller`` may see launches of its DAG (404 otherwise
+        would leak nothing more: ids are unguessable digests; 403 names the reason)."""
         for namespace in self.plan_policy.namespaces:
             for pod in self.kube.list_managed_pods(namespace, launch_id=launch_id):
+                authorize_dag(caller, _task_from_pod(pod).dag_id)
                 return TaskPod(namespace, pod)
         raise NotFoundError(f"no launch {launch_id!r}")
 
-    def status(self, launch_id: str) -> LaunchView:
-        return describe(self.find(launch_id).pod)
+    def status(self, caller: Caller, launch_id: str) -> LaunchView:
+        return describe(self.find(caller, launch_id).pod)
 
     def logs(
-        self, launch_id: str, *, follow: bool, since_seconds: int | None, timestamps: bool
+        self,
+        caller: Caller,
+        launch_id: str,
+        *,
+        follow: bool,
+        since_seconds: int | None,
+        timestamps: bool,
     ) -> Iterator[bytes]:
         """The pod's log. With ``follow`` the stream ends once the pod has finished and
         its log has gone quiet, even where the node keeps the stream open (kwok does)."""
-        found = self.find(launch_id)
+        found = self.find(caller, launch_id)
         namespace, name = found.namespace, found.pod.metadata.name
         chunks = self.kube.pod_logs(
             namespace,
@@ -557,10 +562,9 @@ class Launcher:
     def kill(self, caller: Caller, launch_id: str, reason: str | None = None) -> LaunchView:
         """DELETE a launch. A running one is killed (recorded as launch_killed); a
         finished one is only tidied away (pod_deleted), so the trail tells them apart."""
-        found = self.find(launch_id)
+        found = self.find(caller, launch_id)
         pod = found.pod
         task = _task_from_pod(pod)
-        authorize_dag(caller, task.dag_id)
         finished = bool(pod.status and pod.status.phase in ("Succeeded", "Failed"))
         kind = ev.EventKind.POD_DELETED if finished else ev.EventKind.LAUNCH_KILLED
         self.audit.append(

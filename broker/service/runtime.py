@@ -12,12 +12,11 @@ from broker.audit.keys import generate_signing_key, load_signing_key
 from broker.audit.render import render
 from broker.audit.reporting import build_report, grant_refs_from_policy
 from broker.audit.store import AuditStore, open_audit_store
-from broker.core.models import Caller
 from broker.core.plan import PlanPolicy
 from broker.core.report import ReportFilters
 from broker.errors import BrokerError
 from broker.kube.cluster import KubeCluster, load_api_client
-from broker.service.auth import Authenticator, authorize_dag
+from broker.service.auth import Authenticator
 from broker.service.launcher import Launcher
 from broker.service.reconciler import Reconciler
 from broker.settings import BrokerSettings, VaultAuthSettings
@@ -60,9 +59,6 @@ class Runtime:
     launcher: Launcher
     reconciler: Reconciler
     _closed: bool = field(default=False, init=False)
-
-    def authorize(self, caller: Caller, dag_id: str) -> None:
-        authorize_dag(caller, dag_id)
 
     def check_ready(self) -> None:
         self.vault.ping()

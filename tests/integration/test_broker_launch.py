@@ -313,3 +313,33 @@ def test_openapi_and_health_endpoints(broker: BrokerHandle) -> None:
     metrics = httpx.get(f"{broker.url}/metrics", timeout=10).text
     assert "podbroker_launches_total" in metrics
     assert "podbroker_launch_seconds_bucket" in metrics
+
+
+def test_a_caller_sees_and_kills_only_launches_of_its_dags(broker: BrokerHandle) -> None:
+    other = post(broker, body(f"ml_score_{uuid.uuid4().hex[:6]}", "score", run_seconds=30))
+    assert other.status_code == 201, other.text
+    url = f"{broker.url}/v1/launches/{other.json()['launch_id']}"
+    limited = {"Authorization": f"Bearer {broker.etl_token}"}
+    for method, suffix in (("GET", ""), ("GET", "/logs"), ("DELETE", "")):
+        response = httpx.request(method, url + suffix, headers=limited, timeout=10)
+        assert response.status_code == 403, (method, suffix, response.text)
+    denied = httpx.post(
+        f"{broker.url}/v1/launches",
+        headers=limited,
+        timeout=10,
+        json=body(f"ml_score_{uuid.uuid4().hex[:6]}", "score"),
+    )
+    assert denied.status_code == 403
+    own = httpx.post(
+        f"{broker.url}/v1/launches",
+        headers=limited,
+        timeout=30,
+        json=body(f"analytics_etl_{uuid.uuid4().hex[:6]}"),
+    )
+    assert own.status_code == 201, own.text
+    assert (
+        httpx.get(
+            f"{broker.url}/v1/launches/{own.json()['launch_id']}", headers=limited, timeout=10
+        ).status_code
+        == 200
+    )
