@@ -124,15 +124,16 @@ def report(
 ) -> None:
     """Who used which secret, when, for what; denials; unused grants; first-time uses."""
     from broker.audit.render import FORMATS, render
-    from broker.audit.reporting import build_report, load_grant_refs
+    from broker.audit.reporting import build_report, grant_refs_from_policy
     from broker.audit.store import open_audit_store
     from broker.core.report import ReportFilters
+    from broker.policyfiles import load_policy_dir
 
     if fmt not in FORMATS:
         raise _fail(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
     start, end = parse_when(since), parse_when(until)
     try:
-        grants = load_grant_refs(policies) if policies is not None else []
+        grants = grant_refs_from_policy(load_policy_dir(policies)) if policies is not None else []
         with open_audit_store(store, create=False) as audit:
             result = build_report(
                 audit,

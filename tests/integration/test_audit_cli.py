@@ -75,8 +75,15 @@ def test_report_formats_and_policies(tmp_path: Path, key_path: Path) -> None:
     seed(url, key_path)
     policies = tmp_path / "policies"
     policies.mkdir()
+    (policies / "catalog.yaml").write_text(
+        "kind: catalog\nsecrets:\n"
+        + "".join(
+            f"  {name}: {{type: kv, mount: secret, path: ml/{name}}}\n"
+            for name in ("gpu-quota", "warehouse", "ftp")
+        )
+    )
     (policies / "ml.yaml").write_text(
-        "team: ml\ngrants:\n"
+        "kind: team\nteam: ml\ngrants:\n"
         "  - id: train\n    dags: train_*\n    secrets: [gpu-quota, warehouse]\n"
         "  - id: legacy\n    dags: old_*\n    secrets: [ftp]\n"
     )
@@ -128,7 +135,7 @@ def test_report_rejects_bad_input(tmp_path: Path, key_path: Path) -> None:
     assert bad_fmt.exit_code == 2 and "pdf" in bad_fmt.output
     policies = tmp_path / "p"
     policies.mkdir()
-    (policies / "x.yaml").write_text("team: a\ngrants:\n  - id: [unclosed\n")
+    (policies / "x.yaml").write_text("kind: team\nteam: a\ngrants:\n  - id: [unclosed\n")
     bad_pol = runner.invoke(app, ["audit", "report", "--store", url, "--policies", str(policies)])
     assert bad_pol.exit_code == 2 and "x.yaml:" in bad_pol.output
     missing = runner.invoke(app, ["audit", "report", "--store", f"sqlite:///{tmp_path}/none.db"])
