@@ -278,6 +278,22 @@ class BrokerHandle:
         return [v for data in self.planted.values() for v in data.values() if "PLANTED-" in v]
 
 
+def serve_broker(config_path: Path, log_path: Path) -> ManagedProcess:
+    """`podbroker serve --config CONFIG` as its own process, with an environment free of
+    PODBROKER_*/VAULT_* variables so the file alone configures it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PODBROKER_", "VAULT_"))}
+    argv = [
+        sys.executable,
+        "-m",
+        "broker",
+        "serve",
+        "--config",
+        str(config_path),
+        "--dev-generate-key",
+    ]
+    return ManagedProcess("podbroker", argv, log_path, env=env).start()
+
+
 def start_broker(
     folder: Path,
     kube: ControlPlane,
@@ -371,21 +387,7 @@ def start_broker(
         settings.setdefault(section, {}).update(values)
     config_path = folder / "broker.yaml"
     config_path.write_text(yaml.safe_dump(settings, sort_keys=False))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PODBROKER_", "VAULT_"))}
-    process = ManagedProcess(
-        "podbroker",
-        [
-            sys.executable,
-            "-m",
-            "broker",
-            "serve",
-            "--config",
-            str(config_path),
-            "--dev-generate-key",
-        ],
-        folder / "broker.log",
-        env=env,
-    ).start()
+    process = serve_broker(config_path, folder / "broker.log")
     tls = settings["server"].get("tls_cert_file")
     handle = BrokerHandle(
         f"{'https' if tls else 'http'}://{'localhost' if tls else '127.0.0.1'}:{port}",

@@ -25,7 +25,12 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from broker.core.plan import CALLER_ANNOTATION, LAUNCH_ID_LABEL, MANAGED_BY_LABEL
-from broker.devstack.broker_env import apply_example_policies, example_secret_values, seed_vault
+from broker.devstack.broker_env import (
+    apply_example_policies,
+    example_secret_values,
+    seed_vault,
+    serve_broker,
+)
 from broker.devstack.kube import RUN_DURATION_ANNOTATION, ControlPlane
 from broker.devstack.openbao import OpenBao, start_openbao
 from broker.devstack.postgres import Postgres
@@ -231,21 +236,7 @@ def test_bootstrapped_broker_logs_in_as_its_service_account_and_launches(
     config_path.write_text(yaml.safe_dump(settings, sort_keys=False))
 
     log_path = tmp_path / "broker.log"
-    broker = ManagedProcess(
-        "podbroker",
-        [
-            sys.executable,
-            "-m",
-            "broker",
-            "serve",
-            "--config",
-            str(config_path),
-            "--dev-generate-key",
-        ],
-        log_path,
-        env=_clean_env(),
-        cwd=REPO_ROOT,
-    ).start()
+    broker = serve_broker(config_path, log_path)
     url = f"http://127.0.0.1:{port}"
     headers = {"Authorization": f"Bearer {dev_token}"}
     try:
