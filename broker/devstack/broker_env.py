@@ -248,6 +248,8 @@ class BrokerHandle:
     planted: dict[str, dict[str, str]] = field(repr=False, default_factory=dict)
     verify: ssl.SSLContext | bool = True
     """TLS trust for an HTTPS broker."""
+    audit_url: str = ""
+    """Where this broker writes its audit trail."""
     etl_token: str = field(repr=False, default="")
     """A static token allowed for ``analytics_etl_*`` DAGs only."""
 
@@ -401,6 +403,7 @@ def start_broker(
         planted,
         verify=ssl.create_default_context(cafile=tls_ca_file) if tls_ca_file else True,
         etl_token=etl_token,
+        audit_url=settings["audit"]["url"],
     )
     try:
         handle.wait_ready()

@@ -99,7 +99,7 @@ def test_trigger_on_kill_deletes_the_pod_and_its_secret(
     assert eventually(lambda: not exists(core.read_namespaced_pod, view.pod_name, view.namespace))
     with BrokerClient(settings) as broker_client, pytest.raises(NotFoundError):
         broker_client.get_launch(view.launch_id)
-    store = open_audit_store(f"sqlite:///{broker.config_path.parent / 'audit.db'}", create=False)
+    store = open_audit_store(broker.audit_url, create=False)
     with store:
         killed = [
             e

@@ -9,7 +9,6 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -23,19 +22,12 @@ from broker.audit.store import open_audit_store
 from broker.core.audit_events import EventKind
 from broker.devstack.broker_env import BrokerHandle, start_broker
 from broker.devstack.kube import RUN_DURATION_ANNOTATION, ControlPlane
-from broker.devstack.openbao import OpenBao, start_openbao
+from broker.devstack.openbao import OpenBao
 from broker.devstack.pki import LocalCA
 from broker.devstack.postgres import Postgres
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.stack
-
-
-@pytest.fixture
-def own_vault(tmp_path: Path) -> Iterator[OpenBao]:
-    server = start_openbao(tmp_path / "openbao")
-    yield server
-    server.stop()
 
 
 def launch_body(dag_id: str, task_id: str) -> dict[str, Any]:

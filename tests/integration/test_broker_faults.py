@@ -21,18 +21,11 @@ from broker.core.models import SecretRequest, TaskIdentity
 from broker.core.plan import PlanPolicy, build_plan
 from broker.devstack.broker_env import BrokerHandle, start_broker
 from broker.devstack.kube import RUN_DURATION_ANNOTATION, ControlPlane
-from broker.devstack.openbao import OpenBao, start_openbao
+from broker.devstack.openbao import OpenBao
 from broker.devstack.postgres import Postgres
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.stack
-
-
-@pytest.fixture
-def own_vault(tmp_path: Path) -> Iterator[OpenBao]:
-    server = start_openbao(tmp_path / "openbao")
-    yield server
-    server.stop()
 
 
 @pytest.fixture
@@ -51,7 +44,7 @@ def own_broker(
 
 
 def audit_events(broker: BrokerHandle) -> list[AuditEvent]:
-    store = open_audit_store(f"sqlite:///{broker.config_path.parent / 'audit.db'}", create=False)
+    store = open_audit_store(broker.audit_url, create=False)
     with store:
         return list(store.events())
 

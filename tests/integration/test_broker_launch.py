@@ -50,7 +50,7 @@ def digests(values: list[str]) -> list[str]:
 
 
 def kinds_of(broker: BrokerHandle, launch_id: str) -> list[EventKind]:
-    store = open_audit_store(f"sqlite:///{broker.config_path.parent / 'audit.db'}", create=False)
+    store = open_audit_store(broker.audit_url, create=False)
     with store:
         return [e.kind for e in store.events() if e.launch_id == launch_id]
 

@@ -97,9 +97,7 @@ def test_finished_pods_are_removed_after_the_retention(
         return not [p for p in core.list_namespaced_pod(namespace).items if p.metadata.name == pod]
 
     assert eventually(gone, timeout=30), "the finished pod outlived its retention"
-    store = open_audit_store(
-        f"sqlite:///{own_broker.config_path.parent / 'audit.db'}", create=False
-    )
+    store = open_audit_store(own_broker.audit_url, create=False)
     with store:
         kinds = [
             (e.kind, e.details.get("action"))

@@ -106,7 +106,7 @@ def test_planted_values_appear_nowhere_but_the_per_pod_secret(
         for s in core.list_namespaced_secret(namespace).items
     ]
     texts += [f"{e.reason} {e.message}" for e in core.list_namespaced_event(namespace).items]
-    store = open_audit_store(f"sqlite:///{broker.config_path.parent / 'audit.db'}", create=False)
+    store = open_audit_store(broker.audit_url, create=False)
     with store:
         texts += [json.dumps(r.to_json_dict()) for r in store.records()]
     planted = broker.planted_values()
@@ -219,7 +219,7 @@ def test_deleting_a_finished_launch_is_not_recorded_as_a_kill(broker: BrokerHand
             timeout=30,
         )
         assert response.status_code == 200, response.text
-    store = open_audit_store(f"sqlite:///{broker.config_path.parent / 'audit.db'}", create=False)
+    store = open_audit_store(broker.audit_url, create=False)
     with store:
         recorded = [
             (e.task_id, e.kind, e.details.get("reason"))
