@@ -1,4 +1,4 @@
-"""The broker's HTTP API (FastAPI). Thin: authenticate, call the launcher, map errors.
+"""The broker's HTTP API (FastAPI). Thin: authenticate, call the services, map errors.
 Every error body is an ErrorBody with a reason; none ever carries a secret value."""
 
 from __future__ import annotations
@@ -86,14 +86,14 @@ def create_app(runtime: Runtime) -> FastAPI:
     @app.post("/v1/launches", response_model=LaunchView, status_code=201, responses=responses)
     def launch(body: LaunchRequest, who: CallerDep, response: Response) -> LaunchView:
         """Launch (or reattach to) the pod of one task try."""
-        view = runtime.launcher.launch(who, body)
+        view = runtime.launches.launch(who, body)
         if not view.created:
             response.status_code = 200
         return view
 
     @app.get("/v1/launches/{launch_id}", response_model=LaunchView, responses=responses)
     def status(launch_id: LaunchId, who: CallerDep) -> LaunchView:
-        return runtime.launcher.status(who, launch_id)
+        return runtime.lookup.status(who, launch_id)
 
     @app.get("/v1/launches/{launch_id}/logs", response_class=StreamingResponse, responses=responses)
     def logs(
@@ -104,7 +104,7 @@ def create_app(runtime: Runtime) -> FastAPI:
         timestamps: bool = False,
     ) -> StreamingResponse:
         """The pod's log (its main container), streamed; ``follow`` keeps it open."""
-        chunks: Iterator[bytes] = runtime.launcher.logs(
+        chunks: Iterator[bytes] = runtime.lookup.logs(
             who, launch_id, follow=follow, since_seconds=since_seconds, timestamps=timestamps
         )
         return StreamingResponse(chunks, media_type="text/plain; charset=utf-8")
@@ -117,7 +117,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     ) -> LaunchView:
         """Kill a launch: its pod and Secret are deleted and its leases revoked.
         ``reason`` (e.g. on_kill, on_finish_action) is recorded in the audit trail."""
-        return runtime.launcher.kill(who, launch_id, reason)
+        return runtime.lookup.kill(who, launch_id, reason)
 
     @app.get("/v1/audit/report", responses=responses)
     def report(

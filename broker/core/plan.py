@@ -4,30 +4,25 @@ the settings. Hardening lives here: the pod spec is built, never passed through.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from broker.core import podmeta
 from broker.core.api_models import LaunchRequest, Toleration
 from broker.core.models import EnvDelivery, SecretRequest, TaskIdentity
+from broker.core.objects import CONTAINER_NAME
+from broker.core.policy import DatabaseSecret, Decision, KvSecret, PolicySet
 from broker.core.secret_value import SecretValue
 from broker.errors import InvalidRequestError
 
-MANAGED_BY_LABEL = "podbroker.dev/managed-by"
-MANAGED_BY_VALUE = "podbroker"
-LAUNCH_ID_LABEL = "podbroker.dev/launch-id"
-SECRET_NAMES_ANNOTATION = "podbroker.dev/secret-names"
-SECRET_SOURCES_ANNOTATION = "podbroker.dev/secret-sources"
-LEASES_ANNOTATION = "podbroker.dev/lease-ids"
-CALLER_ANNOTATION = "podbroker.dev/caller"
-TASK_ANNOTATION = "podbroker.dev/task"  # the full task identity (labels are truncated)
 SECRET_NAME_PREFIX = "podbroker-"
-CONTAINER_NAME = "base"  # the KubernetesPodOperator's name for the task container
 SECRETS_VOLUME = "podbroker-secrets"
 
 # Fields of a pod spec a caller might try to sneak in, and why each is refused.
@@ -157,6 +152,74 @@ class SecretSlot:
     file_name: str | None = None
 
 
+DATABASE_KEYS = ("username", "password")  # what a database/creds read always returns
+
+
+@dataclass(frozen=True)
+class VaultRead:
+    """One read the launch makes with its child token: KV v2 ``{mount}/data/{path}``
+    (``version`` pinned or latest, ``keys`` a subset or all) or database
+    ``{mount}/creds/{path}`` whose lease is capped at ``lease_cap`` seconds."""
+
+    name: str
+    kind: Literal["kv", "database"]
+    mount: str
+    path: str
+    grant: str
+    version: int | None = None
+    keys: tuple[str, ...] | None = None
+    lease_cap: int | None = None
+
+    @property
+    def vault_path(self) -> str:
+        middle = "data" if self.kind == "kv" else "creds"
+        return f"{self.mount}/{middle}/{self.path}"
+
+    @property
+    def where(self) -> str:
+        """How errors name the read (no values, ever)."""
+        if self.kind == "kv":
+            return f"{self.mount}/{self.path}" + (f"@v{self.version}" if self.version else "")
+        return self.vault_path
+
+
+@dataclass(frozen=True)
+class ChildToken:
+    """The one token a launch reads with: only its grants' ACL policies, a TTL and a use
+    count just large enough for its reads."""
+
+    policies: tuple[str, ...]
+    ttl_seconds: int
+    num_uses: int
+    metadata: Mapping[str, str]
+    display_name: str
+
+
+@dataclass(frozen=True)
+class SecretLimits:
+    """Broker settings that bound child tokens and leases."""
+
+    kv_token_ttl: int = 60
+    default_lease_ttl: int = 3600
+    min_dynamic_token_ttl: int = 30
+
+
+@dataclass(frozen=True)
+class SecretsPlan:
+    """What a launch does in Vault, decided before anything is read."""
+
+    teams: tuple[str, ...]
+    reads: tuple[VaultRead, ...]
+    token: ChildToken
+    expected_keys: Mapping[str, tuple[str, ...]] | None
+    """Secret -> key names known from the catalog, or None when a KV secret's keys are
+    only learnt by reading it (the pod must then wait for Vault)."""
+
+    @property
+    def dynamic(self) -> bool:
+        return any(read.kind == "database" for read in self.reads)
+
+
 @dataclass(frozen=True)
 class LaunchPlan:
     launch_id: str
@@ -167,6 +230,26 @@ class LaunchPlan:
     labels: dict[str, str]
     pod: dict[str, Any]
     requests: tuple[SecretRequest, ...]
+    caller: str = ""
+    secrets: SecretsPlan | None = None
+    """Set by :func:`complete_plan` once policy allowed the request."""
+
+    @property
+    def secret_names(self) -> list[str]:
+        return [r.name for r in self.requests]
+
+    @property
+    def teams(self) -> tuple[str, ...]:
+        return self.secrets.teams if self.secrets else ()
+
+    def initial_pod(self) -> dict[str, Any] | None:
+        """The pod to create before Vault answers, or None when its secret refs depend
+        on keys that only the read will tell."""
+        if not self.requests:
+            return self.pod
+        if self.secrets is None or self.secrets.expected_keys is None:
+            return None
+        return self.pod_with_secret_refs(self.secrets.expected_keys)
 
     def slots(self, resolved_keys: Mapping[str, Sequence[str]]) -> list[SecretSlot]:
         """Map each resolved key to its destination. ``resolved_keys``: secret -> keys."""
@@ -203,7 +286,8 @@ class LaunchPlan:
         self,
         values: Mapping[str, Mapping[str, SecretValue]],
         pod_uid: str,
-        annotations: Mapping[str, str],
+        sources: Sequence[podmeta.SecretSource],
+        holdings: podmeta.VaultHoldings,
     ) -> dict[str, Any]:
         """The per-pod Secret: immutable, owned by the pod, labelled like it. Values are
         revealed here and only here, straight into the manifest sent to the API."""
@@ -218,7 +302,7 @@ class LaunchPlan:
                 "name": self.secret_name,
                 "namespace": self.namespace,
                 "labels": dict(self.labels),
-                "annotations": dict(annotations),
+                "annotations": podmeta.secret_annotations(sources, holdings),
                 "ownerReferences": [
                     {
                         "apiVersion": "v1",
@@ -372,10 +456,10 @@ def build_plan(request: LaunchRequest, policy: PlanPolicy, caller_identity: str)
     if duplicates:
         raise InvalidRequestError(f"secrets requested more than once: {', '.join(duplicates)}")
     for key in request.scheduling.labels:
-        if key.startswith("podbroker.dev/"):
+        if podmeta.is_reserved(key):
             raise InvalidRequestError(f"label {key!r} is reserved for the broker")
     for key in request.scheduling.annotations:
-        if key.startswith("podbroker.dev/"):
+        if podmeta.is_reserved(key):
             raise InvalidRequestError(f"annotation {key!r} is reserved for the broker")
     _reject_unsafe_scheduling(request)
 
@@ -383,8 +467,8 @@ def build_plan(request: LaunchRequest, policy: PlanPolicy, caller_identity: str)
     launch_id = launch_id_for(task, namespace)
     pod_name = pod_name_for(task, launch_id)
     labels = {
-        MANAGED_BY_LABEL: MANAGED_BY_VALUE,
-        LAUNCH_ID_LABEL: launch_id,
+        podmeta.MANAGED_BY_LABEL: podmeta.MANAGED_BY_VALUE,
+        podmeta.LAUNCH_ID_LABEL: launch_id,
         "dag_id": label_value(task.dag_id),
         "task_id": label_value(task.task_id),
         "run_id": label_value(task.run_id),
@@ -395,9 +479,7 @@ def build_plan(request: LaunchRequest, policy: PlanPolicy, caller_identity: str)
     # The platform's template wins over the request wherever both set a key.
     user_labels = _merge(request.scheduling.labels, template.labels)
     annotations = _merge(request.scheduling.annotations, template.annotations)
-    annotations[SECRET_NAMES_ANNOTATION] = ",".join(names)
-    annotations[CALLER_ANNOTATION] = caller_identity
-    annotations[TASK_ANNOTATION] = task.model_dump_json()
+    annotations.update(podmeta.pod_annotations(names, caller_identity, task))
     resources = {
         "requests": _merge(
             template.resources.get("requests", {}), request.container.resources.requests
@@ -465,4 +547,74 @@ def build_plan(request: LaunchRequest, policy: PlanPolicy, caller_identity: str)
         labels,
         pod,
         tuple(request.secrets),
+        caller_identity,
     )
+
+
+def teams_of(grant_ids: Sequence[str]) -> tuple[str, ...]:
+    """The teams owning these grants (``team/grant`` ids)."""
+    return tuple(sorted({grant_id.partition("/")[0] for grant_id in grant_ids}))
+
+
+def complete_plan(
+    plan: LaunchPlan, policy: PolicySet, decision: Decision, limits: SecretLimits
+) -> LaunchPlan:
+    """Add what the launch does in Vault to an allowed plan: one read per requested
+    secret (from the catalog, capped by its grant), the child token's policies, TTL and
+    uses, the teams whose grants matched, and the keys known before reading.
+
+    Token TTL: ``kv_token_ttl`` when only KV is read, else the smallest lease cap
+    (leases die with the token that created them). Uses: one per read, plus one with
+    dynamic credentials (Vault revokes leases created with a token's last use)."""
+    decision.raise_for_denial()
+    reads: list[VaultRead] = []
+    expected: dict[str, tuple[str, ...]] | None = {}
+    for name in dict.fromkeys(plan.secret_names):
+        granted = decision.secrets.get(name)
+        entry = policy.catalog.get(name)
+        if granted is None or entry is None:
+            raise InvalidRequestError(f"secret {name!r} is not covered by the decision")
+        if isinstance(entry, DatabaseSecret):
+            cap = granted.max_lease_ttl or limits.default_lease_ttl
+            reads.append(
+                VaultRead(name, "database", entry.mount, entry.role, granted.grant, lease_cap=cap)
+            )
+            if expected is not None:
+                expected[name] = DATABASE_KEYS
+            continue
+        assert isinstance(entry, KvSecret)
+        reads.append(
+            VaultRead(
+                name,
+                "kv",
+                entry.mount,
+                entry.path,
+                granted.grant,
+                version=entry.version,
+                keys=entry.keys,
+            )
+        )
+        if expected is not None and entry.keys:
+            expected[name] = tuple(entry.keys)
+        else:
+            expected = None
+    caps = [read.lease_cap for read in reads if read.lease_cap is not None]
+    ttl = max(min(caps), limits.min_dynamic_token_ttl) if caps else limits.kv_token_ttl
+    task = plan.task
+    token = ChildToken(
+        policies=tuple(decision.grant_policies),
+        ttl_seconds=ttl,
+        num_uses=len(reads) + (1 if caps else 0),
+        metadata={
+            "dag_id": task.dag_id,
+            "task_id": task.task_id,
+            "run_id": task.run_id,
+            "try_number": str(task.try_number),
+            "map_index": str(task.map_index),
+            "launch_id": plan.launch_id,
+        },
+        display_name=f"launch-{plan.launch_id}"[:100],
+    )
+    teams = teams_of([read.grant for read in reads])
+    secrets = SecretsPlan(teams, tuple(reads), token, expected)
+    return dataclasses.replace(plan, secrets=secrets)

@@ -7,15 +7,14 @@ import contextlib
 import json
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 import urllib3
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
-from prometheus_client import Histogram
 
-from broker.core.plan import LAUNCH_ID_LABEL, MANAGED_BY_LABEL, MANAGED_BY_VALUE
+from broker.core import podmeta
+from broker.core.objects import ContainerStatus, PodInfo, PodRef, SecretMeta
 from broker.errors import (
     BrokerError,
     ConflictError,
@@ -23,25 +22,59 @@ from broker.errors import (
     KubernetesUnavailableError,
     NotFoundError,
 )
+from broker.metrics import KUBERNETES_LATENCY
 
 T = TypeVar("T")
-MANAGED_SELECTOR = f"{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"
 # Ask the API server for metadata only (no Secret data on the wire).
 _PARTIAL_METADATA = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
 _PARTIAL_METADATA_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
-API_LATENCY = Histogram(
-    "podbroker_kubernetes_call_seconds",
-    "Latency of Kubernetes API calls by the broker",
-    ["verb"],
-    buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
-)
 
 
-@dataclass(frozen=True)
-class PodRef:
-    namespace: str
-    name: str
-    uid: str
+def _container_status(item: Any) -> ContainerStatus:
+    state = item.state
+    if state and state.terminated:
+        done = state.terminated
+        return ContainerStatus(item.name, "terminated", done.exit_code, done.reason, done.message)
+    if state and state.running:
+        return ContainerStatus(item.name, "running")
+    if state and state.waiting:
+        return ContainerStatus(
+            item.name, "waiting", reason=state.waiting.reason, message=state.waiting.message
+        )
+    return ContainerStatus(item.name, "unknown")
+
+
+def pod_info(pod: client.V1Pod) -> PodInfo:
+    """The broker's view of a pod from the client's object."""
+    meta, status, spec = pod.metadata, pod.status, pod.spec
+    return PodInfo(
+        namespace=meta.namespace,
+        name=meta.name,
+        uid=meta.uid or "",
+        resource_version=meta.resource_version or "",
+        labels=dict(meta.labels or {}),
+        annotations=dict(meta.annotations or {}),
+        phase=status.phase if status else None,
+        reason=status.reason if status else None,
+        containers=tuple(
+            _container_status(item)
+            for item in ((status.container_statuses or []) if status else [])
+        ),
+        created_at=meta.creation_timestamp,
+        deleting=meta.deletion_timestamp is not None,
+        active_deadline_seconds=spec.active_deadline_seconds if spec else None,
+    )
+
+
+def _secret_meta(namespace: str, metadata: dict[str, Any]) -> SecretMeta:
+    created = metadata.get("creationTimestamp")
+    return SecretMeta(
+        namespace=metadata.get("namespace") or namespace,
+        name=str(metadata.get("name")),
+        labels=dict(metadata.get("labels") or {}),
+        annotations=dict(metadata.get("annotations") or {}),
+        created_at=podmeta.parse_stamp(created) if created else None,
+    )
 
 
 def load_api_client(kubeconfig: str | None) -> client.ApiClient:
@@ -72,7 +105,7 @@ class KubeCluster:
                 f"Kubernetes API unreachable during {what}: {type(exc).__name__}"
             ) from exc
         finally:
-            API_LATENCY.labels(verb).observe(time.perf_counter() - started)
+            KUBERNETES_LATENCY.labels(verb).observe(time.perf_counter() - started)
 
     def ping(self) -> None:
         """GET /version: is the API server reachable."""
@@ -94,10 +127,10 @@ class KubeCluster:
         )
         return PodRef(namespace, pod.metadata.name, pod.metadata.uid)
 
-    def read_pod(self, namespace: str, name: str) -> client.V1Pod | None:
+    def read_pod(self, namespace: str, name: str) -> PodInfo | None:
         """GET pods/NAME, or None when it does not exist."""
         try:
-            return self._call(
+            pod = self._call(
                 "read_pod",
                 lambda: self.core.read_namespaced_pod(
                     name, namespace, _request_timeout=self.timeout
@@ -106,6 +139,7 @@ class KubeCluster:
             )
         except NotFoundError:
             return None
+        return pod_info(pod)
 
     def delete_pod(self, namespace: str, name: str, *, grace_seconds: int = 0) -> bool:
         """DELETE pods/NAME. True if it was there."""
@@ -172,11 +206,9 @@ class KubeCluster:
         """GET secrets/NAME as metadata only: does it exist."""
         return self.read_secret_metadata(namespace, name) is not None
 
-    def list_managed_pods(self, namespace: str, *, launch_id: str | None = None) -> list[Any]:
+    def list_managed_pods(self, namespace: str, *, launch_id: str | None = None) -> list[PodInfo]:
         """LIST pods with the broker's managed-by label (and one launch id if given)."""
-        selector = MANAGED_SELECTOR
-        if launch_id is not None:
-            selector += f",{LAUNCH_ID_LABEL}={launch_id}"
+        selector = podmeta.selector_for(launch_id)
         result = self._call(
             "list_pods",
             lambda: self.core.list_namespaced_pod(
@@ -184,9 +216,9 @@ class KubeCluster:
             ),
             what=f"list pods in {namespace}",
         )
-        return list(result.items)
+        return [pod_info(pod) for pod in result.items]
 
-    def read_secret_metadata(self, namespace: str, name: str) -> dict[str, Any] | None:
+    def read_secret_metadata(self, namespace: str, name: str) -> SecretMeta | None:
         """GET secrets/NAME as a PartialObjectMetadata: the API server sends metadata
         only, so values never travel to the broker. None when it does not exist."""
         try:
@@ -203,17 +235,16 @@ class KubeCluster:
             )
         except NotFoundError:
             return None
-        metadata = json.loads(response.data).get("metadata", {})
-        return dict(metadata)
+        return _secret_meta(namespace, json.loads(response.data).get("metadata") or {})
 
-    def list_managed_secrets(self, namespace: str) -> list[dict[str, Any]]:
+    def list_managed_secrets(self, namespace: str) -> list[SecretMeta]:
         """LIST secrets with the managed-by label as PartialObjectMetadataList: metadata
         only, values never leave the API server."""
         response = self._call(
             "list_secrets",
             lambda: self.core.list_namespaced_secret(
                 namespace,
-                label_selector=MANAGED_SELECTOR,
+                label_selector=podmeta.MANAGED_SELECTOR,
                 _request_timeout=self.timeout,
                 _preload_content=False,
                 _headers={"Accept": _PARTIAL_METADATA_LIST},
@@ -221,7 +252,7 @@ class KubeCluster:
             what=f"list secrets in {namespace}",
         )
         items = json.loads(response.data).get("items") or []  # null when empty
-        return [{"metadata": item.get("metadata", {})} for item in items]
+        return [_secret_meta(namespace, item.get("metadata") or {}) for item in items]
 
     def pod_logs(
         self,
@@ -279,7 +310,7 @@ class KubeCluster:
     def watch_managed_pods(
         self,
         namespace: str,
-        on_event: Callable[[str, client.V1Pod], None],
+        on_event: Callable[[str, PodInfo], None],
         stop: Callable[[], bool],
         timeout_seconds: int = 30,
     ) -> None:
@@ -289,7 +320,7 @@ class KubeCluster:
             watcher = watch.Watch()
             try:
                 kwargs: dict[str, Any] = {
-                    "label_selector": MANAGED_SELECTOR,
+                    "label_selector": podmeta.MANAGED_SELECTOR,
                     "timeout_seconds": timeout_seconds,
                 }
                 if resource_version:
@@ -297,7 +328,7 @@ class KubeCluster:
                 for event in watcher.stream(self.core.list_namespaced_pod, namespace, **kwargs):
                     pod = event["object"]
                     resource_version = pod.metadata.resource_version
-                    on_event(event["type"], pod)
+                    on_event(event["type"], pod_info(pod))
                     if stop():
                         break
             except ApiException as exc:

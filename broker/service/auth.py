@@ -13,12 +13,12 @@ import time
 
 from broker.core.models import Caller
 from broker.errors import AuthenticationError, DeniedError
-from broker.kube.cluster import KubeCluster
+from broker.service.ports import TokenReviewer
 from broker.settings import AuthSettings
 
 
 class Authenticator:
-    def __init__(self, settings: AuthSettings, kube: KubeCluster | None) -> None:
+    def __init__(self, settings: AuthSettings, kube: TokenReviewer | None) -> None:
         self.settings = settings
         self.kube = kube
         self._cache: dict[str, tuple[float, Caller]] = {}

@@ -1,13 +1,16 @@
-"""What the launch service needs from its Vault and audit adapters (small seams)."""
+"""What the service layer needs from its adapters: one small seam per backend. The
+adapters (broker.vault, broker.kube, broker.audit) implement these; the fast service
+tests use in-memory fakes of them."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Protocol
 
 from broker.core.audit_events import AuditEvent
-from broker.core.models import SecretRequest, TaskIdentity
-from broker.core.policy import Decision, PolicySet
+from broker.core.objects import PodInfo, PodRef, SecretMeta
+from broker.core.plan import SecretsPlan
+from broker.core.policy import PolicySet
 from broker.core.secret_value import SecretValue
 
 
@@ -15,7 +18,7 @@ class ResolvedSecretLike(Protocol):
     @property
     def name(self) -> str: ...
     @property
-    def keys(self) -> dict[str, SecretValue]: ...
+    def keys(self) -> Mapping[str, SecretValue]: ...
     @property
     def vault_path(self) -> str: ...
     @property
@@ -33,19 +36,60 @@ class BundleLike(Protocol):
     def lease_ids(self) -> list[str]: ...
 
 
-class SecretSource(Protocol):
-    def policy_set(self) -> PolicySet: ...
-    def decide(self, identity: TaskIdentity, requests: Sequence[SecretRequest]) -> Decision: ...
-    def resolve(
-        self,
-        identity: TaskIdentity,
-        requests: Sequence[SecretRequest],
-        decision: Decision,
-        *,
-        launch_id: str,
-    ) -> BundleLike: ...
+class PolicySource(Protocol):
+    """The need-to-know policy (from Vault, cached). Raises TemporaryError when it
+    cannot be had: never a stale or empty answer that would allow too much."""
+
+    def current(self) -> PolicySet: ...
+
+
+class SecretStore(Protocol):
+    """Executes the Vault part of a plan and gives back what launches held."""
+
+    def resolve(self, plan: SecretsPlan, *, launch_id: str) -> BundleLike: ...
     def revoke(self, lease_ids: Sequence[str]) -> None: ...
     def revoke_token(self, accessor: str) -> None: ...
+
+
+class Cluster(Protocol):
+    """The Kubernetes API as the broker uses it (pods and their Secrets, metadata only)."""
+
+    def ping(self) -> None: ...
+    def create_pod(self, manifest: dict[str, Any]) -> PodRef: ...
+    def read_pod(self, namespace: str, name: str) -> PodInfo | None: ...
+    def delete_pod(self, namespace: str, name: str, *, grace_seconds: int = 0) -> bool: ...
+    def claim_pod(
+        self, namespace: str, name: str, resource_version: str, annotations: dict[str, str]
+    ) -> bool: ...
+    def create_secret(self, manifest: dict[str, Any]) -> None: ...
+    def delete_secret(self, namespace: str, name: str) -> bool: ...
+    def secret_exists(self, namespace: str, name: str) -> bool: ...
+    def read_secret_metadata(self, namespace: str, name: str) -> SecretMeta | None: ...
+    def list_managed_pods(
+        self, namespace: str, *, launch_id: str | None = None
+    ) -> list[PodInfo]: ...
+    def list_managed_secrets(self, namespace: str) -> list[SecretMeta]: ...
+    def pod_logs(
+        self,
+        namespace: str,
+        name: str,
+        *,
+        container: str,
+        follow: bool,
+        since_seconds: int | None = None,
+        timestamps: bool = False,
+    ) -> Iterator[bytes]: ...
+    def watch_managed_pods(
+        self,
+        namespace: str,
+        on_event: Callable[[str, PodInfo], None],
+        stop: Callable[[], bool],
+        timeout_seconds: int = 30,
+    ) -> None: ...
+
+
+class TokenReviewer(Protocol):
+    def token_review(self, token: str, audience: str) -> str | None: ...
 
 
 class AuditSink(Protocol):

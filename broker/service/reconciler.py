@@ -6,21 +6,17 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from kubernetes import client
-
-from broker.core import audit_events as ev
-from broker.core.plan import LAUNCH_ID_LABEL, SECRET_NAMES_ANNOTATION, secret_name_for
+from broker.core.objects import PodInfo
+from broker.core.plan import secret_name_for
 from broker.errors import BrokerError
-from broker.service.launcher import CLEANED_ANNOTATION, LIVE_SECRETS, Launcher, TaskPod
+from broker.metrics import LIVE_SECRETS
+from broker.service.cleanup import Cleanup
+from broker.service.ports import Cluster
 
 log = logging.getLogger("podbroker.reconciler")
-FINISHED = ("Succeeded", "Failed")
-
-
-def _age_seconds(stamp: dt.datetime | None, now: dt.datetime) -> float:
-    return (now - stamp).total_seconds() if stamp else 0.0
 
 
 @dataclass
@@ -33,9 +29,18 @@ class SweepResult:
 
 
 class Reconciler:
-    def __init__(self, launcher: Launcher, *, retention_seconds: int, grace_seconds: int) -> None:
-        self.launcher = launcher
-        self.kube = launcher.kube
+    def __init__(
+        self,
+        *,
+        cluster: Cluster,
+        cleanup: Cleanup,
+        namespaces: Sequence[str],
+        retention_seconds: int,
+        grace_seconds: int,
+    ) -> None:
+        self.cluster = cluster
+        self.cleanup = cleanup
+        self.namespaces = tuple(namespaces)
         self.retention_seconds = retention_seconds
         self.grace_seconds = grace_seconds
         self._stop = threading.Event()
@@ -43,25 +48,23 @@ class Reconciler:
 
     # -- event driven ---------------------------------------------------------------------
 
-    def on_pod_event(self, namespace: str, kind: str, pod: client.V1Pod) -> None:
+    def on_pod_event(self, kind: str, pod: PodInfo) -> None:
         """A watched pod changed: if it just ended, clean up its Secret and leases. A pod
         deleted by someone else takes its Secret along (garbage collector) but not its
         leases: revoke them while the Secret's annotations still name them."""
         if kind == "DELETED":
-            if not (pod.metadata.annotations or {}).get(CLEANED_ANNOTATION):
-                self._release_secret_of(namespace, pod, "pod deleted")
+            if not pod.claimed:
+                self._release_secret_of(pod, "pod deleted")
             return
-        if pod.status is None or pod.status.phase not in FINISHED:
-            return
-        if (pod.metadata.annotations or {}).get(CLEANED_ANNOTATION):
+        if not pod.finished or pod.claimed:
             return
         try:
-            self.launcher.finish(TaskPod(namespace, pod))
+            self.cleanup.finish(pod)
         except BrokerError as exc:
             log.warning(
                 "cleanup of %s/%s failed (%s); the sweep will retry",
-                namespace,
-                pod.metadata.name,
+                pod.namespace,
+                pod.name,
                 exc.reason,
             )
 
@@ -72,7 +75,7 @@ class Reconciler:
         result = SweepResult()
         now = dt.datetime.now(dt.UTC)
         live = 0
-        for namespace in self.launcher.plan_policy.namespaces:
+        for namespace in self.namespaces:
             try:
                 live += self._sweep_namespace(namespace, now, result)
             except BrokerError as exc:
@@ -81,108 +84,78 @@ class Reconciler:
         return result
 
     def _sweep_namespace(self, namespace: str, now: dt.datetime, result: SweepResult) -> int:
-        pods = {
-            p.metadata.labels.get(LAUNCH_ID_LABEL): p
-            for p in self.kube.list_managed_pods(namespace)
-        }
-        secrets = self.kube.list_managed_secrets(namespace)
-        secret_ids = {s["metadata"].get("labels", {}).get(LAUNCH_ID_LABEL) for s in secrets}
+        pods = {p.launch_id: p for p in self.cluster.list_managed_pods(namespace)}
+        secrets = self.cluster.list_managed_secrets(namespace)
+        secret_ids = {s.launch_id for s in secrets}
         live = len(secrets)
         for secret in secrets:
-            meta = secret["metadata"]
-            launch_id = meta.get("labels", {}).get(LAUNCH_ID_LABEL)
-            created = dt.datetime.fromisoformat(meta["creationTimestamp"].replace("Z", "+00:00"))
-            if launch_id not in pods and _age_seconds(created, now) > self.grace_seconds:
-                self._cleanup(namespace, launch_id, "delete orphan secret", meta["name"])
-                self.launcher.release_secret(namespace, meta, reason="orphan")
+            if secret.launch_id not in pods and secret.age_seconds(now) > self.grace_seconds:
+                self._step(namespace, secret.launch_id, "delete orphan secret", secret.name)
+                self.cleanup.release_secret(secret, reason="orphan")
                 result.orphan_secrets_deleted += 1
                 live -= 1
         for launch_id, pod in pods.items():
-            phase = pod.status.phase if pod.status else None
-            annotations = pod.metadata.annotations or {}
-            wants_secret = bool(annotations.get(SECRET_NAMES_ANNOTATION))
-            age = _age_seconds(pod.metadata.creation_timestamp, now)
-            if phase in FINISHED and not annotations.get(CLEANED_ANNOTATION):
-                self.launcher.finish(TaskPod(namespace, pod))
+            age = pod.age_seconds(now)
+            cleaned = pod.cleaned_at
+            if pod.finished and not pod.claimed:
+                self.cleanup.finish(pod)
                 result.secrets_cleaned += 1
-            elif phase in FINISHED:
-                cleaned = dt.datetime.fromisoformat(
-                    annotations[CLEANED_ANNOTATION].replace("Z", "+00:00")
-                )
-                if launch_id in secret_ids and _age_seconds(cleaned, now) > self.grace_seconds:
+            elif pod.finished:
+                since_cleaned = (now - cleaned).total_seconds() if cleaned else 0.0
+                if launch_id in secret_ids and since_cleaned > self.grace_seconds:
                     # Claimed by a replica that died before deleting the Secret.
-                    self.launcher.finish(TaskPod(namespace, pod), force=True)
+                    self.cleanup.finish(pod, force=True)
                     result.secrets_cleaned += 1
-                if _age_seconds(cleaned, now) > self.retention_seconds:
-                    self._cleanup(namespace, launch_id, "delete retained pod", pod.metadata.name)
-                    if self.kube.delete_pod(namespace, pod.metadata.name):
+                if since_cleaned > self.retention_seconds:
+                    self._step(namespace, launch_id, "delete retained pod", pod.name)
+                    if self.cluster.delete_pod(namespace, pod.name):
                         result.expired_pods_deleted += 1
             elif (
-                wants_secret
+                pod.secret_names
                 and launch_id not in secret_ids
                 and age > self.grace_seconds
-                and pod.metadata.deletion_timestamp is None
+                and not pod.deleting
             ):
                 # Created, but the broker died before its Secret: it can never start.
-                if self.kube.secret_exists(namespace, secret_name_for(str(launch_id))):
+                if self.cluster.secret_exists(namespace, secret_name_for(str(launch_id))):
                     continue
-                self._cleanup(namespace, launch_id, "delete pod without secret", pod.metadata.name)
-                if self.kube.delete_pod(namespace, pod.metadata.name):
+                self._step(namespace, launch_id, "delete pod without secret", pod.name)
+                if self.cluster.delete_pod(namespace, pod.name):
                     result.orphan_pods_deleted += 1
             elif (
-                phase == "Pending"
-                and pod.metadata.deletion_timestamp is None
-                and (
-                    age > (pod.spec.active_deadline_seconds or 0) + self.grace_seconds
-                    and pod.spec.active_deadline_seconds
-                )
+                pod.phase == "Pending"
+                and not pod.deleting
+                and pod.active_deadline_seconds
+                and age > pod.active_deadline_seconds + self.grace_seconds
             ):
                 # Never started (unschedulable): activeDeadlineSeconds only runs once a
                 # node has it, so its Secret would otherwise stay forever.
-                self._cleanup(
-                    namespace, launch_id, "delete pod that never started", pod.metadata.name
-                )
-                self._release_secret_of(namespace, pod, "pod never started")
-                if self.kube.delete_pod(namespace, pod.metadata.name):
+                self._step(namespace, launch_id, "delete pod that never started", pod.name)
+                self._release_secret_of(pod, "pod never started")
+                if self.cluster.delete_pod(namespace, pod.name):
                     result.orphan_pods_deleted += 1
         return live
 
-    def _release_secret_of(self, namespace: str, pod: client.V1Pod, reason: str) -> None:
-        launch_id = (pod.metadata.labels or {}).get(LAUNCH_ID_LABEL)
-        if not launch_id:
-            return
+    def _release_secret_of(self, pod: PodInfo, reason: str) -> None:
         try:
-            meta = self.kube.read_secret_metadata(namespace, secret_name_for(launch_id))
-            if meta is not None:
-                self.launcher.release_secret(namespace, meta, reason=reason)
+            self.cleanup.release_secret_of(pod, reason)
         except BrokerError as exc:
             log.warning(
-                "releasing the secret of %s/%s failed: %s", namespace, pod.metadata.name, exc.reason
+                "releasing the secret of %s/%s failed: %s", pod.namespace, pod.name, exc.reason
             )
 
-    def _cleanup(self, namespace: str, launch_id: str | None, action: str, name: str) -> None:
-        self.launcher.record_quietly(
-            ev.launch_event(
-                ev.EventKind.RECONCILER_CLEANUP,
-                launch_id=launch_id,
-                action=action,
-                object=f"{namespace}/{name}",
-            )
-        )
+    def _step(self, namespace: str, launch_id: str | None, action: str, name: str) -> None:
+        self.cleanup.reconciler_step(namespace, launch_id, action, name)
 
     # -- background threads ---------------------------------------------------------------
 
     def start(self, interval_seconds: float) -> None:
-        for namespace in self.launcher.plan_policy.namespaces:
+        for namespace in self.namespaces:
             thread = threading.Thread(
-                target=self.kube.watch_managed_pods,
+                target=self.cluster.watch_managed_pods,
                 name=f"watch-{namespace}",
                 daemon=True,
-                args=(
-                    namespace,
-                    lambda kind, pod, ns=namespace: self.on_pod_event(ns, kind, pod),
-                    self._stop.is_set,
-                ),
+                args=(namespace, self.on_pod_event, self._stop.is_set),
             )
             thread.start()
             self._threads.append(thread)

@@ -1,5 +1,6 @@
-"""Builds the broker from its settings: Vault session and resolver, Kubernetes client,
-audit store, authenticator, launcher and reconciler. One place owns their lifetimes."""
+"""Builds the broker from its settings: Vault session, policy source and resolver,
+Kubernetes client, audit store, authenticator, and the services (launch, lookup,
+cleanup, reconciler). One place owns their lifetimes."""
 
 from __future__ import annotations
 
@@ -12,17 +13,19 @@ from broker.audit.keys import generate_signing_key, load_signing_key
 from broker.audit.render import render
 from broker.audit.reporting import build_report, grant_refs_from_policy
 from broker.audit.store import AuditStore, open_audit_store
-from broker.core.plan import PlanPolicy
+from broker.core.plan import PlanPolicy, SecretLimits
 from broker.core.report import ReportFilters
 from broker.errors import BrokerError
 from broker.kube.cluster import KubeCluster, load_api_client
 from broker.service.auth import Authenticator
-from broker.service.launcher import Launcher
+from broker.service.cleanup import Cleanup
+from broker.service.launching import LaunchExecutor
+from broker.service.lookup import LaunchLookup
 from broker.service.reconciler import Reconciler
 from broker.settings import BrokerSettings, VaultAuthSettings
 from broker.vault.client import VaultAuth, VaultSession
 from broker.vault.layout import VaultLayout
-from broker.vault.resolver import SecretResolver
+from broker.vault.resolver import SecretResolver, VaultPolicySource
 
 log = logging.getLogger("podbroker")
 
@@ -52,11 +55,13 @@ def vault_auth(settings: VaultAuthSettings) -> VaultAuth:
 class Runtime:
     settings: BrokerSettings
     vault: VaultSession
+    policies: VaultPolicySource
     resolver: SecretResolver
     kube: KubeCluster
     audit: AuditStore
     authenticator: Authenticator
-    launcher: Launcher
+    launches: LaunchExecutor
+    lookup: LaunchLookup
     reconciler: Reconciler
     _closed: bool = field(default=False, init=False)
 
@@ -73,7 +78,7 @@ class Runtime:
         until: dt.datetime | None,
         filters: ReportFilters,
     ) -> str:
-        grants = grant_refs_from_policy(self.resolver.policy_set())
+        grants = grant_refs_from_policy(self.policies.current())
         report = build_report(self.audit, grants, since=since, until=until, filters=filters)
         return render(report, fmt)
 
@@ -85,7 +90,7 @@ class Runtime:
             return
         self._closed = True
         self.reconciler.stop()
-        self.launcher.close()
+        self.launches.close()
         self.audit.close()
         self.kube.api.close()
 
@@ -115,7 +120,8 @@ def build_runtime(settings: BrokerSettings, *, dev_generate_key: bool = False) -
         policy_prefix=settings.vault.grant_policy_prefix,
         token_role=settings.vault.token_role,
     )
-    resolver = SecretResolver(vault, settings.vault.policy_cache_seconds, layout=layout)
+    policies = VaultPolicySource(vault, settings.vault.policy_cache_seconds, layout=layout)
+    resolver = SecretResolver(vault, layout=layout)
     kube = KubeCluster(
         load_api_client(settings.kubernetes.kubeconfig),
         timeout=settings.kubernetes.request_timeout_seconds,
@@ -126,19 +132,34 @@ def build_runtime(settings: BrokerSettings, *, dev_generate_key: bool = False) -
         templates=dict(settings.pod_templates),
         run_as_non_root=settings.kubernetes.run_as_non_root,
     )
-    launcher = Launcher(kube=kube, secrets=resolver, audit=audit, plan_policy=plan_policy)
+    namespaces = plan_policy.namespaces
+    cleanup = Cleanup(cluster=kube, secrets=resolver, audit=audit)
+    launches = LaunchExecutor(
+        cluster=kube,
+        policies=policies,
+        secrets=resolver,
+        audit=audit,
+        cleanup=cleanup,
+        plan_policy=plan_policy,
+        limits=SecretLimits(),
+    )
+    lookup = LaunchLookup(cluster=kube, audit=audit, cleanup=cleanup, namespaces=namespaces)
     reconciler = Reconciler(
-        launcher,
+        cluster=kube,
+        cleanup=cleanup,
+        namespaces=namespaces,
         retention_seconds=settings.kubernetes.pod_retention_seconds,
         grace_seconds=settings.kubernetes.orphan_grace_seconds,
     )
     return Runtime(
         settings,
         vault,
+        policies,
         resolver,
         kube,
         audit,
         Authenticator(settings.auth, kube),
-        launcher,
+        launches,
+        lookup,
         reconciler,
     )

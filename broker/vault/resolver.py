@@ -18,8 +18,8 @@ from typing import Any
 
 import hvac
 
-from broker.core.models import SecretRequest, TaskIdentity
-from broker.core.policy import DatabaseSecret, Decision, KvSecret, PolicySet, decide
+from broker.core.plan import ChildToken, SecretsPlan, VaultRead
+from broker.core.policy import PolicySet
 from broker.core.secret_value import SecretValue
 from broker.errors import (
     BrokerError,
@@ -65,13 +65,11 @@ class ResolvedBundle:
         return [s.lease_id for s in self.secrets if s.lease_id]
 
 
-class SecretResolver:
-    """Decides and resolves secret requests against Vault.
+class VaultPolicySource:
+    """The need-to-know policy as stored in Vault, cached (the policy-source port).
 
     ``cache_ttl``: how long the policy read from Vault is trusted before it is read again
-    (a change applied to Vault is enforced within this time). ``child_ttl``: TTL of the
-    child token when only KV secrets are read. ``default_dynamic_ttl``: lease TTL for
-    dynamic credentials whose grant sets no ``max_lease_ttl``."""
+    (a change applied to Vault is enforced within this time)."""
 
     def __init__(
         self,
@@ -79,25 +77,18 @@ class SecretResolver:
         cache_ttl: float = 10.0,
         *,
         layout: VaultLayout | None = None,
-        child_ttl: int = 60,
-        default_dynamic_ttl: int = 3600,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.session = session
         self.cache_ttl = cache_ttl
         self.layout = layout or VaultLayout()
-        self.child_ttl = child_ttl
-        self.default_dynamic_ttl = default_dynamic_ttl
         self._clock = clock
         self._lock = threading.Lock()
         self._policy: PolicySet | None = None
         self._versions: tuple[int, int] | None = None
         self._checked_at = float("-inf")
-        self._reads = ThreadPoolExecutor(max_workers=8, thread_name_prefix="vault-read")
 
-    # -- policy ------------------------------------------------------------------------
-
-    def policy_set(self) -> PolicySet:
+    def current(self) -> PolicySet:
         """The policy from ``{config_mount}/data/policies/{catalog,grants}``, re-read when
         ``cache_ttl`` has passed and re-parsed only when a KV version changed. Fails
         closed: Vault unreachable -> :class:`VaultUnavailableError`, no stale answer."""
@@ -125,76 +116,42 @@ class SecretResolver:
             self._checked_at = now
             return self._policy
 
-    def decide(self, identity: TaskIdentity, requests: Sequence[SecretRequest]) -> Decision:
-        return decide(self.policy_set(), identity, requests)
 
-    # -- resolution --------------------------------------------------------------------
+class SecretResolver:
+    """Executes the Vault part of a launch plan: mints its child token, makes its reads,
+    and revokes what launches hold. It decides nothing: the plan says what to read."""
 
-    def resolve(
-        self,
-        identity: TaskIdentity,
-        requests: Sequence[SecretRequest],
-        decision: Decision,
-        *,
-        launch_id: str,
-    ) -> ResolvedBundle:
-        """Mint ONE child token through the token role (``auth/token/create/{role}``)
-        with only ``decision.grant_policies``, then read each requested secret with it:
-        KV v2 ``{mount}/data/{path}`` (pinned version, key subset) and database
-        ``{mount}/creds/{role}`` (lease TTL capped by the grant).
+    def __init__(self, session: VaultSession, *, layout: VaultLayout | None = None) -> None:
+        self.session = session
+        self.layout = layout or VaultLayout()
+        self._reads = ThreadPoolExecutor(max_workers=8, thread_name_prefix="vault-read")
 
-        Token limits: uses = number of reads (+1 with dynamic credentials, because Vault
-        revokes leases created with a token's last use); TTL = ``child_ttl`` for KV only,
-        else the smallest lease cap (leases die with the token that created them).
-        On any failure, leases obtained so far and the child token are revoked.
-        Raises NotFoundError / DeniedError when the decision does not allow the request.
-        """
-        decision.raise_for_denial()
-        names = list(dict.fromkeys(r.name for r in requests))
-        missing = [n for n in names if n not in decision.secrets]
-        if missing:
-            raise DeniedError("the decision does not cover " + ", ".join(missing), denied=missing)
-        policy = self.policy_set()
-        entries: dict[str, KvSecret | DatabaseSecret] = {}
-        for name in names:
-            entry = policy.catalog.get(name)
-            if entry is None:
-                raise NotFoundError(f"unknown secret {name!r}: not in the catalog")
-            entries[name] = entry
-        caps = [
-            decision.secrets[n].max_lease_ttl or self.default_dynamic_ttl
-            for n, e in entries.items()
-            if isinstance(e, DatabaseSecret)
-        ]
-        dynamic = bool(caps)
-        token_ttl = max(min(caps), 30) if dynamic else self.child_ttl
-        num_uses = len(names) + (1 if dynamic else 0)
-        child_token, accessor = self._mint(identity, decision, launch_id, token_ttl, num_uses)
+    def resolve(self, plan: SecretsPlan, *, launch_id: str) -> ResolvedBundle:
+        """Mint ONE child token through the token role (``auth/token/create/{role}``) as
+        ``plan.token`` says, then make each of ``plan.reads`` with it: KV v2
+        ``{mount}/data/{path}`` (pinned version, key subset) and database
+        ``{mount}/creds/{role}`` (lease shortened to its cap).
+        On any failure, leases obtained so far and the child token are revoked."""
+        child_token, accessor = self._mint(plan.token)
 
-        def read(name: str) -> ResolvedSecret:
+        def read(item: VaultRead) -> ResolvedSecret:
             # A client per read (its token); the HTTP pool underneath is shared.
             child = self.session.new_client(child_token)
-            entry = entries[name]
-            grant = decision.secrets[name].grant
-            if isinstance(entry, KvSecret):
-                return self._read_kv(child, name, entry, grant)
-            cap = decision.secrets[name].max_lease_ttl or self.default_dynamic_ttl
-            return self._read_database(child, name, entry, grant, cap, token_ttl)
+            if item.kind == "kv":
+                return self._read_kv(child, item)
+            return self._read_database(child, item, plan.token.ttl_seconds)
 
         # The reads are independent: run them at once so a launch waits for the slowest
         # one, not their sum (the pod create overlaps this whole step).
-        futures = [self._reads.submit(read, name) for name in names]
+        futures = [self._reads.submit(read, item) for item in plan.reads]
         resolved = [f.result() for f in futures if f.exception() is None]
         errors = [f.exception() for f in futures if f.exception() is not None]
         if errors:
             self._cleanup([s.lease_id for s in resolved if s.lease_id], accessor)
             raise errors[0]  # type: ignore[misc]
         log.info(
-            "resolved %s for %s/%s run %s launch %s with child token accessor %s",
-            names,
-            identity.dag_id,
-            identity.task_id,
-            identity.run_id,
+            "resolved %s for launch %s with child token accessor %s",
+            [item.name for item in plan.reads],
             launch_id,
             accessor,
         )
@@ -202,54 +159,37 @@ class SecretResolver:
             secrets=resolved,
             token_accessor=accessor,
             launch_id=launch_id,
-            token_ttl=token_ttl,
-            grant_policies=list(decision.grant_policies),
+            token_ttl=plan.token.ttl_seconds,
+            grant_policies=list(plan.token.policies),
         )
 
-    def _mint(
-        self,
-        identity: TaskIdentity,
-        decision: Decision,
-        launch_id: str,
-        ttl: int,
-        num_uses: int,
-    ) -> tuple[str, str]:
-        if not decision.grant_policies:
-            raise DeniedError("no grant policy to read secrets with", denied=list(decision.secrets))
-        meta = {
-            "dag_id": identity.dag_id,
-            "task_id": identity.task_id,
-            "run_id": identity.run_id,
-            "try_number": str(identity.try_number),
-            "map_index": str(identity.map_index),
-            "launch_id": launch_id,
-        }
+    def _mint(self, spec: ChildToken) -> tuple[str, str]:
+        if not spec.policies:
+            raise DeniedError("no grant policy to read secrets with")
 
         def create(client: hvac.Client) -> Any:
             return client.auth.token.create(
                 role_name=self.layout.token_role,
-                policies=list(decision.grant_policies),
-                meta=meta,
-                ttl=f"{ttl}s",
-                num_uses=num_uses,
+                policies=list(spec.policies),
+                meta=dict(spec.metadata),
+                ttl=f"{spec.ttl_seconds}s",
+                num_uses=spec.num_uses,
                 renewable=False,
-                display_name=f"launch-{launch_id}"[:100],
+                display_name=spec.display_name,
             )
 
         response = self.session.call(f"mint a child token via {self.layout.token_role}", create)
         auth = response["auth"]
         return str(auth["client_token"]), str(auth["accessor"])
 
-    def _read_kv(
-        self, child: hvac.Client, name: str, entry: KvSecret, grant: str
-    ) -> ResolvedSecret:
-        where = f"{entry.mount}/{entry.path}" + (f"@v{entry.version}" if entry.version else "")
+    def _read_kv(self, child: hvac.Client, item: VaultRead) -> ResolvedSecret:
+        name, where = item.name, item.where
         try:
             with translate_errors(f"read secret {name!r} ({where})"):
                 response = child.secrets.kv.v2.read_secret_version(
-                    path=entry.path,
-                    mount_point=entry.mount,
-                    version=entry.version,
+                    path=item.path,
+                    mount_point=item.mount,
+                    version=item.version,
                     raise_on_deleted_version=False,
                 )
         except DeniedError as exc:
@@ -258,11 +198,11 @@ class SecretResolver:
         data = body.get("data")
         if not isinstance(data, dict):
             raise NotFoundError(f"secret {name!r}: {where} has no data (deleted or destroyed)")
-        if entry.keys is not None:
-            absent = [k for k in entry.keys if k not in data]
+        if item.keys is not None:
+            absent = [k for k in item.keys if k not in data]
             if absent:
                 raise NotFoundError(f"secret {name!r}: {where} has no key(s) {absent}")
-            data = {k: data[k] for k in entry.keys}
+            data = {k: data[k] for k in item.keys}
         values = {
             k: SecretValue(v if isinstance(v, str) else json.dumps(v)) for k, v in data.items()
         }
@@ -270,22 +210,15 @@ class SecretResolver:
         return ResolvedSecret(
             name=name,
             keys=values,
-            vault_path=f"{entry.mount}/data/{entry.path}",
-            version=int(version) if version is not None else entry.version,
-            grant=grant,
+            vault_path=item.vault_path,
+            version=int(version) if version is not None else item.version,
+            grant=item.grant,
             kind="kv",
         )
 
-    def _read_database(
-        self,
-        child: hvac.Client,
-        name: str,
-        entry: DatabaseSecret,
-        grant: str,
-        cap: int,
-        token_ttl: int,
-    ) -> ResolvedSecret:
-        path = f"{entry.mount}/creds/{entry.role}"
+    def _read_database(self, child: hvac.Client, item: VaultRead, token_ttl: int) -> ResolvedSecret:
+        name, path = item.name, item.vault_path
+        cap = item.lease_cap or token_ttl
         try:
             with translate_errors(f"read secret {name!r} ({path})"):
                 response = child.read(path)
@@ -317,7 +250,7 @@ class SecretResolver:
             vault_path=path,
             lease_id=lease_id or None,
             lease_ttl=lease_ttl,
-            grant=grant,
+            grant=item.grant,
             kind="database",
         )
 

@@ -24,7 +24,7 @@ import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from broker.core.plan import CALLER_ANNOTATION, LAUNCH_ID_LABEL, MANAGED_BY_LABEL
+from broker.core.podmeta import CALLER_ANNOTATION, LAUNCH_ID_LABEL, MANAGED_BY_LABEL
 from broker.devstack.broker_env import (
     apply_example_policies,
     example_secret_values,

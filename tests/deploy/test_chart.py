@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 import yaml
 
-from broker.core.plan import MANAGED_BY_LABEL, SECRET_NAME_PREFIX
+from broker.core.plan import SECRET_NAME_PREFIX
+from broker.core.podmeta import MANAGED_BY_LABEL
 from broker.settings import load_settings
 from tests.deploy.conftest import CHART, REPO_ROOT, Helm, Release, find
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import hvac
@@ -15,7 +15,9 @@ import psycopg
 import pytest
 from hvac.exceptions import Forbidden
 
+from broker.core.api_models import ContainerSpec, LaunchRequest
 from broker.core.models import EnvDelivery, FileDelivery, SecretRequest, TaskIdentity
+from broker.core.plan import PlanPolicy, SecretLimits, build_plan, complete_plan
 from broker.core.policy import (
     Constraints,
     DatabaseSecret,
@@ -25,12 +27,15 @@ from broker.core.policy import (
     PolicySet,
     SecretDecision,
     Team,
+    decide,
 )
 from broker.devstack.openbao import OpenBao, start_openbao
 from broker.devstack.postgres import Postgres
 from broker.errors import DeniedError, NotFoundError, VaultUnavailableError
 from broker.vault.client import VaultAuth, VaultSession
-from broker.vault.resolver import SecretResolver
+from broker.vault.layout import VaultLayout
+from broker.vault.resolver import ResolvedBundle, VaultPolicySource
+from broker.vault.resolver import SecretResolver as VaultReader
 from tests.integration.vault_policy_env import PolicyEnv, make_env
 
 pytestmark = pytest.mark.stack
@@ -40,6 +45,49 @@ PLANTED = {
     "password": "pw-PLANTED-9c1e2b7d",
     "api": "api-PLANTED-55aa",
 }
+
+
+class SecretResolver:
+    """The broker's Vault path of a launch, as the launch service runs it: the policy
+    source, the pure decision and plan, then the Vault adapter executing the plan."""
+
+    def __init__(
+        self,
+        session: VaultSession,
+        cache_ttl: float = 10.0,
+        *,
+        layout: VaultLayout | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        extra = {"clock": clock} if clock else {}
+        self.policies = VaultPolicySource(session, cache_ttl, layout=layout, **extra)
+        self.reader = VaultReader(session, layout=layout)
+        self.session = session
+
+    def policy_set(self) -> PolicySet:
+        return self.policies.current()
+
+    def decide(self, identity: TaskIdentity, requests: Sequence[SecretRequest]) -> Decision:
+        return decide(self.policies.current(), identity, requests)
+
+    def resolve(
+        self,
+        identity: TaskIdentity,
+        requests: Sequence[SecretRequest],
+        decision: Decision,
+        *,
+        launch_id: str,
+    ) -> ResolvedBundle:
+        request = LaunchRequest(
+            task=identity, container=ContainerSpec(image="x"), secrets=list(requests)
+        )
+        plan = build_plan(request, PlanPolicy(namespaces=("default",)), "test")
+        plan = complete_plan(plan, self.policies.current(), decision, SecretLimits())
+        assert plan.secrets is not None
+        return self.reader.resolve(plan.secrets, launch_id=launch_id)
+
+    def revoke(self, lease_ids: Sequence[str]) -> None:
+        self.reader.revoke(lease_ids)
 
 
 def task(dag: str = "etl_daily", task_id: str = "load") -> TaskIdentity:

@@ -9,13 +9,18 @@ import pytest
 from broker.core.api_models import ContainerSpec, LaunchRequest, Scheduling
 from broker.core.models import EnvDelivery, FileDelivery, SecretRequest, TaskIdentity
 from broker.core.plan import (
-    LAUNCH_ID_LABEL,
-    MANAGED_BY_LABEL,
     PlanPolicy,
     PodTemplate,
     build_plan,
     label_value,
     launch_id_for,
+)
+from broker.core.podmeta import (
+    LAUNCH_ID_LABEL,
+    MANAGED_BY_LABEL,
+    SecretSource,
+    VaultHoldings,
+    holdings_of,
 )
 from broker.core.secret_value import SecretValue
 from broker.errors import InvalidRequestError
@@ -136,8 +141,14 @@ def test_env_and_file_delivery_wire_only_the_per_pod_secret() -> None:
     assert mount["readOnly"] is True
 
     values = {name: {k: SecretValue(f"v-{name}-{k}") for k in ks} for name, ks in keys.items()}
-    manifest = plan.secret_manifest(values, "uid-1", {"a": "b"})
+    sources = [SecretSource("db", "kv/data/db", 3)]
+    manifest = plan.secret_manifest(
+        values, "uid-1", sources, VaultHoldings(("database/creds/x/1",), "acc-1")
+    )
     assert manifest["immutable"] is True
+    assert holdings_of(manifest["metadata"]["annotations"]) == VaultHoldings(
+        ("database/creds/x/1",), "acc-1"
+    )
     assert manifest["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
     # Exactly the delivered keys: the unmapped "unused" key of "api" is not written.
     assert sorted(manifest["stringData"].values()) == sorted(

@@ -1,0 +1,152 @@
+"""Every ``podbroker.dev/*`` label and annotation the broker writes on its pods and
+Secrets, with the one encoder and decoder of each. Nothing else spells these keys.
+
+Labels select (managed-by, launch id); annotations carry what cleanup and status need
+to know later: which secrets a pod asked for, who launched it, the full task identity
+(labels are truncated), and on the Secret where each value came from in Vault and what
+must be revoked when the pod ends. None of them ever holds a value."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+
+from broker.core.models import TaskIdentity
+
+MANAGED_BY_LABEL = "podbroker.dev/managed-by"
+MANAGED_BY_VALUE = "podbroker"
+LAUNCH_ID_LABEL = "podbroker.dev/launch-id"
+MANAGED_SELECTOR = f"{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"
+RESERVED_PREFIX = "podbroker.dev/"
+
+SECRET_NAMES_ANNOTATION = "podbroker.dev/secret-names"
+CALLER_ANNOTATION = "podbroker.dev/caller"
+TASK_ANNOTATION = "podbroker.dev/task"
+CLEANED_ANNOTATION = "podbroker.dev/cleaned-at"
+SECRET_SOURCES_ANNOTATION = "podbroker.dev/secret-sources"
+LEASES_ANNOTATION = "podbroker.dev/lease-ids"
+ACCESSOR_ANNOTATION = "podbroker.dev/token-accessor"
+
+
+def is_reserved(key: str) -> bool:
+    """True for keys only the broker may set (requests and templates may not)."""
+    return key.startswith(RESERVED_PREFIX)
+
+
+def selector_for(launch_id: str | None = None) -> str:
+    """Label selector of the broker's objects, optionally of one launch."""
+    if launch_id is None:
+        return MANAGED_SELECTOR
+    return f"{MANAGED_SELECTOR},{LAUNCH_ID_LABEL}={launch_id}"
+
+
+# -- pod ---------------------------------------------------------------------------------
+
+
+def pod_annotations(
+    secret_names: Sequence[str], caller_identity: str, task: TaskIdentity
+) -> dict[str, str]:
+    return {
+        SECRET_NAMES_ANNOTATION: ",".join(secret_names),
+        CALLER_ANNOTATION: caller_identity,
+        TASK_ANNOTATION: task.model_dump_json(),
+    }
+
+
+def secret_names_of(annotations: Mapping[str, str]) -> list[str]:
+    return [n for n in annotations.get(SECRET_NAMES_ANNOTATION, "").split(",") if n]
+
+
+def task_of(labels: Mapping[str, str], annotations: Mapping[str, str]) -> TaskIdentity:
+    """The task identity from the annotation, or (for pods made before it existed, or
+    with a damaged annotation) the best that the truncated labels can tell."""
+    raw = annotations.get(TASK_ANNOTATION)
+    if raw:
+        try:
+            return TaskIdentity.model_validate_json(raw)
+        except ValidationError:
+            pass
+    return TaskIdentity(
+        dag_id=labels.get("dag_id") or "?",
+        task_id=labels.get("task_id") or "?",
+        run_id=labels.get("run_id") or "?",
+        try_number=_int(labels.get("try_number"), 0),
+        map_index=_int(labels.get("map_index"), -1),
+    )
+
+
+def _int(text: str | None, default: int) -> int:
+    try:
+        return int(text) if text is not None else default
+    except ValueError:
+        return default
+
+
+def _utc_stamp(moment: dt.datetime) -> str:
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_stamp(text: str) -> dt.datetime | None:
+    try:
+        return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def claim_annotations(now: dt.datetime) -> dict[str, str]:
+    """What a replica writes on a finished pod to own its cleanup."""
+    return {CLEANED_ANNOTATION: _utc_stamp(now)}
+
+
+def cleaned_at(annotations: Mapping[str, str]) -> dt.datetime | None:
+    raw = annotations.get(CLEANED_ANNOTATION)
+    return parse_stamp(raw) if raw else None
+
+
+def is_claimed(annotations: Mapping[str, str]) -> bool:
+    return bool(annotations.get(CLEANED_ANNOTATION))
+
+
+# -- Secret ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SecretSource:
+    """Where one delivered secret came from (no value)."""
+
+    name: str
+    path: str
+    version: int | None
+
+
+@dataclass(frozen=True)
+class VaultHoldings:
+    """What a launch holds in Vault and must give back: lease ids and the child token's
+    accessor. An accessor can revoke its token but not use it (safe to keep)."""
+
+    lease_ids: tuple[str, ...] = ()
+    token_accessor: str | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.lease_ids or self.token_accessor)
+
+
+def secret_annotations(sources: Sequence[SecretSource], holdings: VaultHoldings) -> dict[str, str]:
+    return {
+        SECRET_NAMES_ANNOTATION: ",".join(sorted(s.name for s in sources)),
+        SECRET_SOURCES_ANNOTATION: json.dumps(
+            [{"name": s.name, "path": s.path, "version": s.version} for s in sources],
+            separators=(",", ":"),
+        ),
+        LEASES_ANNOTATION: ",".join(holdings.lease_ids),
+        ACCESSOR_ANNOTATION: holdings.token_accessor or "",
+    }
+
+
+def holdings_of(annotations: Mapping[str, str]) -> VaultHoldings:
+    leases = tuple(x for x in annotations.get(LEASES_ANNOTATION, "").split(",") if x)
+    return VaultHoldings(leases, annotations.get(ACCESSOR_ANNOTATION) or None)

@@ -1,0 +1,29 @@
+"""Every Prometheus metric the broker exports (``GET /metrics``), in one place, so the
+dashboards and alerts have one catalog to check against."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_FAST_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+LAUNCHES = Counter("podbroker_launches_total", "Launch requests by outcome", ["outcome"])
+DENIALS = Counter("podbroker_denials_total", "Launches denied by policy")
+LAUNCH_LATENCY = Histogram(
+    "podbroker_launch_seconds",
+    "Time to accept a launch (pod and Secret created)",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+VAULT_LATENCY = Histogram(
+    "podbroker_vault_call_seconds",
+    "Latency of Vault operations by the broker",
+    ["operation"],
+    buckets=_FAST_BUCKETS,
+)
+KUBERNETES_LATENCY = Histogram(
+    "podbroker_kubernetes_call_seconds",
+    "Latency of Kubernetes API calls by the broker",
+    ["verb"],
+    buckets=_FAST_BUCKETS,
+)
+LIVE_SECRETS = Gauge("podbroker_live_secrets", "Broker-made Secrets currently in the cluster")

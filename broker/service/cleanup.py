@@ -1,0 +1,166 @@
+"""The end of a launch, wherever it comes from (a pod ending, a kill, the sweep, a
+rolled-back launch): claim the pod so one replica acts, delete its Secret, revoke what
+it held in Vault, and record each step. Undoing comes first; recording it never blocks
+it (a down audit store is logged, not fatal)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Sequence
+
+from broker.core import audit_events as ev
+from broker.core import podmeta
+from broker.core.models import Caller, TaskIdentity
+from broker.core.objects import PodInfo, SecretMeta, launch_view
+from broker.core.plan import secret_name_for
+from broker.errors import BrokerError
+from broker.metrics import LIVE_SECRETS, VAULT_LATENCY
+from broker.service.ports import AuditSink, Cluster, SecretStore
+
+log = logging.getLogger("podbroker.cleanup")
+
+
+class Cleanup:
+    def __init__(self, *, cluster: Cluster, secrets: SecretStore, audit: AuditSink) -> None:
+        self.cluster = cluster
+        self.secrets = secrets
+        self.audit = audit
+
+    def record_quietly(self, event: ev.AuditEvent) -> None:
+        """Audit a clean-up step without letting a down audit store stop the clean-up."""
+        try:
+            self.audit.append(event)
+        except BrokerError as exc:
+            log.warning("audit store unavailable; %s not recorded: %s", event.kind, exc.reason)
+
+    # -- a pod's end ----------------------------------------------------------------------
+
+    def finish(self, pod: PodInfo, *, reason: str = "pod ended", force: bool = False) -> None:
+        """Delete the pod's Secret and revoke its leases, once: the replica that claims
+        the pod (an annotation written with the pod's resourceVersion as precondition)
+        does it; the others see the claim and stop. ``force`` skips the claim (the sweep
+        finishing what a crashed claimant left)."""
+        if not force and not self.claim(pod):
+            return
+        task = pod.task
+        if pod.finished and not force:
+            self.record_quietly(
+                ev.launch_event(
+                    ev.EventKind.POD_FINISHED,
+                    launch_id=pod.launch_id,
+                    task=task,
+                    secret_names=pod.secret_names,
+                    phase=pod.phase,
+                    exit_code=launch_view(pod).exit_code,
+                )
+            )
+        self.release_secret_of(pod, reason, task=task)
+
+    def claim(self, pod: PodInfo) -> bool:
+        """True if this replica now owns the cleanup of ``pod``."""
+        for _ in range(3):
+            if pod.claimed:
+                return False
+            if self.cluster.claim_pod(
+                pod.namespace,
+                pod.name,
+                pod.resource_version,
+                podmeta.claim_annotations(dt.datetime.now(dt.UTC)),
+            ):
+                return True
+            fresh = self.cluster.read_pod(pod.namespace, pod.name)
+            if fresh is None:
+                return True  # gone already: nobody else will look at it again
+            pod = fresh
+        return False
+
+    def release_secret_of(
+        self, pod: PodInfo, reason: str, *, task: TaskIdentity | None = None
+    ) -> None:
+        """Release the Secret of ``pod``'s launch, if it still exists."""
+        launch_id = pod.launch_id
+        if not launch_id:
+            return
+        meta = self.cluster.read_secret_metadata(pod.namespace, secret_name_for(launch_id))
+        if meta is None:
+            return
+        self.release_secret(meta, reason=reason, task=task, secret_names=pod.secret_names)
+
+    def release_secret(
+        self,
+        meta: SecretMeta,
+        *,
+        reason: str,
+        task: TaskIdentity | None = None,
+        secret_names: Sequence[str] = (),
+    ) -> None:
+        """Delete a broker Secret and revoke the leases and child token its annotations
+        name. Deleting comes first: values leave the cluster even if Vault or the
+        audit store is down."""
+        if self.cluster.delete_secret(meta.namespace, meta.name):
+            LIVE_SECRETS.dec()
+        self.record_quietly(
+            ev.launch_event(
+                ev.EventKind.SECRET_DELETED,
+                launch_id=meta.launch_id,
+                task=task,
+                secret_names=list(secret_names),
+                namespace=meta.namespace,
+                secret=meta.name,
+                reason=reason,
+            )
+        )
+        holdings = meta.holdings
+        if holdings:
+            self.revoke(holdings, launch_id=meta.launch_id, task=task)
+
+    # -- Vault ----------------------------------------------------------------------------
+
+    def revoke(
+        self,
+        holdings: podmeta.VaultHoldings,
+        *,
+        launch_id: str | None,
+        task: TaskIdentity | None = None,
+        caller: Caller | None = None,
+    ) -> None:
+        """Revoke leases and the child token, then record what happened: revocation
+        reduces exposure, so it never waits for the audit store."""
+        revoked, error = True, None
+        try:
+            with VAULT_LATENCY.labels("revoke").time():
+                if holdings.lease_ids:
+                    self.secrets.revoke(holdings.lease_ids)
+                if holdings.token_accessor:
+                    self.secrets.revoke_token(holdings.token_accessor)
+        except BrokerError as exc:
+            revoked, error = False, type(exc).__name__
+            log.warning(
+                "lease revocation failed for launch %s; leases expire on their TTL", launch_id
+            )
+        self.record_quietly(
+            ev.launch_event(
+                ev.EventKind.LEASES_REVOKED,
+                launch_id=launch_id,
+                task=task,
+                caller=caller,
+                lease_ids=list(holdings.lease_ids),
+                token_accessor=holdings.token_accessor,
+                revoked=revoked,
+                error=error,
+            )
+        )
+
+    def reconciler_step(
+        self, namespace: str, launch_id: str | None, action: str, name: str
+    ) -> None:
+        """Record a step the reconciler took on its own."""
+        self.record_quietly(
+            ev.launch_event(
+                ev.EventKind.RECONCILER_CLEANUP,
+                launch_id=launch_id,
+                action=action,
+                object=f"{namespace}/{name}",
+            )
+        )
