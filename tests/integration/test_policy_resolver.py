@@ -4,6 +4,7 @@ and no secret value in any error, log or repr."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 import threading
@@ -82,6 +83,7 @@ class SecretResolver:
             task=identity, container=ContainerSpec(image="x"), secrets=list(requests)
         )
         plan = build_plan(request, PlanPolicy(namespaces=("default",)), "test")
+        plan = dataclasses.replace(plan, launch_id=launch_id)
         plan = complete_plan(plan, self.policies.current(), decision, SecretLimits())
         assert plan.secrets is not None
         return self.reader.resolve(plan.secrets, launch_id=launch_id)
