@@ -84,3 +84,8 @@ class KubernetesUnavailableError(TemporaryError):
 class AuditUnavailableError(TemporaryError):
     def __init__(self, reason: str, retry_after: int = 5) -> None:
         super().__init__(reason, component="audit", retry_after=retry_after)
+
+
+class AirflowUnavailableError(TemporaryError):
+    def __init__(self, reason: str, retry_after: int = 5) -> None:
+        super().__init__(reason, component="airflow", retry_after=retry_after)

@@ -27,3 +27,14 @@ KUBERNETES_LATENCY = Histogram(
     buckets=_FAST_BUCKETS,
 )
 LIVE_SECRETS = Gauge("podbroker_live_secrets", "Broker-made Secrets currently in the cluster")
+AIRFLOW_LATENCY = Histogram(
+    "podbroker_airflow_call_seconds",
+    "Latency of Airflow REST API calls by the broker (task instance verification)",
+    ["operation"],
+    buckets=_FAST_BUCKETS,
+)
+VERIFICATIONS = Counter(
+    "podbroker_task_verifications_total",
+    "Task instance checks with Airflow by verdict (warn/enforce) and outcome",
+    ["verdict", "outcome"],
+)

@@ -241,9 +241,12 @@ def decision(
     reasons: Sequence[str] = (),
     denied: Sequence[str] = (),
     teams: Sequence[str] = (),
+    verification: Mapping[str, Any] | None = None,
     time: datetime | None = None,
 ) -> AuditEvent:
-    """The policy decision. ``matched_grants``: grant ids, or secret name -> grant ids."""
+    """The policy decision. ``matched_grants``: grant ids, or secret name -> grant ids;
+    ``verification``: how the task instance was checked with Airflow (verdict, ok,
+    reason), when it was."""
     grants: object = (
         {k: list(v) for k, v in matched_grants.items()}
         if isinstance(matched_grants, Mapping)
@@ -262,6 +265,7 @@ def decision(
             "matched_grants": grants,
             "reasons": list(reasons),
             "denied": list(denied),
+            **({"verification": dict(verification)} if verification is not None else {}),
         },
     )
 

@@ -24,6 +24,9 @@ class TaskIdentity(Strict):
     run_id: Annotated[str, Field(min_length=1, max_length=250)]
     try_number: Annotated[int, Field(ge=0)] = 1
     map_index: int = -1
+    ti_id: Annotated[str, Field(pattern=r"^[0-9A-Fa-f-]{8,64}$")] | None = None
+    """Airflow's task instance id (``ti.id``), checked with Airflow when verification is
+    on; not part of the launch's idempotency key."""
 
 
 class EnvDelivery(Strict):
@@ -73,3 +76,6 @@ class Caller(Strict):
 
     identity: str  # e.g. "system:serviceaccount:airflow:airflow-worker" or "static:dev"
     allowed_dag_globs: tuple[str, ...] = ()
+    bound_pod: str | None = None
+    """The pod the caller's token is bound to (projected ServiceAccount tokens), if any."""
+    bound_pod_uid: str | None = None

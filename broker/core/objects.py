@@ -26,6 +26,15 @@ class PodRef:
 
 
 @dataclass(frozen=True)
+class ReviewedToken:
+    """What TokenReview says of a caller's token."""
+
+    username: str
+    pod_name: str | None = None
+    pod_uid: str | None = None
+
+
+@dataclass(frozen=True)
 class ContainerStatus:
     name: str
     state: ContainerStateName

@@ -14,7 +14,7 @@ from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
 from broker.core import podmeta
-from broker.core.objects import ContainerStatus, PodInfo, PodRef, SecretMeta
+from broker.core.objects import ContainerStatus, PodInfo, PodRef, ReviewedToken, SecretMeta
 from broker.errors import (
     BrokerError,
     ConflictError,
@@ -287,9 +287,9 @@ class KubeCluster:
         finally:
             response.release_conn()
 
-    def token_review(self, token: str, audience: str) -> str | None:
-        """POST tokenreviews: the authenticated username for ``token`` with ``audience``,
-        or None when the API server does not authenticate it."""
+    def token_review(self, token: str, audience: str) -> ReviewedToken | None:
+        """POST tokenreviews: who ``token`` (with ``audience``) authenticates as, and the
+        pod it is bound to if any; None when the API server does not authenticate it."""
         review = self._call(
             "token_review",
             lambda: self.auth.create_token_review(
@@ -305,7 +305,17 @@ class KubeCluster:
             return None
         if audience not in (status.audiences or []):  # empty means the API server's own
             return None
-        return cast(str, status.user.username)
+        extra = status.user.extra or {}
+
+        def first(key: str) -> str | None:
+            values = extra.get(key) or []
+            return str(values[0]) if values else None
+
+        return ReviewedToken(
+            username=cast(str, status.user.username),
+            pod_name=first("authentication.kubernetes.io/pod-name"),
+            pod_uid=first("authentication.kubernetes.io/pod-uid"),
+        )
 
     def watch_managed_pods(
         self,

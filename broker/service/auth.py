@@ -44,17 +44,23 @@ class Authenticator:
             return cached[1]
         if self.kube is None:
             raise AuthenticationError("token not recognised")
-        username = self.kube.token_review(token, self.settings.token_audience)
-        if username is None:
+        reviewed = self.kube.token_review(token, self.settings.token_audience)
+        if reviewed is None:
             raise AuthenticationError(
                 f"token not authenticated by the API server for audience "
                 f"{self.settings.token_audience!r}"
             )
+        username = reviewed.username
         globs: list[str] = []
         for rule in self.settings.callers:
             if fnmatch.fnmatchcase(username, rule.identity):
                 globs.extend(rule.dag_ids)
-        caller = Caller(identity=username, allowed_dag_globs=tuple(globs))
+        caller = Caller(
+            identity=username,
+            allowed_dag_globs=tuple(globs),
+            bound_pod=reviewed.pod_name,
+            bound_pod_uid=reviewed.pod_uid,
+        )
         with self._lock:
             if len(self._cache) > 10_000:
                 self._cache.clear()

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from broker.core.audit_events import AuditEvent
-from broker.core.objects import PodInfo, PodRef, SecretMeta
+from broker.core.objects import PodInfo, PodRef, ReviewedToken, SecretMeta
 from broker.core.plan import SecretsPlan
 from broker.core.policy import PolicySet
 from broker.core.secret_value import SecretValue
@@ -89,7 +89,7 @@ class Cluster(Protocol):
 
 
 class TokenReviewer(Protocol):
-    def token_review(self, token: str, audience: str) -> str | None: ...
+    def token_review(self, token: str, audience: str) -> ReviewedToken | None: ...
 
 
 class AuditSink(Protocol):
