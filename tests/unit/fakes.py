@@ -112,7 +112,7 @@ class FakeCluster:
         self.deleted_pods: list[Key] = []
         self.deleted_secrets: list[Key] = []
         self._failures = _Failures()
-        self._hooks: dict[str, list[Callable[[], None]]] = defaultdict(list)
+        self._hooks: dict[str, list[Callable[[], object]]] = defaultdict(list)
         self._versions = itertools.count(1)
         self._uids = itertools.count(1)
         self._lock = threading.RLock()  # the executor reads pods from its pool
@@ -122,7 +122,7 @@ class FakeCluster:
     def fail(self, verb: str, error: BrokerError, times: int = 1) -> None:
         self._failures.fail(verb, error, times)
 
-    def before(self, verb: str, hook: Callable[[], None]) -> None:
+    def before(self, verb: str, hook: Callable[[], object]) -> None:
         """Run ``hook`` once, just before the next call of ``verb`` does its work."""
         with self._lock:
             self._hooks[verb].append(hook)
