@@ -1,0 +1,102 @@
+"""Cleanup at a pod's end: exactly one replica claims the pod and gives back what its
+launch held (Secret deleted, leases and child token revoked)."""
+
+from __future__ import annotations
+
+import threading
+
+from broker.core.audit_events import EventKind
+from broker.core.objects import PodInfo
+from broker.errors import VaultUnavailableError
+from tests.unit.fakes import Services, ago, make_task
+
+LEASE = "database/creds/ro/lease-1"
+
+
+def finished_pod_with_secret(svc: Services, *, claimed: bool = False) -> PodInfo:
+    pod = svc.cluster.add_pod(
+        make_task(),
+        phase="Succeeded",
+        exit_code=0,
+        secret_names=["db"],
+        claimed_at=ago(5) if claimed else None,
+    )
+    svc.cluster.add_secret_for(pod, lease_ids=[LEASE], accessor="acc-1")
+    return pod
+
+
+def test_two_replicas_finishing_the_same_pod_give_back_once(svc: Services) -> None:
+    pod = finished_pod_with_secret(svc)
+    first, second = svc.cleanup, svc.replica()
+    # Both saw the same pod event (same resourceVersion).
+    first.finish(pod)
+    second.finish(pod)
+    assert len(svc.cluster.deleted_secrets) == 1
+    assert svc.store.revoked_leases == [LEASE]
+    assert svc.store.revoked_accessors == ["acc-1"]
+    assert svc.audit.kinds().count(EventKind.POD_FINISHED) == 1
+    assert svc.cluster.count("claim_pod") == 2
+
+
+def test_two_replicas_racing_in_threads_give_back_once(svc: Services) -> None:
+    pod = finished_pod_with_secret(svc)
+    replicas = [svc.cleanup, svc.replica()]
+    start = threading.Barrier(len(replicas))
+
+    def finish(replica_index: int) -> None:
+        start.wait()
+        replicas[replica_index].finish(pod)
+
+    threads = [threading.Thread(target=finish, args=(i,)) for i in range(len(replicas))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=5)
+    assert svc.store.revoked_accessors == ["acc-1"]
+    assert len(svc.cluster.deleted_secrets) == 1
+
+
+def test_a_claimed_pod_is_left_to_its_claimant(svc: Services) -> None:
+    pod = finished_pod_with_secret(svc, claimed=True)
+    svc.cleanup.finish(pod)
+    assert svc.cluster.count("claim_pod") == 0
+    assert svc.cluster.deleted_secrets == []
+    assert svc.store.revoked_accessors == []
+
+
+def test_force_finishes_a_claimed_pod_whose_secret_remains(svc: Services) -> None:
+    pod = finished_pod_with_secret(svc, claimed=True)
+    svc.cleanup.finish(pod, force=True)
+    assert svc.cluster.secrets == {}
+    assert svc.store.revoked_leases == [LEASE]
+    assert svc.store.revoked_accessors == ["acc-1"]
+    assert EventKind.POD_FINISHED not in svc.audit.kinds()
+
+
+def test_a_pod_changed_since_it_was_seen_is_still_claimed(svc: Services) -> None:
+    stale = finished_pod_with_secret(svc)
+    svc.cluster.set_phase(stale.namespace, stale.name, "Succeeded", exit_code=0)
+    svc.cleanup.finish(stale)
+    assert svc.cluster.count("claim_pod") == 2  # refused on the old version, then taken
+    assert svc.cluster.pods[(stale.namespace, stale.name)].claimed
+    assert svc.store.revoked_accessors == ["acc-1"]
+
+
+def test_secret_is_deleted_even_when_vault_and_audit_are_down(svc: Services) -> None:
+    pod = finished_pod_with_secret(svc)
+    svc.store.fail("revoke", VaultUnavailableError("sealed"))
+    svc.audit.down = True
+    svc.cleanup.finish(pod)
+    assert svc.cluster.secrets == {}
+    assert svc.store.revoked_leases == []
+    assert svc.audit.events == []
+
+
+def test_a_failed_revoke_is_recorded_as_not_revoked(svc: Services) -> None:
+    pod = finished_pod_with_secret(svc)
+    svc.store.fail("revoke_token", VaultUnavailableError("sealed"))
+    svc.cleanup.finish(pod)
+    (revoked,) = svc.audit.of_kind(EventKind.LEASES_REVOKED)
+    assert revoked.details["revoked"] is False
+    assert revoked.details["error"] == VaultUnavailableError.__name__
+    assert revoked.details["lease_ids"] == [LEASE]
