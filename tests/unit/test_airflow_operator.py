@@ -16,8 +16,9 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException, TaskD
 
 from airflow_plugin.client import AsyncBrokerClient, BrokerClient
 from airflow_plugin.hook import BrokerHook
-from airflow_plugin.operator import BrokerPodOperator, broker_errors, split_timestamp
-from airflow_plugin.settings import BrokerSettings, settings_from_connection
+from airflow_plugin.launch_watch import split_timestamp
+from airflow_plugin.operator import BrokerPodOperator, broker_errors
+from airflow_plugin.settings import BrokerConnectionSettings, settings_from_connection
 from airflow_plugin.trigger import BrokerLaunchTrigger
 from broker.errors import DeniedError, InvalidRequestError, TemporaryError
 
@@ -64,14 +65,14 @@ class ScriptedBroker:
 
 
 @pytest.fixture
-def conn_settings(tmp_path: Path) -> BrokerSettings:
+def conn_settings(tmp_path: Path) -> BrokerConnectionSettings:
     return settings_from_connection(
         host="http://broker.test", port=None, password="dev", extra={"namespace": "jobs"}
     )
 
 
 @pytest.fixture
-def wire(monkeypatch: pytest.MonkeyPatch, conn_settings: BrokerSettings):  # type: ignore[no-untyped-def]
+def wire(monkeypatch: pytest.MonkeyPatch, conn_settings: BrokerConnectionSettings):  # type: ignore[no-untyped-def]
     def install(broker: ScriptedBroker) -> ScriptedBroker:
         transport = httpx.MockTransport(broker)
         monkeypatch.setattr(BrokerHook, "settings", conn_settings)
