@@ -19,7 +19,7 @@ import httpx
 
 from airflow_plugin.settings import BrokerConnectionSettings
 from broker.core.api_models import ErrorBody, LaunchRequest, LaunchView
-from broker.errors import BrokerError, TemporaryError, error_for_status
+from broker.errors import BrokerError, BrokerUnavailableError, error_for_status
 
 TERMINAL_PHASES = frozenset({"Succeeded", "Failed", "Deleted"})
 _USER_AGENT = "podbroker-airflow/0.1"
@@ -70,11 +70,9 @@ def error_from_response(response: httpx.Response, body_text: str) -> BrokerError
     )
 
 
-def _transport_error(exc: httpx.TransportError, url: str) -> TemporaryError:
+def _transport_error(exc: httpx.TransportError, url: str) -> BrokerUnavailableError:
     # The message names the URL and the failure class only: no headers (the token).
-    return TemporaryError(
-        f"broker unreachable at {url}: {type(exc).__name__}: {exc}", component="broker"
-    )
+    return BrokerUnavailableError(f"broker unreachable at {url}: {type(exc).__name__}: {exc}")
 
 
 def _launch_path(launch_id: str) -> str:

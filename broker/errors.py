@@ -101,6 +101,14 @@ class KubernetesUnavailableError(TemporaryError):
         super().__init__(reason, component="kubernetes", retry_after=retry_after)
 
 
+class BrokerUnavailableError(TemporaryError):
+    """Seen by the broker's clients: the broker did not answer, or failed unexpectedly
+    (5xx, 429): retry later."""
+
+    def __init__(self, reason: str, retry_after: int = 5) -> None:
+        super().__init__(reason, component="broker", retry_after=retry_after)
+
+
 class AuditUnavailableError(TemporaryError):
     """The audit store is unreachable; nothing is launched unaudited: retry later."""
 
@@ -128,12 +136,16 @@ _BY_CODE: Final = {
 _BY_STATUS: Final = {status: kind for kind, (status, _) in WIRE.items() if status < 500}
 # A 503 names the component that is down; these get their own leaf back.
 _UnavailableLeaf = (
-    type[VaultUnavailableError] | type[KubernetesUnavailableError] | type[AuditUnavailableError]
+    type[VaultUnavailableError]
+    | type[KubernetesUnavailableError]
+    | type[AuditUnavailableError]
+    | type[BrokerUnavailableError]
 )
 _UNAVAILABLE_BY_COMPONENT: Final[Mapping[str, _UnavailableLeaf]] = {
     "vault": VaultUnavailableError,
     "kubernetes": KubernetesUnavailableError,
     "audit": AuditUnavailableError,
+    "broker": BrokerUnavailableError,
 }
 
 
@@ -170,7 +182,7 @@ def error_for_status(
     other status as an invalid request."""
     kind = _kind_for(status, code)
     if issubclass(kind, TemporaryError):
-        leaf = _UNAVAILABLE_BY_COMPONENT.get(component or "")
+        leaf = _UNAVAILABLE_BY_COMPONENT.get(component or "broker")
         if leaf is not None:
             return leaf(reason, retry_after=retry_after)
         return TemporaryError(reason, component=component or "broker", retry_after=retry_after)

@@ -13,6 +13,7 @@ from broker import errors
 from broker.api.app import error_response
 from broker.errors import (
     BrokerError,
+    BrokerUnavailableError,
     ConfigurationError,
     ForbiddenByClusterError,
     InvalidRequestError,
@@ -60,6 +61,7 @@ def test_the_tree_has_the_leaves_the_callers_act_on() -> None:
         "VaultUnavailableError",
         "KubernetesUnavailableError",
         "AuditUnavailableError",
+        "BrokerUnavailableError",
     }
     for kind in LEAVES:
         assert kind.__doc__, f"{kind.__name__} must say what the caller should do"
@@ -106,10 +108,10 @@ def test_unexpected_answers_keep_their_old_meaning() -> None:
     assert BrokerError("boom").http_status == 500
     assert error_code(BrokerError("boom")) == "internal"
     internal = error_for_status(500, "boom", code="internal")
-    assert type(internal) is TemporaryError
+    assert type(internal) is BrokerUnavailableError
     assert internal.component == "broker"
-    assert type(error_for_status(502, "gateway")) is TemporaryError
-    assert type(error_for_status(429, "slow down")) is TemporaryError
+    assert type(error_for_status(502, "gateway")) is BrokerUnavailableError
+    assert type(error_for_status(429, "slow down")) is BrokerUnavailableError
     assert type(error_for_status(400, "bad")) is InvalidRequestError
     assert type(error_for_status(418, "teapot")) is InvalidRequestError
     # A code that does not fit the status is ignored: the status decides.
