@@ -2,7 +2,8 @@
 HTTP responses and transport failures become ``broker.errors`` exceptions, so the hook,
 operator and trigger only ever see: DeniedError (403, names the secrets not granted),
 InvalidRequestError (422), AuthenticationError (401), NotFoundError (404),
-ConflictError (409) and TemporaryError (5xx, connection failures; retry later).
+ConflictError (409), MisconfiguredError (500 naming the broker's own setup: its
+operator must fix it) and TemporaryError (other 5xx, connection failures; retry later).
 
 Nothing secret travels through here: requests carry secret *names*; responses carry
 launch status and pod log lines (the task's own output)."""
@@ -16,17 +17,9 @@ from urllib.parse import quote
 
 import httpx
 
-from airflow_plugin.settings import BrokerSettings
+from airflow_plugin.settings import BrokerConnectionSettings
 from broker.core.api_models import ErrorBody, LaunchRequest, LaunchView
-from broker.errors import (
-    AuthenticationError,
-    BrokerError,
-    ConflictError,
-    DeniedError,
-    InvalidRequestError,
-    NotFoundError,
-    TemporaryError,
-)
+from broker.errors import BrokerError, BrokerUnavailableError, error_for_status
 
 TERMINAL_PHASES = frozenset({"Succeeded", "Failed", "Deleted"})
 _USER_AGENT = "podbroker-airflow/0.1"
@@ -36,7 +29,7 @@ class _BearerAuth(httpx.Auth):
     """Adds ``Authorization: Bearer`` with a token read at request time, so a rotated
     projected ServiceAccount token is picked up without restarting anything."""
 
-    def __init__(self, settings: BrokerSettings) -> None:
+    def __init__(self, settings: BrokerConnectionSettings) -> None:
         self._settings = settings
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
@@ -52,37 +45,34 @@ def _retry_after(response: httpx.Response) -> int:
 
 
 def error_from_response(response: httpx.Response, body_text: str) -> BrokerError:
-    """Translate a 4xx/5xx response into the broker error tree (never raises)."""
+    """Translate a 4xx/5xx response into the broker error tree (never raises), with the
+    one table the API answers from (``broker.errors.error_for_status``)."""
     status = response.status_code
+    code: str | None
     try:
         body = ErrorBody.model_validate(json.loads(body_text))
-        reason, denied, component = body.reason, body.denied_secrets, body.component
+        reason, code, denied, component = (
+            body.reason,
+            body.error,
+            body.denied_secrets,
+            body.component,
+        )
     except (ValueError, TypeError):
         reason = body_text.strip()[:300] or response.reason_phrase
-        denied, component = [], None
-    reason = f"broker answered {status}: {reason}"
-    if status == 403:
-        return DeniedError(reason, denied)
-    if status == 401:
-        return AuthenticationError(reason)
-    if status == 404:
-        return NotFoundError(reason)
-    if status == 409:
-        return ConflictError(reason)
-    if status in (400, 422):
-        return InvalidRequestError(reason)
-    if status >= 500 or status == 429:
-        return TemporaryError(
-            reason, component=component or "broker", retry_after=_retry_after(response)
-        )
-    return InvalidRequestError(reason)
-
-
-def _transport_error(exc: httpx.TransportError, url: str) -> TemporaryError:
-    # The message names the URL and the failure class only: no headers (the token).
-    return TemporaryError(
-        f"broker unreachable at {url}: {type(exc).__name__}: {exc}", component="broker"
+        code, denied, component = None, [], None
+    return error_for_status(
+        status,
+        f"broker answered {status}: {reason}",
+        code=code,
+        denied=denied,
+        component=component,
+        retry_after=_retry_after(response),
     )
+
+
+def _transport_error(exc: httpx.TransportError, url: str) -> BrokerUnavailableError:
+    # The message names the URL and the failure class only: no headers (the token).
+    return BrokerUnavailableError(f"broker unreachable at {url}: {type(exc).__name__}: {exc}")
 
 
 def _launch_path(launch_id: str) -> str:
@@ -103,7 +93,7 @@ class BrokerClient:
     """Blocking client, used by the operator and by the UI plugin."""
 
     def __init__(
-        self, settings: BrokerSettings, *, transport: httpx.BaseTransport | None = None
+        self, settings: BrokerConnectionSettings, *, transport: httpx.BaseTransport | None = None
     ) -> None:
         self.settings = settings
         self._http = httpx.Client(
@@ -208,7 +198,10 @@ class AsyncBrokerClient:
     """Non-blocking client for the trigger (runs in the triggerer's event loop)."""
 
     def __init__(
-        self, settings: BrokerSettings, *, transport: httpx.AsyncBaseTransport | None = None
+        self,
+        settings: BrokerConnectionSettings,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.settings = settings
         self._http = httpx.AsyncClient(

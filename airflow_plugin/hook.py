@@ -17,12 +17,12 @@ from airflow_plugin.client import AsyncBrokerClient, BrokerClient
 from airflow_plugin.settings import (
     CONN_TYPE,
     DEFAULT_CONN_ID,
-    BrokerSettings,
+    BrokerConnectionSettings,
     settings_from_connection,
 )
 
 
-def _settings(conn: Any) -> BrokerSettings:
+def _settings(conn: Any) -> BrokerConnectionSettings:
     return settings_from_connection(
         host=conn.host, port=conn.port, password=conn.password, extra=conn.extra
     )
@@ -44,7 +44,7 @@ class BrokerHook(BaseHook):
         self.podbroker_conn_id = podbroker_conn_id
 
     @cached_property
-    def settings(self) -> BrokerSettings:
+    def settings(self) -> BrokerConnectionSettings:
         """Settings read from the connection (once per hook)."""
         return _settings(self.get_connection(self.podbroker_conn_id))
 
@@ -52,7 +52,7 @@ class BrokerHook(BaseHook):
         """A new blocking client; close it (or use it as a context manager)."""
         return BrokerClient(self.settings)
 
-    async def aget_settings(self) -> BrokerSettings:
+    async def aget_settings(self) -> BrokerConnectionSettings:
         """Settings read through the async connection lookup (triggerer)."""
         return _settings(await self.aget_connection(self.podbroker_conn_id))
 

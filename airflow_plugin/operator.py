@@ -13,7 +13,6 @@ import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from functools import cached_property
 from typing import Any, Literal
 
@@ -23,7 +22,8 @@ from pydantic import ValidationError
 
 from airflow_plugin.client import TERMINAL_PHASES, BrokerClient
 from airflow_plugin.hook import BrokerHook
-from airflow_plugin.retry import DEFAULT_UNAVAILABLE_TIMEOUT_SECONDS, Outage
+from airflow_plugin.launch_watch import LaunchWatcher, OutageTimeoutError
+from airflow_plugin.retry import DEFAULT_UNAVAILABLE_TIMEOUT_SECONDS
 from airflow_plugin.secrets import SecretSpec, parse_secrets
 from airflow_plugin.settings import DEFAULT_CONN_ID, ConnectionConfigError
 from airflow_plugin.trigger import BrokerLaunchTrigger
@@ -36,32 +36,17 @@ from broker.core.api_models import (
     Toleration,
 )
 from broker.core.models import SecretRequest, TaskIdentity
-from broker.errors import AuthenticationError, BrokerError, DeniedError, TemporaryError
+from broker.errors import (
+    AuthenticationError,
+    BrokerError,
+    DeniedError,
+    MisconfiguredError,
+    TemporaryError,
+)
 
 OnFinishAction = Literal["delete_pod", "delete_succeeded_pod", "keep_pod"]
 _ON_FINISH_ACTIONS = ("delete_pod", "delete_succeeded_pod", "keep_pod")
-# Kubernetes log timestamps are RFC 3339 with up to nanoseconds.
-_TIMESTAMPED = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d) ?(.*)$")
 _LAUNCH_ATTEMPTS = 3
-# A followed log stream silent this long is reopened after a status check.
-_LOG_IDLE_SECONDS = 10.0
-
-
-def split_timestamp(line: str) -> tuple[int | None, str]:
-    """``2026-11-24T10:00:00.123456789Z text`` -> (nanoseconds since the epoch, "text");
-    lines without a timestamp come back unchanged with None. Nanoseconds, because
-    several lines often share one microsecond."""
-    match = _TIMESTAMPED.match(line)
-    if not match:
-        return None, line
-    whole, fraction, zone, text = match.groups()
-    zone = "+00:00" if zone == "Z" else zone
-    try:
-        seconds = int(datetime.fromisoformat(f"{whole}{zone}").timestamp())
-    except ValueError:
-        return None, line
-    nanos = int((fraction or ".0")[1:10].ljust(9, "0"))
-    return seconds * 1_000_000_000 + nanos, text
 
 
 def _env_dict(env_vars: Mapping[str, Any] | Sequence[Any] | None) -> dict[str, str]:
@@ -107,28 +92,37 @@ def _tolerations(values: Sequence[Toleration | Mapping[str, Any]] | None) -> lis
     ]
 
 
+def _airflow_error(exc: BrokerError, action: str) -> AirflowException:
+    if isinstance(exc, DeniedError):
+        names = ", ".join(exc.denied) or "(unnamed)"
+        return AirflowFailException(
+            f"podbroker denied {action}: secrets not granted: {names}. {exc.reason}"
+        )
+    if isinstance(exc, AuthenticationError):
+        # Retryable: a projected token may be mid-rotation.
+        return AirflowException(
+            f"podbroker did not accept the worker's credentials during {action} (retryable): {exc}"
+        )
+    if isinstance(exc, TemporaryError):
+        return AirflowException(f"podbroker unavailable during {action} (will retry): {exc}")
+    if isinstance(exc, MisconfiguredError):
+        return AirflowFailException(
+            f"podbroker is misconfigured ({action}); its operator must fix it: {exc}"
+        )
+    return AirflowFailException(f"podbroker refused {action}: {exc}")
+
+
 @contextmanager
 def broker_errors(action: str) -> Iterator[None]:
     """Map the broker error tree to Airflow's retry semantics: permanent errors (denied,
-    invalid, unknown) fail the task without retry; unavailability is retryable."""
+    invalid, unknown, a misconfigured broker) fail the task without retry; unavailability
+    is retryable, also once an outage outlasted the unavailability timeout."""
     try:
         yield
-    except DeniedError as exc:
-        names = ", ".join(exc.denied) or "(unnamed)"
-        raise AirflowFailException(
-            f"podbroker denied {action}: secrets not granted: {names}. {exc.reason}"
-        ) from exc
-    except AuthenticationError as exc:
-        # Retryable: a projected token may be mid-rotation.
-        raise AirflowException(
-            f"podbroker did not accept the worker's credentials during {action} (retryable): {exc}"
-        ) from exc
-    except TemporaryError as exc:
-        raise AirflowException(
-            f"podbroker unavailable during {action} (will retry): {exc}"
-        ) from exc
+    except OutageTimeoutError as exc:
+        raise _airflow_error(exc.error, f"{action} (for {exc.seconds:.0f}s)") from exc.error
     except BrokerError as exc:
-        raise AirflowFailException(f"podbroker refused {action}: {exc}") from exc
+        raise _airflow_error(exc, action) from exc
     except ConnectionConfigError as exc:
         raise AirflowFailException(f"podbroker connection is misconfigured: {exc}") from exc
 
@@ -241,7 +235,6 @@ class BrokerPodOperator(BaseOperator):
         self.broker_unavailable_timeout_seconds = broker_unavailable_timeout_seconds
         self.podbroker_conn_id = podbroker_conn_id
         self._launch_id: str | None = None
-        self._last_log_ns: int | None = None
         # The launch this try deleted, so a failing try does not delete it twice.
         self._deleted_launch: str | None = None
 
@@ -271,6 +264,8 @@ class BrokerPodOperator(BaseOperator):
                     run_id=ti.run_id,
                     try_number=ti.try_number,
                     map_index=-1 if map_index is None else map_index,
+                    # The broker checks this id with Airflow's API (task verification).
+                    ti_id=str(ti_id) if (ti_id := getattr(ti, "id", None)) else None,
                 ),
                 container=ContainerSpec(
                     image=self.image,
@@ -335,11 +330,20 @@ class BrokerPodOperator(BaseOperator):
                     ),
                     method_name="execute_complete",
                 )
+            watcher = self._watcher(client)
             try:
-                view = self._await_start(client, view)
-                if self.get_logs:
-                    self._follow_logs(client, view)
-                view = self._await_end(client, view)
+                with broker_errors("reading the launch status"):
+                    view = watcher.wait_for_start(view, self.startup_timeout_seconds)
+                    if view.phase == "Pending":
+                        self._kill_quietly(client, view.launch_id, "startup_timeout")
+                        raise AirflowException(
+                            f"pod {view.pod_name} still Pending after "
+                            f"{self.startup_timeout_seconds}s "
+                            f"({view.reason or 'no reason given'}); killed"
+                        )
+                    if self.get_logs:
+                        watcher.follow_logs(view)
+                    view = watcher.wait_for_end(view)
             except Exception:
                 # The pod may still run: delete it before this try fails, or the retry
                 # (a new try_number, a new launch) runs beside it with its secrets.
@@ -371,9 +375,11 @@ class BrokerPodOperator(BaseOperator):
                     f"{self.startup_timeout_seconds}s; killed"
                 )
             # The trigger saw the pod end: nothing left to delete if this read fails.
-            view = self._status(client, launch_id)
+            watcher = self._watcher(client)
+            with broker_errors("reading the launch status"):
+                view = watcher.status(launch_id)
             if self.get_logs:
-                self._copy_logs(client, view)
+                watcher.copy_logs(view)
             self._finish(client, view)
 
     def on_kill(self) -> None:
@@ -405,121 +411,15 @@ class BrokerPodOperator(BaseOperator):
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _outage(self) -> Outage:
-        return Outage(
-            self.broker_unavailable_timeout_seconds,
-            first_delay=min(max(self.poll_interval, 1.0), 30.0),
+    def _watcher(self, client: BrokerClient) -> LaunchWatcher:
+        """Status polls ride out outages for ``broker_unavailable_timeout_seconds``; the
+        pod's lines and warnings go to the task log."""
+        return LaunchWatcher(
+            client,
+            poll_interval=self.poll_interval,
+            unavailable_timeout=self.broker_unavailable_timeout_seconds,
+            log=self.log,
         )
-
-    def _status(self, client: BrokerClient, launch_id: str) -> LaunchView:
-        """GET /v1/launches/{id}, riding out broker unavailability (and a 401 while the
-        projected token rotates) for ``broker_unavailable_timeout_seconds``."""
-        outage = self._outage()
-        while True:
-            try:
-                return client.get_launch(launch_id)
-            except (TemporaryError, AuthenticationError) as exc:
-                retry_after = exc.retry_after if isinstance(exc, TemporaryError) else 0
-                delay = outage.next_delay(retry_after)
-                if delay is None:
-                    action = f"reading the launch status (for {outage.elapsed:.0f}s)"
-                    with broker_errors(action):
-                        raise
-                self.log.warning(
-                    "reading launch %s failed (%s); retrying in %.1fs", launch_id, exc.reason, delay
-                )
-                time.sleep(delay)
-            except BrokerError:
-                with broker_errors("reading the launch status"):
-                    raise
-
-    def _await_start(self, client: BrokerClient, view: LaunchView) -> LaunchView:
-        deadline = time.monotonic() + self.startup_timeout_seconds
-        while view.phase == "Pending":
-            if time.monotonic() > deadline:
-                self._kill_quietly(client, view.launch_id, "startup_timeout")
-                raise AirflowException(
-                    f"pod {view.pod_name} still Pending after {self.startup_timeout_seconds}s "
-                    f"({view.reason or 'no reason given'}); killed"
-                )
-            time.sleep(self.poll_interval)
-            view = self._status(client, view.launch_id)
-        return view
-
-    def _await_end(self, client: BrokerClient, view: LaunchView) -> LaunchView:
-        while view.phase not in TERMINAL_PHASES:
-            time.sleep(self.poll_interval)
-            view = self._status(client, view.launch_id)
-        return view
-
-    def _log_line(self, line: str) -> None:
-        self.log.info("[%s] %s", "pod", line)
-
-    def _follow_logs(self, client: BrokerClient, view: LaunchView) -> None:
-        """Stream the log into the task log as lines arrive. A stream that breaks or
-        stays idle is reopened from the last timestamp seen (lines at or before it are
-        skipped), like KPO; once the pod has ended, one non-follow read takes the tail."""
-        self._last_log_ns = None
-        outage = self._outage()
-        while True:
-            pause = self.poll_interval
-            try:
-                self._read_logs(client, view.launch_id, follow=True)
-                outage.reset()
-            except TemporaryError as exc:
-                delay = outage.next_delay(exc.retry_after)
-                if delay is None:
-                    # The outcome still comes from the status, polled by _await_end.
-                    self.log.warning("giving up on the log stream: %s", exc.reason)
-                    return
-                self.log.warning(
-                    "log stream interrupted (%s); reconnecting in %.1fs", exc.reason, delay
-                )
-                pause = delay
-            except BrokerError as exc:
-                # Logs are best effort: the outcome comes from the launch status.
-                self.log.warning("cannot read the pod log: %s", exc.reason)
-                return
-            view = self._status(client, view.launch_id)
-            if view.phase in TERMINAL_PHASES:
-                if view.phase != "Deleted":
-                    try:
-                        self._read_logs(client, view.launch_id, follow=False)
-                    except BrokerError as exc:
-                        self.log.warning("cannot read the end of the pod log: %s", exc.reason)
-                return
-            time.sleep(pause)
-
-    def _read_logs(self, client: BrokerClient, launch_id: str, *, follow: bool) -> None:
-        """One pass over the log. Resumes after ``self._last_log_ns`` (the newest line
-        logged so far, kept per line so an interrupted pass loses nothing)."""
-        resume_after = self._last_log_ns
-        since = None
-        if resume_after is not None:
-            now_ns = int(datetime.now(UTC).timestamp() * 1_000_000_000)
-            since = math.ceil((now_ns - resume_after) / 1_000_000_000) + 1
-        for raw in client.iter_log_lines(
-            launch_id,
-            follow=follow,
-            timestamps=True,
-            since_seconds=since,
-            idle_timeout=max(_LOG_IDLE_SECONDS, self.poll_interval) if follow else None,
-        ):
-            stamp, text = split_timestamp(raw)
-            if stamp is not None:
-                if resume_after is not None and stamp <= resume_after:
-                    continue
-                self._last_log_ns = max(stamp, self._last_log_ns or stamp)
-            self._log_line(text)
-
-    def _copy_logs(self, client: BrokerClient, view: LaunchView) -> None:
-        if view.phase == "Deleted":
-            return
-        try:
-            for line in client.iter_log_lines(view.launch_id, follow=False):
-                self._log_line(line)
-        except BrokerError as exc:
-            self.log.warning("cannot read the pod log: %s", exc.reason)
 
     def _kill_quietly(self, client: BrokerClient, launch_id: str, reason: str) -> None:
         """DELETE /v1/launches/{id}?reason=...; a failure is only logged."""

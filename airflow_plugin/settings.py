@@ -30,7 +30,7 @@ class ConnectionConfigError(ValueError):
 
 
 @dataclass(frozen=True)
-class BrokerSettings:
+class BrokerConnectionSettings:
     """Everything the HTTP client needs. ``static_token`` is repr-masked: it must never
     reach a log line."""
 
@@ -52,7 +52,8 @@ class BrokerSettings:
     def __repr__(self) -> str:
         token = "***" if self.static_token else None
         return (
-            f"BrokerSettings(base_url={self.base_url!r}, auth_method={self.auth_method!r}, "
+            f"{type(self).__name__}(base_url={self.base_url!r}, "
+            f"auth_method={self.auth_method!r}, "
             f"token_file={str(self.token_file)!r}, static_token={token!r}, "
             f"verify={self.verify!r}, namespace={self.namespace!r}, timeout={self.timeout!r})"
         )
@@ -92,7 +93,7 @@ def settings_from_connection(
     port: int | None,
     password: str | None,
     extra: str | Mapping[str, Any] | None,
-) -> BrokerSettings:
+) -> BrokerConnectionSettings:
     """Build settings from a connection's fields. ``host`` may carry the scheme
     (``http://127.0.0.1:8080``); otherwise extra ``scheme`` (default https) is used."""
     if isinstance(extra, str):
@@ -136,7 +137,7 @@ def settings_from_connection(
 
     ca_bundle = _extra_field(extra_map, EXTRA_CA_BUNDLE)
     token_file = _extra_field(extra_map, EXTRA_TOKEN_FILE)
-    return BrokerSettings(
+    return BrokerConnectionSettings(
         base_url=base_url,
         auth_method=method,
         token_file=Path(token_file) if token_file else DEFAULT_TOKEN_FILE,

@@ -1,5 +1,6 @@
 """Async trigger for deferrable BrokerPodOperator tasks: only polls
-GET /v1/launches/{id} until the pod ends; the operator fetches logs on resume. When a
+GET /v1/launches/{id} until the pod ends (with airflow_plugin.launch_watch, as the
+blocking operator does); the operator fetches logs on resume. When a
 user marks the deferred task failed / succeeded or clears it, ``on_kill`` sends
 DELETE /v1/launches/{id}?reason=on_kill so its pod and Secret go too."""
 
@@ -14,9 +15,10 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from airflow_plugin.client import TERMINAL_PHASES
 from airflow_plugin.hook import BrokerHook
-from airflow_plugin.retry import DEFAULT_UNAVAILABLE_TIMEOUT_SECONDS, Outage
+from airflow_plugin.launch_watch import AsyncLaunchWatcher, OutageTimeoutError
+from airflow_plugin.retry import DEFAULT_UNAVAILABLE_TIMEOUT_SECONDS
 from airflow_plugin.settings import DEFAULT_CONN_ID, ConnectionConfigError
-from broker.errors import AuthenticationError, BrokerError, TemporaryError
+from broker.errors import BrokerError, TemporaryError
 
 # on_kill runs under the triggerer's own bound ([triggerer] on_kill_timeout, 30s by
 # default): a few quick attempts fit in it.
@@ -75,45 +77,30 @@ class BrokerLaunchTrigger(BaseTrigger):
         except ConnectionConfigError as exc:
             yield self._event("error", message=str(exc), retryable=False)
             return
-        outage = Outage(
-            self.broker_unavailable_timeout_seconds,
-            first_delay=min(max(self.poll_interval, 1.0), 30.0),
+        watcher = AsyncLaunchWatcher(
+            client,
+            poll_interval=self.poll_interval,
+            unavailable_timeout=self.broker_unavailable_timeout_seconds,
+            log=self.log,
         )
         try:
-            while True:
-                try:
-                    view = await client.get_launch(self.launch_id)
-                    outage.reset()
-                except (TemporaryError, AuthenticationError) as exc:
-                    retry_after = exc.retry_after if isinstance(exc, TemporaryError) else 0
-                    delay = outage.next_delay(retry_after)
-                    if delay is None:
-                        message = f"{exc.reason} (unavailable for {outage.elapsed:.0f}s)"
-                        yield self._event("error", message=message, retryable=True)
-                        return
-                    self.log.warning(
-                        "polling launch %s failed (%s); retrying in %.1fs",
-                        self.launch_id,
-                        exc.reason,
-                        delay,
-                    )
-                    await asyncio.sleep(delay)
-                    continue
-                except (BrokerError, ConnectionConfigError) as exc:
-                    yield self._event("error", message=str(exc), retryable=False)
-                    return
-                if view.phase in TERMINAL_PHASES:
-                    yield self._event("done", phase=view.phase, pod_name=view.pod_name)
-                    return
-                if (
-                    view.phase == "Pending"
-                    and time.time() - self.started_at > self.startup_timeout_seconds
-                ):
-                    yield self._event("startup_timeout", pod_name=view.pod_name)
-                    return
-                await asyncio.sleep(self.poll_interval)
+            view = await watcher.wait_for_end(
+                self.launch_id,
+                started_at=self.started_at,
+                startup_timeout_seconds=self.startup_timeout_seconds,
+            )
+        except OutageTimeoutError as exc:
+            event = self._event("error", message=str(exc), retryable=True)
+        except (BrokerError, ConnectionConfigError) as exc:
+            event = self._event("error", message=str(exc), retryable=False)
+        else:
+            if view.phase in TERMINAL_PHASES:
+                event = self._event("done", phase=view.phase, pod_name=view.pod_name)
+            else:
+                event = self._event("startup_timeout", pod_name=view.pod_name)
         finally:
             await client.aclose()
+        yield event
 
     async def on_kill(self) -> None:
         """The user acted on the deferred task (mark failed / succeeded, clear): DELETE

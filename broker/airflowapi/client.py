@@ -44,7 +44,7 @@ def _record(item: dict[str, Any]) -> TaskInstanceRecord:
         dag_id=str(item.get("dag_id") or ""),
         run_id=str(item.get("dag_run_id") or item.get("run_id") or ""),
         task_id=str(item.get("task_id") or ""),
-        map_index=int(item.get("map_index") if item.get("map_index") is not None else -1),
+        map_index=int(item.get("map_index") or 0) if item.get("map_index") is not None else -1,
         try_number=int(item.get("try_number") or 0),
         state=item.get("state"),
         hostname=item.get("hostname") or None,

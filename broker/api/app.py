@@ -16,25 +16,17 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from broker.core.api_models import ErrorBody, LaunchRequest, LaunchView
 from broker.core.models import Caller
 from broker.core.report import ReportFilters
-from broker.errors import BrokerError, DeniedError, TemporaryError
+from broker.errors import BrokerError, DeniedError, TemporaryError, error_code, status_for
 from broker.service.runtime import Runtime
 
 log = logging.getLogger("podbroker.api")
 
-_ERROR_CODES = {
-    401: "unauthenticated",
-    403: "denied",
-    404: "not_found",
-    409: "conflict",
-    422: "invalid_request",
-    503: "unavailable",
-}
-
 
 def error_response(exc: BrokerError) -> JSONResponse:
-    status = exc.http_status
+    """The ErrorBody and headers for ``exc``; status and code from broker.errors.WIRE."""
+    status = status_for(exc)
     body = ErrorBody(
-        error=_ERROR_CODES.get(status, "internal"),
+        error=error_code(exc),
         reason=exc.reason,
         denied_secrets=exc.denied if isinstance(exc, DeniedError) else [],
         component=exc.component if isinstance(exc, TemporaryError) else None,
@@ -65,7 +57,7 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     @app.exception_handler(BrokerError)
     async def _broker_error(_: Request, exc: BrokerError) -> JSONResponse:
-        if exc.http_status >= 500:
+        if status_for(exc) >= 500:
             log.warning("request failed: %s", exc.reason)
         return error_response(exc)
 

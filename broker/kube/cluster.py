@@ -18,9 +18,9 @@ from broker.core.objects import ContainerStatus, PodInfo, PodRef, ReviewedToken,
 from broker.errors import (
     BrokerError,
     ConflictError,
-    InvalidRequestError,
     KubernetesUnavailableError,
     NotFoundError,
+    error_for_api_server_status,
 )
 from broker.metrics import KUBERNETES_LATENCY
 
@@ -368,14 +368,5 @@ def _translate(exc: ApiException, what: str) -> BrokerError:
     message = _api_message(exc)
     if message and "secret" not in what:
         reason = f"{reason}: {message}"
-    if status == 404:
-        return NotFoundError(reason)
-    if status == 409:
-        return ConflictError(reason)
-    if status in (400, 422):
-        return InvalidRequestError(reason)
-    if status in (401, 403):
-        # The broker's own RBAC, or an admission rule such as a quota, refused it.
-        hint = "exceeded quota" if "exceeded quota" in message else "check the broker's RBAC"
-        return BrokerError(f"{reason}: forbidden by the API server ({hint})")
-    return KubernetesUnavailableError(reason)
+    hint = "exceeded quota" if "exceeded quota" in message else "check the broker's RBAC"
+    return error_for_api_server_status(status, reason, forbidden_hint=hint)

@@ -14,7 +14,7 @@ from broker.core import podmeta
 from broker.core.models import Caller, TaskIdentity
 from broker.core.objects import PodInfo, SecretMeta, launch_view
 from broker.core.plan import secret_name_for
-from broker.errors import BrokerError
+from broker.errors import BrokerError, NotFoundError
 from broker.metrics import LIVE_SECRETS, VAULT_LATENCY
 from broker.service.ports import AuditSink, Cluster, SecretStore
 
@@ -62,13 +62,16 @@ class Cleanup:
         for _ in range(3):
             if pod.claimed:
                 return False
-            if self.cluster.claim_pod(
-                pod.namespace,
-                pod.name,
-                pod.resource_version,
-                podmeta.claim_annotations(dt.datetime.now(dt.UTC)),
-            ):
-                return True
+            try:
+                if self.cluster.claim_pod(
+                    pod.namespace,
+                    pod.name,
+                    pod.resource_version,
+                    podmeta.claim_annotations(dt.datetime.now(dt.UTC)),
+                ):
+                    return True
+            except NotFoundError:
+                return True  # deleted meanwhile: its Secret still needs releasing
             fresh = self.cluster.read_pod(pod.namespace, pod.name)
             if fresh is None:
                 return True  # gone already: nobody else will look at it again

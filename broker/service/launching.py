@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 from broker.core import audit_events as ev
 from broker.core import podmeta
@@ -109,6 +110,8 @@ class LaunchExecutor:
         if existing is not None:
             self.audit.append_many([requested, decided, self._reattached_event(plan, caller)])
             return launch_view(existing, created=False)
+        # Before anything is recorded or read: refs that cannot work are the caller's 422.
+        pod_manifest = plan.initial_pod()
         intent = ev.launch_event(
             ev.EventKind.POD_CREATED,
             launch_id=plan.launch_id,
@@ -121,13 +124,14 @@ class LaunchExecutor:
         )
         # One commit before any side effect: if it fails, nothing has happened.
         self.audit.append_many([requested, decided, intent])
-        return self._execute(plan, caller)
+        return self._execute(plan, caller, pod_manifest)
 
-    def _execute(self, plan: LaunchPlan, caller: Caller) -> LaunchView:
+    def _execute(
+        self, plan: LaunchPlan, caller: Caller, pod_manifest: dict[str, Any] | None
+    ) -> LaunchView:
         bundle_future: Future[BundleLike] | None = None
         if plan.secrets is not None and plan.secrets.reads:
             bundle_future = self._pool.submit(self._resolve, plan)
-        pod_manifest = plan.initial_pod()
         if pod_manifest is None:
             # Keys are learnt from the values: the pod must wait for Vault.
             assert bundle_future is not None

@@ -15,7 +15,7 @@ from broker.audit.reporting import build_report, grant_refs_from_policy
 from broker.audit.store import AuditStore, open_audit_store
 from broker.core.plan import PlanPolicy, SecretLimits
 from broker.core.report import ReportFilters
-from broker.errors import BrokerError
+from broker.errors import ConfigurationError
 from broker.kube.cluster import KubeCluster, load_api_client
 from broker.service.auth import Authenticator
 from broker.service.cleanup import Cleanup
@@ -36,11 +36,11 @@ def vault_auth(settings: VaultAuthSettings) -> VaultAuth:
         if token is None and settings.token_file is not None:
             token = settings.token_file.read_text().strip()
         if not token:
-            raise BrokerError("vault.auth.method=token needs vault.auth.token or token_file")
+            raise ConfigurationError("vault.auth.method=token needs vault.auth.token or token_file")
         return VaultAuth.token(token)
     if settings.method == "approle":
         if not settings.role_id or settings.secret_id_file is None:
-            raise BrokerError("vault.auth.method=approle needs role_id and secret_id_file")
+            raise ConfigurationError("vault.auth.method=approle needs role_id and secret_id_file")
         return VaultAuth.approle(
             settings.role_id,
             settings.secret_id_file.read_text().strip(),
@@ -98,7 +98,7 @@ class Runtime:
 def _signing_key_path(settings: BrokerSettings) -> Path:
     if settings.audit.signing_key_file is not None:
         return settings.audit.signing_key_file
-    raise BrokerError("audit.signing_key_file is required (podbroker audit keygen FILE)")
+    raise ConfigurationError("audit.signing_key_file is required (podbroker audit keygen FILE)")
 
 
 def build_runtime(settings: BrokerSettings, *, dev_generate_key: bool = False) -> Runtime:

@@ -16,7 +16,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from airflow_plugin.client import BrokerClient
-from airflow_plugin.settings import BrokerSettings, settings_from_connection
+from airflow_plugin.settings import BrokerConnectionSettings, settings_from_connection
 from airflow_plugin.trigger import BrokerLaunchTrigger
 from broker.audit.store import open_audit_store
 from broker.core.api_models import ContainerSpec, LaunchRequest, LaunchView, Scheduling
@@ -31,7 +31,7 @@ pytestmark = [pytest.mark.stack, pytest.mark.airflow]
 
 
 @pytest.fixture
-def settings(broker: BrokerHandle, monkeypatch: pytest.MonkeyPatch) -> BrokerSettings:
+def settings(broker: BrokerHandle, monkeypatch: pytest.MonkeyPatch) -> BrokerConnectionSettings:
     extra = {"namespace": broker.namespace, "timeout": 30}
     conn = {"conn_type": "podbroker", "host": broker.url, "password": broker.token, "extra": extra}
     monkeypatch.setenv("AIRFLOW_CONN_PODBROKER_DEFAULT", json.dumps(conn))
@@ -44,7 +44,7 @@ def core(broker: BrokerHandle) -> Iterator[client.CoreV1Api]:
         yield client.CoreV1Api(api)
 
 
-def launch(settings: BrokerSettings, run_seconds: int) -> LaunchView:
+def launch(settings: BrokerConnectionSettings, run_seconds: int) -> LaunchView:
     request = LaunchRequest(
         task=TaskIdentity(
             dag_id=f"analytics_etl_{uuid.uuid4().hex[:6]}",
@@ -77,7 +77,7 @@ async def first_event(trigger: BrokerLaunchTrigger) -> dict[str, Any]:
 
 
 def test_trigger_on_kill_deletes_the_pod_and_its_secret(
-    broker: BrokerHandle, settings: BrokerSettings, core: client.CoreV1Api
+    broker: BrokerHandle, settings: BrokerConnectionSettings, core: client.CoreV1Api
 ) -> None:
     view = launch(settings, run_seconds=300)
     secret = f"podbroker-{view.launch_id}"
@@ -110,7 +110,7 @@ def test_trigger_on_kill_deletes_the_pod_and_its_secret(
 
 
 def test_trigger_polling_rides_out_a_broker_restart(
-    broker: BrokerHandle, settings: BrokerSettings, capsys: pytest.CaptureFixture[str]
+    broker: BrokerHandle, settings: BrokerConnectionSettings, capsys: pytest.CaptureFixture[str]
 ) -> None:
     view = launch(settings, run_seconds=20)
     trigger = BrokerLaunchTrigger(

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from airflow_plugin.client import BrokerClient
-from airflow_plugin.settings import BrokerSettings, settings_from_connection
+from airflow_plugin.settings import BrokerConnectionSettings, settings_from_connection
 from broker.core.api_models import ContainerSpec, LaunchRequest
 from broker.core.models import SecretRequest, TaskIdentity
 from broker.errors import (
@@ -37,7 +37,7 @@ def view(phase: str = "Pending", created: bool = True) -> dict[str, object]:
     }
 
 
-def settings(tmp_path: Path, token: str = "tok-1") -> BrokerSettings:  # noqa: S107
+def settings(tmp_path: Path, token: str = "tok-1") -> BrokerConnectionSettings:  # noqa: S107
     token_file = tmp_path / "token"
     token_file.write_text(token)
     return settings_from_connection(

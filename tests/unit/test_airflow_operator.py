@@ -16,8 +16,9 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException, TaskD
 
 from airflow_plugin.client import AsyncBrokerClient, BrokerClient
 from airflow_plugin.hook import BrokerHook
-from airflow_plugin.operator import BrokerPodOperator, broker_errors, split_timestamp
-from airflow_plugin.settings import BrokerSettings, settings_from_connection
+from airflow_plugin.launch_watch import split_timestamp
+from airflow_plugin.operator import BrokerPodOperator, broker_errors
+from airflow_plugin.settings import BrokerConnectionSettings, settings_from_connection
 from airflow_plugin.trigger import BrokerLaunchTrigger
 from broker.errors import DeniedError, InvalidRequestError, TemporaryError
 
@@ -64,14 +65,14 @@ class ScriptedBroker:
 
 
 @pytest.fixture
-def conn_settings(tmp_path: Path) -> BrokerSettings:
+def conn_settings(tmp_path: Path) -> BrokerConnectionSettings:
     return settings_from_connection(
         host="http://broker.test", port=None, password="dev", extra={"namespace": "jobs"}
     )
 
 
 @pytest.fixture
-def wire(monkeypatch: pytest.MonkeyPatch, conn_settings: BrokerSettings):  # type: ignore[no-untyped-def]
+def wire(monkeypatch: pytest.MonkeyPatch, conn_settings: BrokerConnectionSettings):  # type: ignore[no-untyped-def]
     def install(broker: ScriptedBroker) -> ScriptedBroker:
         transport = httpx.MockTransport(broker)
         monkeypatch.setattr(BrokerHook, "settings", conn_settings)
@@ -89,6 +90,7 @@ class FakeTI:
     run_id = "manual__1"
     try_number = 2
     map_index = -1
+    id = "0199a3c2-7f1e-7b3a-9c55-3d2e1f0a4b6c"
 
     def __init__(self) -> None:
         self.xcom: dict[str, Any] = {}
@@ -130,6 +132,7 @@ def test_request_has_identity_names_and_kpo_style_fields(wire, conn_settings) ->
         "run_id": "manual__1",
         "try_number": 2,
         "map_index": -1,
+        "ti_id": FakeTI.id,
     }
     assert req.container.command == ["python", "-m", "etl"]
     assert req.container.env == {"MODE": "full"}

@@ -17,7 +17,7 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException, TaskD
 from airflow_plugin.client import AsyncBrokerClient
 from airflow_plugin.hook import BrokerHook
 from airflow_plugin.retry import Outage
-from airflow_plugin.settings import BrokerSettings
+from airflow_plugin.settings import BrokerConnectionSettings
 from airflow_plugin.trigger import BrokerLaunchTrigger
 from broker.errors import TemporaryError
 from tests.unit import test_airflow_operator as base
@@ -242,7 +242,7 @@ def test_resume_rides_out_a_503_reading_the_final_status(wire, clock) -> None:  
 
 
 @pytest.fixture
-def async_broker(monkeypatch: pytest.MonkeyPatch, conn_settings: BrokerSettings):  # type: ignore[no-untyped-def]
+def async_broker(monkeypatch: pytest.MonkeyPatch, conn_settings: BrokerConnectionSettings):  # type: ignore[no-untyped-def]
     """Points the trigger's hook at a scripted broker; asyncio.sleep advances a clock."""
     clock = FakeClock()
     monkeypatch.setattr("airflow_plugin.retry._clock", clock)
@@ -315,7 +315,9 @@ def test_trigger_on_kill_stops_at_a_permanent_error(async_broker, capsys) -> Non
     assert "no launch L1" in capsys.readouterr().out
 
 
-def test_async_kill_maps_errors_and_returns_the_view(conn_settings: BrokerSettings) -> None:
+def test_async_kill_maps_errors_and_returns_the_view(
+    conn_settings: BrokerConnectionSettings,
+) -> None:
     broker = Flaky(["Running"])
 
     async def kill(transport: httpx.MockTransport) -> Any:

@@ -1,4 +1,4 @@
-"""The podbroker connection -> BrokerSettings: URL forms, auth choice, token rotation,
+"""The podbroker connection -> BrokerConnectionSettings: URL forms, auth choice, token rotation,
 and that the static token never shows in a repr."""
 
 from __future__ import annotations

@@ -270,12 +270,6 @@ def test_env_collision_seen_only_in_read_keys_revokes_what_was_read(svc: Service
     assert failure_stage(svc) == "plan_secret_refs"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: LaunchExecutor._execute submits the Vault read before plan.initial_pod() "
-    "checks env collisions of declared keys; the InvalidRequestError leaves that read's "
-    "child token unrevoked (before the split the check ran before any side effect)",
-)
 @pytest.mark.parametrize(
     ("secrets", "env"),
     [

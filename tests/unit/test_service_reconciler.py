@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import pytest
-
 from broker.core import podmeta
 from broker.core.audit_events import EventKind
 from broker.core.plan import secret_name_for
@@ -185,12 +183,6 @@ def test_a_failing_cleanup_on_an_event_is_left_to_the_sweep(svc: Services) -> No
     assert svc.store.revoked_accessors == ["acc-1"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug (minor): Cleanup.claim handles a pod gone after a refused claim (read_pod "
-    "-> None) but not one gone before it: claim_pod raises NotFoundError (the adapter's "
-    "PATCH gets 404), which aborts the sweep of the whole namespace for this pass",
-)
 def test_a_pod_deleted_while_being_claimed_does_not_stop_the_sweep(svc: Services) -> None:
     gone = svc.cluster.add_pod(make_task("gone"), phase="Succeeded", secret_names=["wh"])
     svc.cluster.add_secret_for(gone, accessor="acc-gone")

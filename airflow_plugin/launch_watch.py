@@ -1,0 +1,282 @@
+"""Watching one launch from the Airflow side, as KPO's pod manager watches its pods: read
+the status riding out broker outages (:class:`airflow_plugin.retry.Outage`), wait for the
+pod to start and to end, and follow its log, resuming after the last timestamp seen.
+
+The blocking operator uses :class:`LaunchWatcher`, the trigger :class:`AsyncLaunchWatcher`.
+Both raise the broker error tree, or :class:`OutageTimeoutError` once an outage outlasted its
+timeout; turning those into Airflow exceptions or trigger events is the caller's job.
+No Airflow import here: the clients are protocols, so tests use in-memory fakes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import re
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from airflow_plugin.client import TERMINAL_PHASES
+from airflow_plugin.retry import Outage
+from broker.core.api_models import LaunchView
+from broker.errors import AuthenticationError, BrokerError, TemporaryError
+
+# Kubernetes log timestamps are RFC 3339 with up to nanoseconds.
+_TIMESTAMPED = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d) ?(.*)$")
+# A followed log stream silent this long is reopened after a status check.
+LOG_IDLE_SECONDS = 10.0
+# Failures a status read rides out: the broker down, or a 401 while the projected
+# ServiceAccount token rotates.
+_RIDDEN_OUT = (TemporaryError, AuthenticationError)
+
+_log = logging.getLogger("podbroker.airflow")
+
+
+def split_timestamp(line: str) -> tuple[int | None, str]:
+    """``2026-11-24T10:00:00.123456789Z text`` -> (nanoseconds since the epoch, "text");
+    lines without a timestamp come back unchanged with None. Nanoseconds, because
+    several lines often share one microsecond."""
+    match = _TIMESTAMPED.match(line)
+    if not match:
+        return None, line
+    whole, fraction, zone, text = match.groups()
+    zone = "+00:00" if zone == "Z" else zone
+    try:
+        seconds = int(datetime.fromisoformat(f"{whole}{zone}").timestamp())
+    except ValueError:
+        return None, line
+    nanos = int((fraction or ".0")[1:10].ljust(9, "0"))
+    return seconds * 1_000_000_000 + nanos, text
+
+
+class OutageTimeoutError(Exception):
+    """The broker stayed unavailable (or kept refusing the token) for the whole
+    unavailability timeout. ``error`` is the last failure; retrying the task is safe once
+    its launch is deleted."""
+
+    def __init__(self, error: TemporaryError | AuthenticationError, seconds: float) -> None:
+        super().__init__(f"{error.reason} (unavailable for {seconds:.0f}s)")
+        self.error = error
+        self.seconds = seconds
+
+
+class TaskLog(Protocol):
+    """The part of a logger the watchers use: a ``logging.Logger`` or Airflow's task log."""
+
+    def info(self, event: Any, *args: Any) -> Any: ...
+
+    def warning(self, event: Any, *args: Any) -> Any: ...
+
+
+class LaunchReader(Protocol):
+    """What :class:`LaunchWatcher` needs of :class:`airflow_plugin.client.BrokerClient`."""
+
+    def get_launch(self, launch_id: str) -> LaunchView: ...
+
+    def iter_log_lines(
+        self,
+        launch_id: str,
+        *,
+        follow: bool,
+        since_seconds: int | None = None,
+        timestamps: bool = False,
+        idle_timeout: float | None = None,
+    ) -> Iterator[str]: ...
+
+
+class AsyncLaunchReader(Protocol):
+    """What :class:`AsyncLaunchWatcher` needs of ``AsyncBrokerClient``."""
+
+    async def get_launch(self, launch_id: str) -> LaunchView: ...
+
+
+def _outage(timeout: float, poll_interval: float) -> Outage:
+    return Outage(timeout, first_delay=min(max(poll_interval, 1.0), 30.0))
+
+
+def _delay_or_give_up(outage: Outage, exc: TemporaryError | AuthenticationError) -> float:
+    """The wait before the next status read, or OutageTimeoutError once the outage is over
+    its timeout (honours the broker's Retry-After)."""
+    delay = outage.next_delay(exc.retry_after if isinstance(exc, TemporaryError) else 0)
+    if delay is None:
+        raise OutageTimeoutError(exc, outage.elapsed) from exc
+    return delay
+
+
+def _polling_failed(log: TaskLog, launch_id: str, reason: str, delay: float) -> None:
+    log.warning("polling launch %s failed (%s); retrying in %.1fs", launch_id, reason, delay)
+
+
+class LaunchWatcher:
+    """Blocking watcher (the operator): ``GET /v1/launches/{id}`` and its ``/logs``.
+
+    :param poll_interval: seconds between status reads.
+    :param unavailable_timeout: how long one outage is ridden out (0: not at all).
+    :param log: where warnings and the pod's lines (``[pod] ...``) go.
+    :param sleep, clock: injectable for tests (default ``time.sleep``/``time.monotonic``)."""
+
+    def __init__(
+        self,
+        client: LaunchReader,
+        *,
+        poll_interval: float,
+        unavailable_timeout: float,
+        log: TaskLog | None = None,
+        sleep: Callable[[float], None] | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self._client = client
+        self.poll_interval = poll_interval
+        self.unavailable_timeout = unavailable_timeout
+        self._log: TaskLog = log or _log
+        self._sleep = sleep or time.sleep
+        self._clock = clock or time.monotonic
+        # The newest log line shown so far (ns since the epoch): where a reconnect resumes.
+        self.last_log_ns: int | None = None
+
+    def status(self, launch_id: str) -> LaunchView:
+        """The launch's current view, riding out one outage for ``unavailable_timeout``."""
+        outage = _outage(self.unavailable_timeout, self.poll_interval)
+        while True:
+            try:
+                return self._client.get_launch(launch_id)
+            except _RIDDEN_OUT as exc:
+                delay = _delay_or_give_up(outage, exc)
+                _polling_failed(self._log, launch_id, exc.reason, delay)
+                self._sleep(delay)
+
+    def wait_for_start(self, view: LaunchView, timeout_seconds: float) -> LaunchView:
+        """Poll while the pod is Pending. Returns the first other view, or the still
+        Pending one once ``timeout_seconds`` passed (the caller decides what then)."""
+        deadline = self._clock() + timeout_seconds
+        while view.phase == "Pending" and self._clock() <= deadline:
+            self._sleep(self.poll_interval)
+            view = self.status(view.launch_id)
+        return view
+
+    def wait_for_end(self, view: LaunchView) -> LaunchView:
+        """Poll until the launch reaches a terminal phase."""
+        while view.phase not in TERMINAL_PHASES:
+            self._sleep(self.poll_interval)
+            view = self.status(view.launch_id)
+        return view
+
+    def follow_logs(self, view: LaunchView) -> None:
+        """Stream the log into ``log`` as lines arrive. A stream that breaks or stays
+        idle is reopened from the last timestamp seen (lines at or before it are
+        skipped), like KPO; once the pod has ended, one non-follow read takes the tail.
+        Logs are best effort: only status reads raise."""
+        self.last_log_ns = None
+        outage = _outage(self.unavailable_timeout, self.poll_interval)
+        while True:
+            pause = self.poll_interval
+            try:
+                self._read_logs(view.launch_id, follow=True)
+                outage.reset()
+            except TemporaryError as exc:
+                delay = outage.next_delay(exc.retry_after)
+                if delay is None:
+                    # The outcome still comes from the status, polled by wait_for_end.
+                    self._log.warning("giving up on the log stream: %s", exc.reason)
+                    return
+                self._log.warning(
+                    "log stream interrupted (%s); reconnecting in %.1fs", exc.reason, delay
+                )
+                pause = delay
+            except BrokerError as exc:
+                self._log.warning("cannot read the pod log: %s", exc.reason)
+                return
+            view = self.status(view.launch_id)
+            if view.phase in TERMINAL_PHASES:
+                if view.phase != "Deleted":
+                    try:
+                        self._read_logs(view.launch_id, follow=False)
+                    except BrokerError as exc:
+                        self._log.warning("cannot read the end of the pod log: %s", exc.reason)
+                return
+            self._sleep(pause)
+
+    def copy_logs(self, view: LaunchView) -> None:
+        """Read the whole log of an ended pod once (after deferral); best effort."""
+        if view.phase == "Deleted":
+            return
+        try:
+            for line in self._client.iter_log_lines(view.launch_id, follow=False):
+                self._pod_line(line)
+        except BrokerError as exc:
+            self._log.warning("cannot read the pod log: %s", exc.reason)
+
+    def _pod_line(self, text: str) -> None:
+        self._log.info("[%s] %s", "pod", text)
+
+    def _read_logs(self, launch_id: str, *, follow: bool) -> None:
+        """One pass over the log. Resumes after ``last_log_ns`` (kept per line, so an
+        interrupted pass loses nothing)."""
+        resume_after = self.last_log_ns
+        since = None
+        if resume_after is not None:
+            now_ns = int(datetime.now(UTC).timestamp() * 1_000_000_000)
+            since = math.ceil((now_ns - resume_after) / 1_000_000_000) + 1
+        for raw in self._client.iter_log_lines(
+            launch_id,
+            follow=follow,
+            timestamps=True,
+            since_seconds=since,
+            idle_timeout=max(LOG_IDLE_SECONDS, self.poll_interval) if follow else None,
+        ):
+            stamp, text = split_timestamp(raw)
+            if stamp is not None:
+                if resume_after is not None and stamp <= resume_after:
+                    continue
+                self.last_log_ns = max(stamp, self.last_log_ns or stamp)
+            self._pod_line(text)
+
+
+class AsyncLaunchWatcher:
+    """Non-blocking watcher (the trigger): status reads only; logs are read by the
+    operator when it resumes. Same parameters as :class:`LaunchWatcher`, except that
+    ``clock`` is wall-clock time (``time.time``): the startup clock of a deferred task
+    starts at deferral and survives triggerer restarts."""
+
+    def __init__(
+        self,
+        client: AsyncLaunchReader,
+        *,
+        poll_interval: float,
+        unavailable_timeout: float,
+        log: TaskLog | None = None,
+        sleep: Callable[[float], Awaitable[None]] | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self._client = client
+        self.poll_interval = poll_interval
+        self.unavailable_timeout = unavailable_timeout
+        self._log: TaskLog = log or _log
+        self._sleep = sleep or asyncio.sleep
+        self._clock = clock or time.time
+
+    async def status(self, launch_id: str) -> LaunchView:
+        """As :meth:`LaunchWatcher.status`."""
+        outage = _outage(self.unavailable_timeout, self.poll_interval)
+        while True:
+            try:
+                return await self._client.get_launch(launch_id)
+            except _RIDDEN_OUT as exc:
+                delay = _delay_or_give_up(outage, exc)
+                _polling_failed(self._log, launch_id, exc.reason, delay)
+                await self._sleep(delay)
+
+    async def wait_for_end(
+        self, launch_id: str, *, started_at: float, startup_timeout_seconds: float
+    ) -> LaunchView:
+        """Poll until the launch reaches a terminal phase; returns early with the Pending
+        view once ``startup_timeout_seconds`` have passed since ``started_at``."""
+        while True:
+            view = await self.status(launch_id)
+            if view.phase in TERMINAL_PHASES:
+                return view
+            if view.phase == "Pending" and self._clock() - started_at > startup_timeout_seconds:
+                return view
+            await self._sleep(self.poll_interval)
