@@ -1,32 +1,21 @@
-"""Glue between the store, the policies and the pure report computation."""
+"""Glue between the audit store and the pure report computation."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime
-from typing import Any, Protocol
 
 from broker.audit.store import AuditStore
-from broker.core.report import GrantRef, ReportFilters, UsageReport, compute_report
+from broker.core.report import (
+    GrantRef,
+    ReportFilters,
+    UsageReport,
+    compute_report,
+    grant_refs_from_policy,
+)
 
-
-class _GrantLike(Protocol):
-    dags: str
-    tasks: str | None
-    secrets: tuple[str, ...]
-
-
-class _PolicyLike(Protocol):
-    def grants(self) -> list[tuple[str, Any]]: ...
-
-
-def grant_refs_from_policy(policy: _PolicyLike) -> list[GrantRef]:
-    """Adapt ``broker.core.policy.PolicySet`` (``grants()`` -> ``(team/grant, Grant)``)."""
-    refs = []
-    for full_id, grant in policy.grants():
-        team = full_id.partition("/")[0]
-        refs.append(GrantRef(full_id, team, grant.dags, grant.tasks, tuple(grant.secrets)))
-    return refs
+# grant_refs_from_policy lives in core now; still importable from here for existing callers.
+__all__ = ["build_report", "grant_refs_from_policy"]
 
 
 def build_report(

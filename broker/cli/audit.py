@@ -124,10 +124,10 @@ def report(
 ) -> None:
     """Who used which secret, when, for what; denials; unused grants; first-time uses."""
     from broker.audit.render import FORMATS, render
-    from broker.audit.reporting import build_report, grant_refs_from_policy
+    from broker.audit.reporting import build_report
     from broker.audit.store import open_audit_store
-    from broker.core.report import ReportFilters
-    from broker.policyfiles import load_policy_dir
+    from broker.cli.policy_folder import load_policy_dir
+    from broker.core.report import ReportFilters, grant_refs_from_policy
 
     if fmt not in FORMATS:
         raise _fail(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")

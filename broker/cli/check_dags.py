@@ -160,7 +160,8 @@ def check_dags(
 ) -> None:
     """Check every BrokerPodOperator's declared secrets against the policies."""
     if policies is not None:
-        from broker.policyfiles import PolicyFileError, load_policy_dir
+        from broker.cli.policy_folder import load_policy_dir
+        from broker.core.policy import PolicyFileError
 
         try:
             policy = load_policy_dir(policies)

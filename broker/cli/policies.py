@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from broker.cli.policy_folder import lint_policy_dir, load_policy_dir, write_policy_dir
 from broker.cli.vault import (
     ConfigMount,
     PolicyPrefix,
@@ -19,13 +20,8 @@ from broker.cli.vault import (
     connect,
     fail,
 )
+from broker.core.policy import PolicyFileError
 from broker.errors import BrokerError
-from broker.policyfiles import (
-    PolicyFileError,
-    lint_policy_dir,
-    load_policy_dir,
-    write_policy_dir,
-)
 from broker.vault import names
 from broker.vault.client import VaultSession
 from broker.vault.layout import VaultLayout

@@ -30,11 +30,12 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from broker.core.audit_events import AuditEvent, EventKind
+from broker.core.policy import PolicySet
 
 
 @dataclass(frozen=True)
 class GrantRef:
-    """One grant as the report needs it (adapted from the policy set by the caller)."""
+    """One grant as the report needs it (see :func:`grant_refs_from_policy`)."""
 
     grant_id: str
     team: str
@@ -46,6 +47,14 @@ class GrantRef:
         if dag_id is None or not fnmatchcase(dag_id, self.dag_glob):
             return False
         return self.task_glob is None or fnmatchcase(task_id or "", self.task_glob)
+
+
+def grant_refs_from_policy(policy: PolicySet) -> list[GrantRef]:
+    """Every grant of ``policy`` (``team/grant`` ids) as the report needs it."""
+    return [
+        GrantRef(full_id, full_id.partition("/")[0], grant.dags, grant.tasks, grant.secrets)
+        for full_id, grant in policy.grants()
+    ]
 
 
 class _Model(BaseModel):

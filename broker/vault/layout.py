@@ -1,4 +1,5 @@
-"""Where podbroker keeps its things inside Vault, as one value (defaults from names.py).
+"""Where podbroker keeps its things inside Vault, as one value (defaults from
+:mod:`broker.core.policy.naming`).
 
 Tests pass their own layout (unique mount, prefix and role) so they can share one
 OpenBao without clashing."""
@@ -7,21 +8,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from broker.vault import names
+from broker.core.policy import naming
 
 
 @dataclass(frozen=True)
 class VaultLayout:
-    config_mount: str = names.CONFIG_MOUNT
+    config_mount: str = naming.CONFIG_MOUNT
     """KV v2 mount holding the catalog and grants documents."""
-    policy_prefix: str = names.GRANT_POLICY_PREFIX
+    policy_prefix: str = naming.GRANT_POLICY_PREFIX
     """Prefix of the per-grant ACL policies (``apply --prune`` owns every policy with it)."""
-    token_role: str = names.TOKEN_ROLE
+    token_role: str = naming.TOKEN_ROLE
     """Token role the broker mints child tokens through."""
-    broker_policy: str = names.BROKER_POLICY
+    broker_policy: str = naming.BROKER_POLICY
     """The broker's own ACL policy."""
-    catalog_path: str = names.CATALOG_PATH
-    grants_path: str = names.GRANTS_PATH
+    catalog_path: str = naming.CATALOG_PATH
+    grants_path: str = naming.GRANTS_PATH
 
     def kv_data_path(self, path: str) -> str:
         return f"{self.config_mount}/data/{path}"

@@ -11,9 +11,9 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from broker.cli.main import app
+from broker.cli.policy_folder import load_policy_dir
 from broker.core.policy import grant_acl_hcl
 from broker.devstack.openbao import OpenBao
-from broker.policyfiles import load_policy_dir
 from broker.vault.bootstrap import BootstrapOptions, bootstrap
 from tests.integration.vault_policy_env import layout_for
 

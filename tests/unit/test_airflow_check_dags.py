@@ -6,7 +6,7 @@ from pathlib import Path
 
 from airflow_plugin.secrets import env_secret, file_secret, parse_secrets
 from broker.cli.check_dags import DeclaredTask, check_tasks, render_table
-from broker.policyfiles import load_policy_dir
+from broker.cli.policy_folder import load_policy_dir
 
 POLICIES = Path(__file__).resolve().parents[2] / "policies"
 

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from broker.cli.policy_folder import load_policy_dir
 from broker.core.models import EnvDelivery, FileDelivery, SecretRequest, TaskIdentity
 from broker.core.policy import (
-    DEFAULT_GRANT_POLICY_PREFIX,
     Constraints,
     DatabaseSecret,
     Grant,
@@ -24,8 +24,6 @@ from broker.core.policy import (
     grant_policy_name,
 )
 from broker.errors import DeniedError, NotFoundError
-from broker.policyfiles import load_policy_dir
-from broker.vault import names
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "policies"
 
@@ -51,10 +49,6 @@ def policy(*grants: Grant, team: str = "data") -> PolicySet:
         },
         teams={team: Team(grants=grants)},
     )
-
-
-def test_prefix_constant_matches_vault_names() -> None:
-    assert DEFAULT_GRANT_POLICY_PREFIX == names.GRANT_POLICY_PREFIX
 
 
 def test_empty_policy_denies_everything() -> None:

@@ -9,13 +9,13 @@ import pytest
 from typer.testing import CliRunner
 
 from broker.cli.main import app
-from broker.policyfiles import (
-    PolicyFileError,
+from broker.cli.policy_folder import (
     lint_policy_dir,
     load_policy_dir,
     read_policy_dir,
     write_policy_dir,
 )
+from broker.core.policy import PolicyFileError, parse_policy_texts, render_policy_texts
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "policies"
 
@@ -160,3 +160,22 @@ def test_cli_lint_ok_and_usage_errors(tmp_path: Path) -> None:
     assert ok.exit_code == 0, ok.output
     assert runner.invoke(app, ["policies", "lint", str(tmp_path / "missing")]).exit_code == 2
     assert runner.invoke(app, ["policies", "lint"]).exit_code == 2
+
+
+def test_text_parsing_needs_no_files() -> None:
+    """Core parses (file name, text) pairs; the names only label the issues."""
+    parsed = parse_policy_texts(
+        [
+            ("mem/catalog.yaml", CATALOG),
+            ("mem/t.yaml", team("- id: g\n  dags: a\n  secrets: [x]\n")),
+        ]
+    )
+    assert parsed.policy is not None
+    (error,) = [i for i in parsed.lint() if i.severity == "error"]
+    assert str(error) == "mem/t.yaml:6: grants[0].secrets[0]: grant names unknown secret 'x'"
+    with pytest.raises(PolicyFileError):
+        parsed.validated()
+
+    policy = load_policy_dir(EXAMPLES)
+    rendered = render_policy_texts(policy)
+    assert parse_policy_texts(rendered.items()).validated() == policy

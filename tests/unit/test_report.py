@@ -10,7 +10,14 @@ import pytest
 
 from broker.core import audit_events as ev
 from broker.core.models import TaskIdentity
-from broker.core.report import GrantRef, ReportFilters, UsageReport, compute_report
+from broker.core.policy import Grant, KvSecret, PolicySet, Team
+from broker.core.report import (
+    GrantRef,
+    ReportFilters,
+    UsageReport,
+    compute_report,
+    grant_refs_from_policy,
+)
 
 WINDOW = (datetime(2026, 3, 1, tzinfo=UTC), datetime(2026, 3, 8, tzinfo=UTC))
 
@@ -293,3 +300,15 @@ def test_report_is_json_serialisable() -> None:
     data = json.loads(report().model_dump_json())
     assert data["totals"]["secret_uses"] == 7
     assert UsageReport.model_validate(data) == report()
+
+
+def test_grant_refs_from_policy() -> None:
+    policy = PolicySet(
+        catalog={"wh": KvSecret(mount="secret", path="wh")},
+        teams={
+            "data": Team(grants=(Grant(id="etl", dags="etl_*", tasks="load", secrets=("wh",)),))
+        },
+    )
+    assert grant_refs_from_policy(policy) == [
+        GrantRef("data/etl", "data", "etl_*", "load", ("wh",))
+    ]

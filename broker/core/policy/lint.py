@@ -1,8 +1,8 @@
 """Semantic checks of a :class:`PolicySet` beyond its schema (pure).
 
 Errors block ``policies apply``; warnings are listed. Each finding carries a ``where``
-key path (e.g. ``("teams", "analytics", "grants", 0, "secrets", 1)``) that the file
-loader turns into ``file:line``.
+key path (e.g. ``("teams", "analytics", "grants", 0, "secrets", 1)``) that the text
+parser (:mod:`broker.core.policy.text`) turns into ``file:line``.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from broker.core.policy import PolicySet
+from broker.core.policy.model import PolicySet
 
 Where = tuple[str | int, ...]
 

@@ -1,0 +1,106 @@
+"""The need-to-know decision (pure): default deny, a requested name is allowed only when
+some grant matches the task, names the secret, and its constraints accept the requested
+delivery."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pydantic import Field
+
+from broker.core.models import SecretRequest, TaskIdentity
+from broker.core.policy.model import PolicySet, StrictModel
+from broker.errors import DeniedError, NotFoundError
+
+
+class SecretDecision(StrictModel):
+    """Why one requested name was allowed: the grant and its limits."""
+
+    name: str
+    grant: str
+    policy: str
+    max_lease_ttl: int | None = None
+
+
+class Decision(StrictModel):
+    """The outcome of :func:`decide`. ``allowed`` only when every name is known and
+    granted. Names only, never values."""
+
+    allowed: bool
+    matched_grants: list[str] = Field(default_factory=list)
+    denied: list[str] = Field(default_factory=list)
+    unknown: list[str] = Field(default_factory=list)
+    reasons: list[str] = Field(default_factory=list)
+    grant_policies: list[str] = Field(default_factory=list)
+    secrets: dict[str, SecretDecision] = Field(default_factory=dict)
+
+    def raise_for_denial(self) -> None:
+        """Raise when not allowed: unknown names -> :class:`NotFoundError` (404, the
+        DAG names a secret the catalog does not have); otherwise names not granted ->
+        :class:`DeniedError` (403) whose ``denied`` lists them."""
+        if self.allowed:
+            return
+        reason = "; ".join(self.reasons) or "denied by policy"
+        if self.unknown:
+            raise NotFoundError(reason)
+        raise DeniedError(reason, denied=self.denied)
+
+
+def decide(
+    policy: PolicySet, identity: TaskIdentity, requests: Sequence[SecretRequest]
+) -> Decision:
+    """Default deny. For each requested name: unknown if not in the catalog; allowed by
+    the first grant (teams sorted, grants in file order) that matches the task, names the
+    secret and accepts the requested delivery; denied otherwise. Repeated names are
+    decided once."""
+    grants = policy.grants()
+    unknown: list[str] = []
+    denied: list[str] = []
+    reasons: list[str] = []
+    chosen: dict[str, SecretDecision] = {}
+    for request in requests:
+        name = request.name
+        if name in chosen or name in denied or name in unknown:
+            continue
+        if name not in policy.catalog:
+            unknown.append(name)
+            reasons.append(f"unknown secret {name!r}: not in the catalog")
+            continue
+        naming = [(gid, g) for gid, g in grants if name in g.secrets and g.matches(identity)]
+        fitting = [
+            (gid, g)
+            for gid, g in naming
+            if g.constraints.delivery is None or g.constraints.delivery == request.delivery.type
+        ]
+        if fitting:
+            gid, grant = fitting[0]
+            chosen[name] = SecretDecision(
+                name=name,
+                grant=gid,
+                policy=policy.policy_name(gid),
+                max_lease_ttl=grant.constraints.max_lease_ttl,
+            )
+            continue
+        denied.append(name)
+        if naming:
+            allowed_modes = sorted({g.constraints.delivery or "any" for _, g in naming})
+            reasons.append(
+                f"secret {name!r}: grant(s) {', '.join(gid for gid, _ in naming)} allow "
+                f"only {'/'.join(allowed_modes)} delivery, not {request.delivery.type}"
+            )
+        else:
+            reasons.append(
+                f"secret {name!r} is not granted to dag {identity.dag_id!r} "
+                f"task {identity.task_id!r}"
+            )
+    matched = sorted({d.grant for d in chosen.values()})
+    allowed = not unknown and not denied
+    return Decision(
+        allowed=allowed,
+        matched_grants=matched,
+        denied=denied,
+        unknown=unknown,
+        reasons=reasons,
+        grant_policies=sorted({d.policy for d in chosen.values()}) if allowed else [],
+        secrets=chosen,
+    )
