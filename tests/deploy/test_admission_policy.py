@@ -16,7 +16,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from broker.core.plan import LAUNCH_ID_LABEL, MANAGED_BY_LABEL, SECRET_NAME_PREFIX
-from broker.devstack.procs import wait_until
+from podbroker_devstack.procs import wait_until
 from tests.deploy.conftest import Helm, Release
 
 pytestmark = pytest.mark.stack
