@@ -21,9 +21,12 @@ $(BIN)/uv:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check uv==0.13.8
 
-$(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/uv
-	@echo "==> installing podbroker[$(EXTRAS)] with pinned versions (constraints.txt)"
-	$(BIN)/uv pip install --python $(BIN)/python -q -c constraints.txt -e ".[$(EXTRAS)]"
+# podbroker plus its development stack (deploy/devstack: podbroker-dev, the test fixtures'
+# servers), a separate distribution so the podbroker wheel never ships it.
+$(VENV)/.installed: pyproject.toml constraints.txt deploy/devstack/pyproject.toml | $(BIN)/uv
+	@echo "==> installing podbroker[$(EXTRAS)] and podbroker-devstack with pinned versions (constraints.txt)"
+	$(BIN)/uv pip install --python $(BIN)/python -q -c constraints.txt -e ".[$(EXTRAS)]" \
+	  -e deploy/devstack
 	@touch $@
 
 venv: $(VENV)/.installed
@@ -47,8 +50,8 @@ postgres-packages:
 	fi
 
 lint: venv
-	$(BIN)/ruff check broker airflow_plugin tests
-	$(BIN)/ruff format --check broker airflow_plugin tests
+	$(BIN)/ruff check broker airflow_plugin tests deploy/devstack
+	$(BIN)/ruff format --check broker airflow_plugin tests deploy/devstack
 
 typecheck: venv
 	$(BIN)/mypy
@@ -65,7 +68,7 @@ test: venv binaries postgres-packages check
 	$(BIN)/pytest tests -q -p no:cacheprovider
 
 demo: venv binaries postgres-packages
-	$(BIN)/podbroker dev demo
+	$(BIN)/podbroker-dev demo
 
 bench: venv binaries postgres-packages
 	$(BIN)/python -m tests.bench.launch_latency

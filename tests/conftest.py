@@ -13,15 +13,24 @@ import hvac
 import pytest
 from kubernetes import client
 
-from broker.devstack.airflow_env import prepare_airflow_home
-from broker.devstack.broker_env import BrokerHandle, start_broker
-from broker.devstack.kube import ControlPlane, start_control_plane
-from broker.devstack.openbao import OpenBao, start_openbao
-from broker.devstack.postgres import Postgres, start_postgres
-from broker.devstack.procs import reap_stale_processes
-from broker.devstack.stack import make_stack_folder
+from podbroker_devstack.airflow_env import prepare_airflow_home
+from podbroker_devstack.binaries import control_plane_binaries
+from podbroker_devstack.broker_env import BrokerHandle, start_broker
+from podbroker_devstack.kube import ControlPlane, start_control_plane
+from podbroker_devstack.openbao import OpenBao, start_openbao
+from podbroker_devstack.postgres import Postgres, start_postgres
+from podbroker_devstack.procs import reap_stale_processes
+from podbroker_devstack.sources import SourceTree
+from podbroker_devstack.stack import make_stack_folder
 
-TESTS_DIR = Path(__file__).parent
+TESTS_DIR = Path(__file__).resolve().parent
+# The checkout under test: where the dev stack takes policies, the chart and binaries from.
+SOURCES = SourceTree.in_checkout(TESTS_DIR.parent)
+
+
+@pytest.fixture(scope="session")
+def sources() -> SourceTree:
+    return SOURCES
 
 
 @pytest.fixture(scope="session")
@@ -39,8 +48,8 @@ def vault(stack_folder: Path) -> Iterator[OpenBao]:
 
 
 @pytest.fixture(scope="session")
-def kube(stack_folder: Path) -> Iterator[ControlPlane]:
-    plane = start_control_plane(stack_folder / "kube")
+def kube(stack_folder: Path, sources: SourceTree) -> Iterator[ControlPlane]:
+    plane = start_control_plane(stack_folder / "kube", control_plane_binaries(sources.build_script))
     yield plane
     plane.stop()
 
@@ -97,11 +106,12 @@ def broker(
     kube: ControlPlane,
     vault: OpenBao,
     postgres: Postgres,
+    sources: SourceTree,
 ) -> Iterator[BrokerHandle]:
     """The real broker (`podbroker serve` subprocess) under its own ServiceAccount,
     logged in to OpenBao by Kubernetes auth, with the example policies applied and
     example secrets (values marked PLANTED-) in Vault. ``.token`` is a static dev token
     allowed for every DAG; ``.namespace`` is the task namespace."""
-    handle = start_broker(stack_folder / "broker", kube, vault, postgres)
+    handle = start_broker(stack_folder / "broker", kube, vault, postgres, sources)
     yield handle
     handle.stop()

@@ -31,7 +31,3 @@ register_check_dags(policies_app)
 from broker.cli.vault import app as vault_app  # noqa: E402
 
 app.add_typer(vault_app, name="vault")
-
-from broker.cli.dev import dev_app  # noqa: E402
-
-app.add_typer(dev_app, name="dev")

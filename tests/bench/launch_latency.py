@@ -41,9 +41,10 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from prometheus_client.parser import text_string_to_metric_families
 
-from broker.devstack.broker_env import BrokerHandle, start_broker
-from broker.devstack.kube import RUN_DURATION_ANNOTATION
-from broker.devstack.stack import local_stack
+from podbroker_devstack.broker_env import BrokerHandle, start_broker
+from podbroker_devstack.kube import RUN_DURATION_ANNOTATION
+from podbroker_devstack.sources import SourceTree
+from podbroker_devstack.stack import local_stack
 
 ROUND_LABEL = "bench-round"
 BENCH_LABEL = "bench"
@@ -533,9 +534,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[bench] {message}", file=sys.stderr, flush=True)
 
     began = time.perf_counter()
-    with local_stack(progress=progress) as stack:
+    sources = SourceTree.in_checkout(Path(__file__).resolve().parents[2])
+    with local_stack(sources, progress=progress) as stack:
         progress("starting the broker ...")
-        handle = start_broker(stack.folder / "broker", stack.kube, stack.vault, stack.postgres)
+        handle = start_broker(
+            stack.folder / "broker", stack.kube, stack.vault, stack.postgres, sources
+        )
         try:
             setup = time.perf_counter() - began
             progress(f"stack and broker ready in {setup:.0f}s")

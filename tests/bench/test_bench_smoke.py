@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from kubernetes import client
 
-from broker.devstack.broker_env import BrokerHandle
+from podbroker_devstack.broker_env import BrokerHandle
 from tests.bench.launch_latency import BENCH_LABEL, SCENARIOS, format_report, run_bench
 
 pytestmark = pytest.mark.stack

@@ -15,11 +15,12 @@ import yaml
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from broker.devstack.kube import ControlPlane
+from podbroker_devstack.binaries import helm_binary
+from podbroker_devstack.kube import ControlPlane
+from podbroker_devstack.sources import SourceTree
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHART = REPO_ROOT / "deploy" / "helm" / "podbroker"
-BUILD_SCRIPT = REPO_ROOT / "deploy" / "devstack" / "build-binaries.sh"
 # Kinds that live outside any namespace: deleted explicitly after a test.
 CLUSTER_KINDS = {
     "ClusterRole",
@@ -57,12 +58,8 @@ class Helm:
 
 
 @pytest.fixture(scope="session")
-def helm() -> Helm:
-    result = subprocess.run(
-        ["bash", str(BUILD_SCRIPT), "helm"], stdout=subprocess.PIPE, text=True, check=False
-    )
-    assert result.returncode == 0, f"building helm failed; run {BUILD_SCRIPT} helm to see why"
-    return Helm(Path(result.stdout.strip().splitlines()[-1]) / "helm")
+def helm(sources: SourceTree) -> Helm:
+    return Helm(helm_binary(sources.build_script))
 
 
 def find(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> list[dict[str, Any]]:

@@ -17,7 +17,7 @@ from kubernetes.client.exceptions import ApiException
 
 from broker.core.plan import SECRET_NAME_PREFIX
 from broker.core.podmeta import LAUNCH_ID_LABEL, MANAGED_BY_LABEL
-from broker.devstack.procs import wait_until
+from podbroker_devstack.procs import wait_until
 from tests.deploy.conftest import Helm, Release
 
 pytestmark = pytest.mark.stack

@@ -25,17 +25,18 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from broker.core.podmeta import CALLER_ANNOTATION, LAUNCH_ID_LABEL, MANAGED_BY_LABEL
-from broker.devstack.broker_env import (
+from broker.vault import names
+from podbroker_devstack.broker_env import (
     apply_example_policies,
     example_secret_values,
     seed_vault,
     serve_broker,
 )
-from broker.devstack.kube import RUN_DURATION_ANNOTATION, ControlPlane
-from broker.devstack.openbao import OpenBao, start_openbao
-from broker.devstack.postgres import Postgres
-from broker.devstack.procs import ManagedProcess, free_port, wait_until
-from broker.vault import names
+from podbroker_devstack.kube import RUN_DURATION_ANNOTATION, ControlPlane
+from podbroker_devstack.openbao import OpenBao, start_openbao
+from podbroker_devstack.postgres import Postgres
+from podbroker_devstack.procs import free_port, wait_until
+from podbroker_devstack.sources import SourceTree
 from tests.deploy.conftest import REPO_ROOT, Helm, Release, find
 
 pytestmark = pytest.mark.stack
@@ -164,6 +165,7 @@ def test_bootstrapped_broker_logs_in_as_its_service_account_and_launches(
     kube_api: client.ApiClient,
     postgres: Postgres,
     fresh_vault: OpenBao,
+    sources: SourceTree,
     tmp_path: Path,
 ) -> None:
     task_ns = release.tasks[0]
@@ -206,7 +208,7 @@ def test_bootstrapped_broker_logs_in_as_its_service_account_and_launches(
     assert second.returncode == 0, second.stderr
     assert "changed:" not in second.stdout, second.stdout
     assert "no changes" in second.stdout
-    apply_example_policies(fresh_vault)
+    apply_example_policies(fresh_vault, sources.policies)
     for output in (first.stdout, first.stderr, second.stdout, second.stderr):
         assert fresh_vault.root_token not in output
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from broker.devstack.broker_env import DEMO_POD_LOG, BrokerHandle
+from podbroker_devstack.broker_env import DEMO_POD_LOG, BrokerHandle
 
 pytestmark = [pytest.mark.stack, pytest.mark.airflow]
 
@@ -220,7 +220,7 @@ def test_projected_service_account_token_file_authenticates(
 ) -> None:
     """The in-cluster default: no password, a ServiceAccount token file (audience
     podbroker) that the broker checks with TokenReview."""
-    from broker.devstack.broker_env import (
+    from podbroker_devstack.broker_env import (
         AIRFLOW_NAMESPACE,
         TOKEN_AUDIENCE,
         WORKER_SERVICE_ACCOUNT,

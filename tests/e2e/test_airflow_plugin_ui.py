@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from broker.devstack.broker_env import BrokerHandle
-from broker.devstack.procs import free_port
+from podbroker_devstack.broker_env import BrokerHandle
+from podbroker_devstack.procs import free_port
 
 pytestmark = [pytest.mark.stack, pytest.mark.airflow]
 

@@ -22,9 +22,9 @@ from broker.audit.store import open_audit_store
 from broker.core.api_models import ContainerSpec, LaunchRequest, LaunchView, Scheduling
 from broker.core.audit_events import EventKind
 from broker.core.models import SecretRequest, TaskIdentity
-from broker.devstack.broker_env import BrokerHandle
-from broker.devstack.kube import RUN_DURATION_ANNOTATION
 from broker.errors import NotFoundError
+from podbroker_devstack.broker_env import BrokerHandle
+from podbroker_devstack.kube import RUN_DURATION_ANNOTATION
 from tests.helpers import eventually
 
 pytestmark = [pytest.mark.stack, pytest.mark.airflow]

@@ -1,5 +1,6 @@
-"""`make demo`'s main job, end to end: its own stack, the broker, every example DAG, the
-report. Planted values are marked PLANTED-, so the whole output can be scanned."""
+"""`make demo`'s main job (`podbroker-dev demo` from the repository root), end to end: its
+own stack, the broker, every example DAG, the report. Planted values are marked PLANTED-,
+so the whole output can be scanned."""
 
 from __future__ import annotations
 
@@ -11,11 +12,15 @@ import pytest
 
 pytestmark = [pytest.mark.stack, pytest.mark.airflow]
 
+PODBROKER_DEV = Path(sys.executable).parent / "podbroker-dev"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
 
 def test_demo_runs_every_example_dag_and_reports(tmp_path: Path) -> None:
     demo_dir = tmp_path / "demo"
     result = subprocess.run(
-        [sys.executable, "-m", "broker", "dev", "demo", "--demo-dir", str(demo_dir)],
+        [str(PODBROKER_DEV), "demo", "--demo-dir", str(demo_dir)],
+        cwd=REPO_ROOT,  # as `make demo`: repository paths default to the current directory
         capture_output=True,
         text=True,
         timeout=900,

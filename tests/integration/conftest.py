@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.devstack.openbao import OpenBao, start_openbao
+from podbroker_devstack.openbao import OpenBao, start_openbao
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from broker.audit.keys import load_signing_key
 from broker.audit.store import open_audit_store
 from broker.cli.main import app
-from broker.devstack.postgres import Postgres
+from podbroker_devstack.postgres import Postgres
 from tests.unit.test_report import scenario
 
 runner = CliRunner()

@@ -25,8 +25,8 @@ from broker.audit.keys import generate_signing_key, load_signing_key
 from broker.audit.store import AuditStore, open_audit_store
 from broker.core import audit_events as ev
 from broker.core.models import TaskIdentity
-from broker.devstack.postgres import Postgres
 from broker.errors import AuditUnavailableError, InvalidRequestError
+from podbroker_devstack.postgres import Postgres
 
 PLANTED = "pl4nted-audit-S3CRET-7c1e"
 

@@ -9,7 +9,7 @@ import pytest
 import schemathesis
 from hypothesis import strategies as st
 
-from broker.devstack.broker_env import BrokerHandle
+from podbroker_devstack.broker_env import BrokerHandle
 
 pytestmark = pytest.mark.stack
 

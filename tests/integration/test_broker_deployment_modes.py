@@ -20,11 +20,12 @@ import pytest
 from broker.audit.keys import load_public_key, public_path
 from broker.audit.store import open_audit_store
 from broker.core.audit_events import EventKind
-from broker.devstack.broker_env import BrokerHandle, start_broker
-from broker.devstack.kube import RUN_DURATION_ANNOTATION, ControlPlane
-from broker.devstack.openbao import OpenBao
-from broker.devstack.pki import LocalCA
-from broker.devstack.postgres import Postgres
+from podbroker_devstack.broker_env import BrokerHandle, start_broker
+from podbroker_devstack.kube import RUN_DURATION_ANNOTATION, ControlPlane
+from podbroker_devstack.openbao import OpenBao
+from podbroker_devstack.pki import LocalCA
+from podbroker_devstack.postgres import Postgres
+from podbroker_devstack.sources import SourceTree
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.stack
@@ -44,6 +45,7 @@ def test_https_when_given_a_cert_and_key(
     kube: ControlPlane,
     own_vault: OpenBao,
     postgres: Postgres,
+    sources: SourceTree,
     unique: str,
 ) -> None:
     ca = LocalCA(tmp_path / "tls")
@@ -53,6 +55,7 @@ def test_https_when_given_a_cert_and_key(
         kube,
         own_vault,
         postgres,
+        sources,
         task_namespace=f"tls-{unique}",
         extra_settings={"server": {"tls_cert_file": str(pair.cert), "tls_key_file": str(pair.key)}},
         tls_ca_file=str(ca.cert_path),
@@ -79,6 +82,7 @@ def test_two_replicas_share_one_postgres_audit_chain(
     kube: ControlPlane,
     own_vault: OpenBao,
     postgres: Postgres,
+    sources: SourceTree,
     unique: str,
 ) -> None:
     database = f"audit_{unique}"
@@ -95,6 +99,7 @@ def test_two_replicas_share_one_postgres_audit_chain(
                     kube,
                     own_vault,
                     postgres,
+                    sources,
                     task_namespace=namespace,
                     extra_settings={"audit": audit},
                 )

@@ -19,10 +19,11 @@ from broker.core.api_models import ContainerSpec, LaunchRequest
 from broker.core.audit_events import AuditEvent, EventKind
 from broker.core.models import SecretRequest, TaskIdentity
 from broker.core.plan import PlanPolicy, build_plan
-from broker.devstack.broker_env import BrokerHandle, start_broker
-from broker.devstack.kube import RUN_DURATION_ANNOTATION, ControlPlane
-from broker.devstack.openbao import OpenBao
-from broker.devstack.postgres import Postgres
+from podbroker_devstack.broker_env import BrokerHandle, start_broker
+from podbroker_devstack.kube import RUN_DURATION_ANNOTATION, ControlPlane
+from podbroker_devstack.openbao import OpenBao
+from podbroker_devstack.postgres import Postgres
+from podbroker_devstack.sources import SourceTree
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.stack
@@ -34,10 +35,11 @@ def own_broker(
     kube: ControlPlane,
     own_vault: OpenBao,
     postgres: Postgres,
+    sources: SourceTree,
     unique: str,
 ) -> Iterator[BrokerHandle]:
     handle = start_broker(
-        tmp_path / "broker", kube, own_vault, postgres, task_namespace=f"tasks-{unique}"
+        tmp_path / "broker", kube, own_vault, postgres, sources, task_namespace=f"tasks-{unique}"
     )
     yield handle
     handle.stop()

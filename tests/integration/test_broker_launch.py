@@ -16,8 +16,8 @@ from kubernetes.client.exceptions import ApiException
 
 from broker.audit.store import open_audit_store
 from broker.core.audit_events import EventKind
-from broker.devstack.broker_env import BrokerHandle
-from broker.devstack.kube import RUN_DURATION_ANNOTATION
+from podbroker_devstack.broker_env import BrokerHandle
+from podbroker_devstack.kube import RUN_DURATION_ANNOTATION
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.stack

@@ -16,15 +16,15 @@ from kubernetes import client
 
 from broker.audit.store import open_audit_store
 from broker.core.audit_events import EventKind
-from broker.devstack.broker_env import (
-    EXAMPLE_POLICIES,
+from podbroker_devstack.broker_env import (
     BrokerHandle,
     apply_example_policies,
     start_broker,
 )
-from broker.devstack.kube import RUN_DURATION_ANNOTATION, ControlPlane
-from broker.devstack.openbao import start_openbao
-from broker.devstack.postgres import Postgres
+from podbroker_devstack.kube import RUN_DURATION_ANNOTATION, ControlPlane
+from podbroker_devstack.openbao import start_openbao
+from podbroker_devstack.postgres import Postgres
+from podbroker_devstack.sources import SourceTree
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.stack
@@ -35,6 +35,7 @@ def own_broker(
     tmp_path: Path,
     kube: ControlPlane,
     postgres: Postgres,
+    sources: SourceTree,
     unique: str,
 ) -> Iterator[BrokerHandle]:
     vault = start_openbao(tmp_path / "openbao")
@@ -43,6 +44,7 @@ def own_broker(
         kube,
         vault,
         postgres,
+        sources,
         task_namespace=f"pol-{unique}",
         extra_settings={
             "kubernetes": {"pod_retention_seconds": 2, "reconcile_interval_seconds": 1}
@@ -66,10 +68,11 @@ def launch(broker: BrokerHandle, dag_id: str, secrets: list[str]) -> httpx.Respo
 def test_revoked_grant_is_enforced_within_the_cache_time(
     own_broker: BrokerHandle,
     tmp_path: Path,
+    sources: SourceTree,
 ) -> None:
     assert launch(own_broker, "ml_score_daily", ["feature-store"]).status_code == 201
     changed = tmp_path / "policies"
-    shutil.copytree(EXAMPLE_POLICIES, changed)
+    shutil.copytree(sources.policies, changed)
     team_file = changed / "teams" / "ml-platform.yaml"
     team = yaml.safe_load(team_file.read_text())
     team["grants"] = [g for g in team["grants"] if g["id"] != "batch-scoring"]

@@ -18,14 +18,14 @@ from kubernetes.client.exceptions import ApiException
 from broker.audit.keys import load_public_key, public_path
 from broker.audit.store import open_audit_store
 from broker.core.audit_events import EventKind
-from broker.devstack.broker_env import (
+from podbroker_devstack.broker_env import (
     AIRFLOW_NAMESPACE,
     BROKER_SERVICE_ACCOUNT,
     SYSTEM_NAMESPACE,
     WORKER_SERVICE_ACCOUNT,
     BrokerHandle,
 )
-from broker.devstack.kube import RUN_DURATION_ANNOTATION
+from podbroker_devstack.kube import RUN_DURATION_ANNOTATION
 
 pytestmark = pytest.mark.stack
 

@@ -30,13 +30,13 @@ from broker.core.policy import (
     Team,
     decide,
 )
-from broker.devstack.openbao import OpenBao, start_openbao
-from broker.devstack.postgres import Postgres
 from broker.errors import DeniedError, NotFoundError, VaultUnavailableError
 from broker.vault.client import VaultAuth, VaultSession
 from broker.vault.layout import VaultLayout
 from broker.vault.resolver import ResolvedBundle, VaultPolicySource
 from broker.vault.resolver import SecretResolver as VaultReader
+from podbroker_devstack.openbao import OpenBao, start_openbao
+from podbroker_devstack.postgres import Postgres
 from tests.integration.vault_policy_env import PolicyEnv, make_env
 
 pytestmark = pytest.mark.stack

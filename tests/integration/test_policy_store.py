@@ -13,8 +13,8 @@ from typer.testing import CliRunner, Result
 from broker.cli.main import app
 from broker.cli.policy_folder import load_policy_dir
 from broker.core.policy import grant_acl_hcl
-from broker.devstack.openbao import OpenBao
 from broker.vault.bootstrap import BootstrapOptions, bootstrap
+from podbroker_devstack.openbao import OpenBao
 from tests.integration.vault_policy_env import layout_for
 
 pytestmark = pytest.mark.stack

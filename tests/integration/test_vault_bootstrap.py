@@ -11,11 +11,11 @@ from kubernetes import client
 from typer.testing import CliRunner
 
 from broker.cli.main import app
-from broker.devstack.kube import ControlPlane
-from broker.devstack.openbao import OpenBao
 from broker.errors import ConflictError, VaultUnavailableError
 from broker.vault.bootstrap import BootstrapOptions, bootstrap
 from broker.vault.client import VaultAuth, VaultSession
+from podbroker_devstack.kube import ControlPlane
+from podbroker_devstack.openbao import OpenBao
 from tests.integration.vault_policy_env import layout_for
 
 pytestmark = pytest.mark.stack

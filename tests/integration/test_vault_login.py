@@ -10,10 +10,10 @@ import threading
 import hvac
 import pytest
 
-from broker.devstack.openbao import OpenBao
 from broker.errors import VaultUnavailableError
 from broker.vault.bootstrap import BootstrapOptions, bootstrap
 from broker.vault.client import VaultAuth, VaultSession
+from podbroker_devstack.openbao import OpenBao
 from tests.integration.vault_policy_env import layout_for
 
 pytestmark = pytest.mark.stack

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from broker.devstack.openbao import OpenBao, start_openbao
 from broker.errors import VaultUnavailableError
 from broker.vault.client import VaultAuth, VaultSession
+from podbroker_devstack.openbao import OpenBao, start_openbao
 
 
 @pytest.fixture

@@ -8,11 +8,11 @@ import time
 import hvac
 import pytest
 
-from broker.devstack.openbao import OpenBao
 from broker.errors import VaultUnavailableError
 from broker.vault.bootstrap import BootstrapOptions, bootstrap
 from broker.vault.client import VaultAuth, VaultSession
 from broker.vault.layout import VaultLayout
+from podbroker_devstack.openbao import OpenBao
 
 
 def test_revoked_approle_token_logs_in_again(

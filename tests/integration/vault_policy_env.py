@@ -9,11 +9,11 @@ from dataclasses import dataclass
 import hvac
 
 from broker.core.policy import PolicySet
-from broker.devstack.openbao import OpenBao
 from broker.vault.bootstrap import BootstrapOptions, bootstrap
 from broker.vault.client import VaultAuth, VaultSession
 from broker.vault.layout import VaultLayout
 from broker.vault.policy_store import apply_plan, plan
+from podbroker_devstack.openbao import OpenBao
 
 
 def layout_for(unique: str) -> VaultLayout:

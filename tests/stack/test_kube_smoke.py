@@ -8,7 +8,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from broker.devstack.kube import EXIT_CODE_ANNOTATION, RUN_DURATION_ANNOTATION, ControlPlane
+from podbroker_devstack.kube import EXIT_CODE_ANNOTATION, RUN_DURATION_ANNOTATION, ControlPlane
 from tests.helpers import eventually
 
 

@@ -8,8 +8,8 @@ import pytest
 from hvac.exceptions import Forbidden, InvalidRequest
 from kubernetes import client
 
-from broker.devstack.kube import ControlPlane
-from broker.devstack.openbao import OpenBao
+from podbroker_devstack.kube import ControlPlane
+from podbroker_devstack.openbao import OpenBao
 
 
 def test_kubernetes_auth_accepts_bound_service_account_only(

@@ -6,7 +6,7 @@ import hvac
 import pytest
 from hvac.exceptions import Forbidden
 
-from broker.devstack.openbao import OpenBao
+from podbroker_devstack.openbao import OpenBao
 
 
 def test_kv_v2_write_then_read(vault_root: hvac.Client, unique: str) -> None:

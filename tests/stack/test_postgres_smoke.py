@@ -5,7 +5,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from broker.devstack.postgres import Postgres
+from podbroker_devstack.postgres import Postgres
 
 
 def test_create_role_and_log_in_as_it(postgres: Postgres, unique: str) -> None:

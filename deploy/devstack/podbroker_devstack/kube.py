@@ -2,12 +2,10 @@
 ServiceAccount token issuer), kube-controller-manager (garbage collector, token
 controller), kube-scheduler, and kwok for a fake node that runs pods through Stages.
 
-Binaries come from deploy/devstack/build-binaries.sh (built from pinned Go modules and
-cached), or from $KUBEBUILDER_ASSETS when that names a folder of prebuilt ones."""
+The caller passes the folder of binaries (binaries.control_plane_binaries finds it)."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -19,47 +17,15 @@ import yaml
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from broker.devstack.pki import LocalCA, write_service_account_keys
-from broker.devstack.procs import ManagedProcess, StackError, free_port, wait_until
+from podbroker_devstack.pki import LocalCA, write_service_account_keys
+from podbroker_devstack.procs import ManagedProcess, free_port, wait_until
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-BUILD_SCRIPT = REPO_ROOT / "deploy" / "devstack" / "build-binaries.sh"
-REQUIRED_BINARIES = (
-    "etcd",
-    "kube-apiserver",
-    "kube-controller-manager",
-    "kube-scheduler",
-    "kubectl",
-    "kwok",
-)
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 KWOK_NODE_NAME = "kwok-node-0"
 KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
 # Annotations the kwok stages read to end a pod (see kwok-stages.yaml).
 RUN_DURATION_ANNOTATION = "kwok.podbroker.dev/run-duration"
 EXIT_CODE_ANNOTATION = "kwok.podbroker.dev/exit-code"
-
-
-def control_plane_binaries() -> Path:
-    """The folder holding every binary in REQUIRED_BINARIES, building them if needed."""
-    assets = os.environ.get("KUBEBUILDER_ASSETS")
-    if assets:
-        missing = [b for b in REQUIRED_BINARIES if not os.access(Path(assets) / b, os.X_OK)]
-        if missing:
-            raise StackError(f"KUBEBUILDER_ASSETS={assets} lacks: {', '.join(missing)}")
-        return Path(assets)
-    result = subprocess.run(
-        ["bash", str(BUILD_SCRIPT)],
-        stdout=subprocess.PIPE,
-        text=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        raise StackError(
-            f"building control-plane binaries failed (exit {result.returncode}); "
-            f"run {BUILD_SCRIPT} to see why"
-        )
-    return Path(result.stdout.strip().splitlines()[-1])
 
 
 def _kubeconfig(server: str, ca: Path, cert: Path, key: Path, user: str) -> dict[str, Any]:
@@ -218,10 +184,9 @@ class ControlPlane:
             process.stop()
 
 
-def start_control_plane(folder: Path, binaries: Path | None = None) -> ControlPlane:
-    """Start every component and return once a kwok node is Ready and the default
-    ServiceAccount controller works. Stops what it started if any step fails."""
-    binaries = binaries or control_plane_binaries()
+def start_control_plane(folder: Path, binaries: Path) -> ControlPlane:
+    """Start every component from ``binaries`` and return once a kwok node is Ready and
+    the default ServiceAccount controller works. Stops what it started if any step fails."""
     folder.mkdir(parents=True, exist_ok=True)
     pki = folder / "pki"
     ca = LocalCA(pki)
@@ -343,7 +308,7 @@ def start_control_plane(folder: Path, binaries: Path | None = None) -> ControlPl
                 "--v=1",
             ],
         )
-        stages = resources.files("broker.devstack").joinpath("kwok-stages.yaml").read_text()
+        stages = resources.files("podbroker_devstack").joinpath("kwok-stages.yaml").read_text()
         stage_file = folder / "kwok-stages.yaml"
         stage_file.write_text(stages)
         kwok = launch(

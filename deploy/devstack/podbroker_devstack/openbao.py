@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from broker.devstack.procs import ManagedProcess, StackError, free_port, wait_until
+from podbroker_devstack.procs import ManagedProcess, StackError, free_port, wait_until
 
 
 def find_bao() -> str:

@@ -1,5 +1,5 @@
 """The whole local stack (OpenBao, control plane, PostgreSQL), used by the pytest
-fixtures and by `podbroker dev up` / `make demo` alike."""
+fixtures and by `podbroker-dev up` / `make demo` alike."""
 
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from broker.devstack.kube import ControlPlane, start_control_plane
-from broker.devstack.openbao import OpenBao, start_openbao
-from broker.devstack.postgres import Postgres, start_postgres
-from broker.devstack.procs import reap_stale_processes
+from podbroker_devstack.binaries import control_plane_binaries
+from podbroker_devstack.kube import ControlPlane, start_control_plane
+from podbroker_devstack.openbao import OpenBao, start_openbao
+from podbroker_devstack.postgres import Postgres, start_postgres
+from podbroker_devstack.procs import reap_stale_processes
+from podbroker_devstack.sources import SourceTree
 
 
 def make_stack_folder(prefix: str = "podbroker-stack-") -> Path:
@@ -53,11 +55,13 @@ def _timed(progress: Callable[[str], None], what: str, start: Callable[[], T]) -
 
 @contextlib.contextmanager
 def local_stack(
+    sources: SourceTree,
     folder: Path | None = None,
     progress: Callable[[str], None] = lambda _: None,
     keep_folder: bool = False,
 ) -> Iterator[LocalStack]:
-    """Start every part, yield the stack, stop every part (also on Ctrl-C or error)."""
+    """Start every part (binaries from ``sources.build_script``), yield the stack, stop
+    every part (also on Ctrl-C or error)."""
     for stale in reap_stale_processes():
         progress(f"stopped a leftover process from a crashed run: {stale}")
     folder = folder or make_stack_folder()
@@ -70,7 +74,9 @@ def local_stack(
         kube = _timed(
             progress,
             "Kubernetes control plane (etcd, apiserver, controllers, kwok)",
-            lambda: start_control_plane(folder / "kube"),
+            lambda: start_control_plane(
+                folder / "kube", control_plane_binaries(sources.build_script)
+            ),
         )
         started.append(kube.stop)
         yield LocalStack(folder, vault, kube, postgres)

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from broker.devstack.procs import StackError
+from podbroker_devstack.procs import StackError
 
 
 def airflow_environment(home: Path, dags_folder: Path) -> dict[str, str]:

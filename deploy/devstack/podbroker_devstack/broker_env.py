@@ -20,23 +20,25 @@ import psycopg
 import yaml
 from kubernetes import client
 
-from broker.devstack.kube import ControlPlane
-from broker.devstack.openbao import OpenBao
-from broker.devstack.postgres import Postgres
-from broker.devstack.procs import ManagedProcess, StackError, free_port, wait_until
-from broker.policyfiles import load_policy_dir
+from broker.cli.policy_folder import load_policy_dir
 from broker.vault.bootstrap import BootstrapOptions, KubernetesAuthOptions, bootstrap
 from broker.vault.layout import VaultLayout
 from broker.vault.policy_store import apply_plan, plan
+from podbroker_devstack.binaries import helm_binary
+from podbroker_devstack.chart import RBAC_KINDS, render_chart
+from podbroker_devstack.kube import ControlPlane
+from podbroker_devstack.openbao import OpenBao
+from podbroker_devstack.postgres import Postgres
+from podbroker_devstack.procs import ManagedProcess, StackError, free_port, wait_until
+from podbroker_devstack.sources import SourceTree
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-EXAMPLE_POLICIES = REPO_ROOT / "policies"
 SYSTEM_NAMESPACE = "podbroker-system"
 TASK_NAMESPACE = "podbroker-tasks"
 AIRFLOW_NAMESPACE = "airflow"
 BROKER_SERVICE_ACCOUNT = "podbroker"
 WORKER_SERVICE_ACCOUNT = "airflow-worker"
 TOKEN_AUDIENCE = "podbroker"
+CHART_RELEASE = "podbroker"
 DEMO_POD_LOG = [
     "podbroker-demo: connecting to the warehouse",
     "podbroker-demo: loaded 1200 rows",
@@ -94,97 +96,42 @@ def _apply(api: client.ApiClient, manifests: list[dict[str, Any]]) -> None:
                 raise
 
 
-def broker_rbac(task_namespaces: list[str]) -> list[dict[str, Any]]:
-    """The broker's identity and the only permissions it has (same verbs as the chart)."""
-    subject = {
-        "kind": "ServiceAccount",
-        "name": BROKER_SERVICE_ACCOUNT,
-        "namespace": SYSTEM_NAMESPACE,
-    }
+def dev_namespaces(task_namespaces: list[str]) -> list[dict[str, Any]]:
+    """What a cluster has before the chart is installed: the namespaces, and the Airflow
+    worker's ServiceAccount (the Airflow side's, not the chart's)."""
+    names = [SYSTEM_NAMESPACE, AIRFLOW_NAMESPACE, *task_namespaces]
     objects: list[dict[str, Any]] = [
-        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": SYSTEM_NAMESPACE}},
-        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": AIRFLOW_NAMESPACE}},
-        {
-            "apiVersion": "v1",
-            "kind": "ServiceAccount",
-            "metadata": {"name": BROKER_SERVICE_ACCOUNT, "namespace": SYSTEM_NAMESPACE},
-        },
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}} for name in names
+    ]
+    objects.append(
         {
             "apiVersion": "v1",
             "kind": "ServiceAccount",
             "metadata": {"name": WORKER_SERVICE_ACCOUNT, "namespace": AIRFLOW_NAMESPACE},
-        },
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "ClusterRole",
-            "metadata": {"name": "podbroker-tokenreview"},
-            "rules": [
-                {
-                    "apiGroups": ["authentication.k8s.io"],
-                    "resources": ["tokenreviews"],
-                    "verbs": ["create"],
-                }
-            ],
-        },
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "ClusterRoleBinding",
-            "metadata": {"name": "podbroker-tokenreview"},
-            "roleRef": {
-                "apiGroup": "rbac.authorization.k8s.io",
-                "kind": "ClusterRole",
-                "name": "podbroker-tokenreview",
-            },
-            "subjects": [subject],
-        },
-        # Vault's Kubernetes auth method reviews the broker's token with this identity.
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "ClusterRoleBinding",
-            "metadata": {"name": "podbroker-vault-auth-delegator"},
-            "roleRef": {
-                "apiGroup": "rbac.authorization.k8s.io",
-                "kind": "ClusterRole",
-                "name": "system:auth-delegator",
-            },
-            "subjects": [subject],
-        },
-    ]
-    for namespace in task_namespaces:
-        objects += [
-            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}},
-            {
-                "apiVersion": "rbac.authorization.k8s.io/v1",
-                "kind": "Role",
-                "metadata": {"name": "podbroker", "namespace": namespace},
-                "rules": [
-                    {
-                        "apiGroups": [""],
-                        "resources": ["secrets"],
-                        "verbs": ["create", "get", "list", "watch", "delete"],
-                    },
-                    {
-                        "apiGroups": [""],
-                        "resources": ["pods"],
-                        "verbs": ["create", "get", "list", "watch", "delete", "patch"],
-                    },
-                    {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
-                    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
-                ],
-            },
-            {
-                "apiVersion": "rbac.authorization.k8s.io/v1",
-                "kind": "RoleBinding",
-                "metadata": {"name": "podbroker", "namespace": namespace},
-                "roleRef": {
-                    "apiGroup": "rbac.authorization.k8s.io",
-                    "kind": "Role",
-                    "name": "podbroker",
-                },
-                "subjects": [subject],
-            },
-        ]
+        }
+    )
     return objects
+
+
+def broker_rbac(
+    sources: SourceTree, task_namespaces: list[str], folder: Path
+) -> list[dict[str, Any]]:
+    """The broker's ServiceAccount and the only permissions it has, exactly as the chart
+    grants them in a cluster: `helm template` of ``sources.chart`` for the dev namespaces,
+    keeping only the identity and RBAC objects."""
+    docs = render_chart(
+        helm_binary(sources.build_script),
+        sources.chart,
+        release=CHART_RELEASE,
+        namespace=SYSTEM_NAMESPACE,
+        values={
+            "serviceAccount": {"name": BROKER_SERVICE_ACCOUNT},
+            "taskNamespaces": task_namespaces,
+            "airflow": {"namespace": AIRFLOW_NAMESPACE},
+        },
+        values_file=folder / "chart-values.yaml",
+    )
+    return [doc for doc in docs if doc["kind"] in RBAC_KINDS]
 
 
 def seed_vault(vault: OpenBao, postgres: Postgres, values: dict[str, dict[str, str]]) -> None:
@@ -225,9 +172,7 @@ def seed_vault(vault: OpenBao, postgres: Postgres, values: dict[str, dict[str, s
     )
 
 
-def apply_example_policies(
-    vault: OpenBao, folder: Path = EXAMPLE_POLICIES, *, prune: bool = False
-) -> None:
+def apply_example_policies(vault: OpenBao, folder: Path, *, prune: bool = False) -> None:
     """`podbroker policies apply FOLDER [--prune]`, in process."""
     root = hvac.Client(url=vault.url, token=vault.root_token)
     apply_plan(root, plan(root, VaultLayout(), load_policy_dir(folder), prune=prune))
@@ -301,16 +246,19 @@ def start_broker(
     kube: ControlPlane,
     vault: OpenBao,
     postgres: Postgres,
+    sources: SourceTree,
     *,
     extra_settings: dict[str, Any] | None = None,
     task_namespace: str = TASK_NAMESPACE,
     tls_ca_file: str | None = None,
 ) -> BrokerHandle:
-    """Provision and start a broker that runs with its own ServiceAccount (never the
-    admin kubeconfig) and logs in to Vault through the Kubernetes auth method."""
+    """Provision and start a broker that runs with its own ServiceAccount and the chart's
+    RBAC (never the admin kubeconfig), logs in to Vault through the Kubernetes auth method,
+    and enforces the policies of ``sources.policies``."""
     folder.mkdir(parents=True, exist_ok=True)
     with kube.api_client() as api:
-        _apply(api, broker_rbac([task_namespace]))
+        _apply(api, dev_namespaces([task_namespace]))
+        _apply(api, broker_rbac(sources, [task_namespace], folder))
     kube.simulate_logs(task_namespace, DEMO_POD_LOG)
     planted = example_secret_values()
     seed_vault(vault, postgres, planted)
@@ -334,7 +282,7 @@ def start_broker(
             )
         ),
     )
-    apply_example_policies(vault)
+    apply_example_policies(vault, sources.policies)
 
     kubeconfig = kube.user_kubeconfig(jwt_file.read_text(), folder / "broker.kubeconfig")
     static_token = "dev-" + secrets.token_hex(16)

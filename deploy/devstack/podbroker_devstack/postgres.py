@@ -10,7 +10,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from broker.devstack.procs import ManagedProcess, StackError, free_port, wait_until
+from podbroker_devstack.procs import ManagedProcess, StackError, free_port, wait_until
 
 
 def find_postgres_bindir() -> Path:

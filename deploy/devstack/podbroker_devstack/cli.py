@@ -1,6 +1,9 @@
-"""`podbroker dev up` and `podbroker dev demo`: the local stack (OpenBao, a Kubernetes
+"""`podbroker-dev up` and `podbroker-dev demo`: the local stack (OpenBao, a Kubernetes
 control plane with kwok, PostgreSQL), a real broker, and, for the demo, the example DAGs
-run by Airflow, ending with the secret-usage report. Same code as the test fixtures."""
+run by Airflow, ending with the secret-usage report. Same code as the test fixtures.
+
+Repository paths are options whose defaults are relative to the current directory, so
+run it from the repository root (as `make demo` does) or pass them."""
 
 from __future__ import annotations
 
@@ -16,12 +19,37 @@ from typing import Annotated
 
 import typer
 
-dev_app = typer.Typer(
-    help="Run podbroker locally on a real (throwaway) stack.", no_args_is_help=True
+from podbroker_devstack.procs import StackError
+from podbroker_devstack.sources import SourceTree
+
+app = typer.Typer(
+    name="podbroker-dev",
+    help="Run podbroker locally on a real (throwaway) stack (development only).",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,  # locals may hold secret values
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-EXAMPLE_DAGS = REPO_ROOT / "airflow_plugin" / "example_dags"
+_DEFAULTS = SourceTree.in_checkout(Path())
+EXAMPLE_DAGS = Path("airflow_plugin") / "example_dags"
+PoliciesOption = Annotated[Path, typer.Option(help="Policy folder applied to Vault.")]
+ChartOption = Annotated[
+    Path, typer.Option(help="Helm chart whose ServiceAccount and RBAC the broker gets.")
+]
+BuildScriptOption = Annotated[
+    Path, typer.Option(help="Script that builds and names the cached binaries.")
+]
+
+
+def _sources(policies: Path, chart: Path, build_script: Path) -> SourceTree:
+    sources = SourceTree(
+        policies=policies.resolve(), chart=chart.resolve(), build_script=build_script.resolve()
+    )
+    try:
+        sources.check()
+    except StackError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    return sources
 
 
 def _say(message: str) -> None:
@@ -79,18 +107,24 @@ def _task_states(database: Path, dag_id: str) -> list[tuple[str, str]]:
     return [(str(task), str(state)) for task, state in rows]
 
 
-@dev_app.command()
+@app.command()
 def up(
     folder: Annotated[Path | None, typer.Option(help="Keep the stack's files here.")] = None,
+    policies: PoliciesOption = _DEFAULTS.policies,
+    chart: ChartOption = _DEFAULTS.chart,
+    build_script: BuildScriptOption = _DEFAULTS.build_script,
 ) -> None:
     """Start OpenBao, the control plane, PostgreSQL and a broker; print where each
     listens; stop everything on Ctrl-C."""
-    from broker.devstack.broker_env import start_broker
-    from broker.devstack.stack import local_stack
+    from podbroker_devstack.broker_env import start_broker
+    from podbroker_devstack.stack import local_stack
 
-    with local_stack(folder, progress=_say, keep_folder=folder is not None) as stack:
+    sources = _sources(policies, chart, build_script)
+    with local_stack(sources, folder, progress=_say, keep_folder=folder is not None) as stack:
         _say("starting the broker (own ServiceAccount, Vault login by Kubernetes auth) ...")
-        broker = start_broker(stack.folder / "broker", stack.kube, stack.vault, stack.postgres)
+        broker = start_broker(
+            stack.folder / "broker", stack.kube, stack.vault, stack.postgres, sources
+        )
         try:
             typer.echo("")
             typer.echo(
@@ -107,7 +141,7 @@ def up(
             broker.stop()
 
 
-@dev_app.command()
+@app.command()
 def demo(
     keep_running: Annotated[
         bool, typer.Option(help="Stay up after the demo until Ctrl-C.")
@@ -115,28 +149,40 @@ def demo(
     demo_dir: Annotated[
         Path, typer.Option(help="Where the HTML report and the Airflow output go.")
     ] = Path(".demo"),
+    dags: Annotated[
+        Path, typer.Option(help="DAG folder whose every DAG the demo runs.")
+    ] = EXAMPLE_DAGS,
+    policies: PoliciesOption = _DEFAULTS.policies,
+    chart: ChartOption = _DEFAULTS.chart,
+    build_script: BuildScriptOption = _DEFAULTS.build_script,
 ) -> None:
     """The whole story on this machine: stack, broker, policies applied, every example DAG
     run by `airflow dags test`, then the secret-usage report."""
-    from broker.devstack.airflow_env import prepare_airflow_home
-    from broker.devstack.broker_env import (
+    from podbroker_devstack.airflow_env import prepare_airflow_home
+    from podbroker_devstack.broker_env import (
         AIRFLOW_NAMESPACE,
         TOKEN_AUDIENCE,
         WORKER_SERVICE_ACCOUNT,
         start_broker,
     )
-    from broker.devstack.stack import local_stack
+    from podbroker_devstack.stack import local_stack
 
+    sources = _sources(policies, chart, build_script)
+    if not dags.is_dir():
+        typer.echo(f"error: no DAG folder {dags} (run from the repository root)", err=True)
+        raise typer.Exit(2)
     began = time.monotonic()
     outcomes: list[tuple[str, list[tuple[str, str]], float, int, str, bool]] = []
     report_file = demo_dir / "podbroker-usage-report.html"
-    with local_stack(progress=_say) as stack:
+    with local_stack(sources, progress=_say) as stack:
         _say("starting the broker (own ServiceAccount, Vault login by Kubernetes auth) ...")
-        broker = start_broker(stack.folder / "broker", stack.kube, stack.vault, stack.postgres)
+        broker = start_broker(
+            stack.folder / "broker", stack.kube, stack.vault, stack.postgres, sources
+        )
         try:
-            _say(f"broker ready at {broker.url}; example policies from policies/ applied")
+            _say(f"broker ready at {broker.url}; example policies from {policies}/ applied")
             _say("preparing Airflow (SQLite, airflow db migrate) ...")
-            env = prepare_airflow_home(stack.folder / "airflow", EXAMPLE_DAGS)
+            env = prepare_airflow_home(stack.folder / "airflow", dags.resolve())
             token_file = stack.folder / "worker-token"
             token_file.write_text(
                 stack.kube.mint_token(
