@@ -109,6 +109,40 @@ class ServerSettings(_Section):
         return self
 
 
+class AirflowAuthSettings(_Section):
+    """The broker's own Airflow API credential (read-only access to task instances is
+    enough: Airflow's Viewer role)."""
+
+    method: Literal["password", "token"] = "password"
+    username: str | None = None
+    password_file: Path | None = None
+    """method=password: file holding the password; exchanged at ``POST /auth/token``."""
+    token_file: Path | None = None
+    """method=token: file holding a JWT for Airflow's API (re-read on every login)."""
+
+
+class AirflowSettings(_Section):
+    """Where the broker checks that a launch is for a running task instance."""
+
+    api_url: str | None = None
+    """Airflow's API server, e.g. ``https://airflow.example.com`` (no ``/api/v2``)."""
+    ca_file: Path | None = None
+    timeout_seconds: float = Field(default=3.0, gt=0, le=30)
+    verification: Literal["off", "warn", "enforce"] = "off"
+    """off: no Airflow calls (grants with require_verified_task still enforce, which
+    needs api_url); warn: check and log; enforce: refuse launches that fail the check."""
+    cache_seconds: float = Field(default=5.0, ge=0, le=300)
+    ended_grace_seconds: int = Field(default=60, ge=0)
+    """A running pod whose task instance Airflow has ended is killed after this long."""
+    auth: AirflowAuthSettings = Field(default_factory=AirflowAuthSettings)
+
+    @model_validator(mode="after")
+    def _url_when_checking(self) -> AirflowSettings:
+        if self.verification != "off" and not self.api_url:
+            raise ValueError(f"verification={self.verification} needs airflow.api_url")
+        return self
+
+
 class BrokerSettings(BaseSettings):
     """Everything the broker needs to run. See README "Configuration"."""
 
@@ -121,6 +155,7 @@ class BrokerSettings(BaseSettings):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
+    airflow: AirflowSettings = Field(default_factory=AirflowSettings)
     pod_templates: dict[str, PodTemplate] = Field(default_factory=dict)
 
     @classmethod

@@ -109,6 +109,25 @@ def label_value(value: str) -> str:
     return cleaned
 
 
+def request_digest(request: LaunchRequest) -> str:
+    """What a launch asked for, as one digest: a second launch of the same task try
+    reattaches only when it asks for exactly the same (image, command, env, secrets,
+    deliveries, template, scheduling, ...)."""
+    return hashlib.sha256(request.model_dump_json().encode()).hexdigest()
+
+
+def task_labels(task: TaskIdentity) -> dict[str, str]:
+    """The labels every try of a task instance shares (KubernetesPodOperator's)."""
+    labels = {
+        "dag_id": label_value(task.dag_id),
+        "task_id": label_value(task.task_id),
+        "run_id": label_value(task.run_id),
+    }
+    if task.map_index >= 0:
+        labels["map_index"] = str(task.map_index)
+    return labels
+
+
 def launch_id_for(task: TaskIdentity, namespace: str = "") -> str:
     """Deterministic id of a task try (in a namespace): the same identity always maps to
     the same launch, which makes POST /v1/launches idempotent across retries and broker
@@ -469,17 +488,16 @@ def build_plan(request: LaunchRequest, policy: PlanPolicy, caller_identity: str)
     labels = {
         podmeta.MANAGED_BY_LABEL: podmeta.MANAGED_BY_VALUE,
         podmeta.LAUNCH_ID_LABEL: launch_id,
-        "dag_id": label_value(task.dag_id),
-        "task_id": label_value(task.task_id),
-        "run_id": label_value(task.run_id),
+        # like the KubernetesPodOperator's (map_index only on mapped tasks)
+        **task_labels(task),
         "try_number": str(task.try_number),
     }
-    if task.map_index >= 0:  # like the KubernetesPodOperator: only mapped tasks carry it
-        labels["map_index"] = str(task.map_index)
     # The platform's template wins over the request wherever both set a key.
     user_labels = _merge(request.scheduling.labels, template.labels)
     annotations = _merge(request.scheduling.annotations, template.annotations)
-    annotations.update(podmeta.pod_annotations(names, caller_identity, task))
+    annotations.update(
+        podmeta.pod_annotations(names, caller_identity, task, request_digest(request))
+    )
     resources = {
         "requests": _merge(
             template.resources.get("requests", {}), request.container.resources.requests

@@ -26,6 +26,7 @@ RESERVED_PREFIX = "podbroker.dev/"
 SECRET_NAMES_ANNOTATION = "podbroker.dev/secret-names"
 CALLER_ANNOTATION = "podbroker.dev/caller"
 TASK_ANNOTATION = "podbroker.dev/task"
+REQUEST_DIGEST_ANNOTATION = "podbroker.dev/request-digest"
 CLEANED_ANNOTATION = "podbroker.dev/cleaned-at"
 SECRET_SOURCES_ANNOTATION = "podbroker.dev/secret-sources"
 LEASES_ANNOTATION = "podbroker.dev/lease-ids"
@@ -37,24 +38,38 @@ def is_reserved(key: str) -> bool:
     return key.startswith(RESERVED_PREFIX)
 
 
-def selector_for(launch_id: str | None = None) -> str:
-    """Label selector of the broker's objects, optionally of one launch."""
-    if launch_id is None:
-        return MANAGED_SELECTOR
-    return f"{MANAGED_SELECTOR},{LAUNCH_ID_LABEL}={launch_id}"
+def selector_for(launch_id: str | None = None, labels: Mapping[str, str] | None = None) -> str:
+    """Label selector of the broker's objects, optionally of one launch or with more
+    labels (the task's, to find its other tries)."""
+    parts = [MANAGED_SELECTOR]
+    if launch_id is not None:
+        parts.append(f"{LAUNCH_ID_LABEL}={launch_id}")
+    parts.extend(f"{key}={value}" for key, value in sorted((labels or {}).items()))
+    return ",".join(parts)
 
 
 # -- pod ---------------------------------------------------------------------------------
 
 
 def pod_annotations(
-    secret_names: Sequence[str], caller_identity: str, task: TaskIdentity
+    secret_names: Sequence[str],
+    caller_identity: str,
+    task: TaskIdentity,
+    request_digest: str | None,
 ) -> dict[str, str]:
-    return {
+    annotations = {
         SECRET_NAMES_ANNOTATION: ",".join(secret_names),
         CALLER_ANNOTATION: caller_identity,
         TASK_ANNOTATION: task.model_dump_json(),
     }
+    if request_digest is not None:
+        annotations[REQUEST_DIGEST_ANNOTATION] = request_digest
+    return annotations
+
+
+def request_digest_of(annotations: Mapping[str, str]) -> str | None:
+    """The digest of the request that made a pod (None on pods made before it existed)."""
+    return annotations.get(REQUEST_DIGEST_ANNOTATION) or None
 
 
 def secret_names_of(annotations: Mapping[str, str]) -> list[str]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar, cast
 
 import urllib3
@@ -206,9 +206,16 @@ class KubeCluster:
         """GET secrets/NAME as metadata only: does it exist."""
         return self.read_secret_metadata(namespace, name) is not None
 
-    def list_managed_pods(self, namespace: str, *, launch_id: str | None = None) -> list[PodInfo]:
-        """LIST pods with the broker's managed-by label (and one launch id if given)."""
-        selector = podmeta.selector_for(launch_id)
+    def list_managed_pods(
+        self,
+        namespace: str,
+        *,
+        launch_id: str | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> list[PodInfo]:
+        """LIST pods with the broker's managed-by label (and one launch id, or more
+        labels, if given)."""
+        selector = podmeta.selector_for(launch_id, labels)
         result = self._call(
             "list_pods",
             lambda: self.core.list_namespaced_pod(

@@ -36,6 +36,26 @@ class Cleanup:
 
     # -- a pod's end ----------------------------------------------------------------------
 
+    def terminate(
+        self,
+        pod: PodInfo,
+        *,
+        kind: ev.EventKind,
+        reason: str,
+        by: str,
+        cleanup_reason: str,
+    ) -> None:
+        """End a launch now (kill, superseded try, task instance ended in Airflow): say
+        why, release its Secret and what it holds in Vault, delete its pod. Recording
+        never blocks the undoing: a down audit store is logged, the kill goes on."""
+        self.record_quietly(
+            ev.launch_event(
+                kind, launch_id=pod.launch_id, task=pod.task, caller=by, by=by, reason=reason
+            )
+        )
+        self.finish(pod, reason=cleanup_reason)
+        self.cluster.delete_pod(pod.namespace, pod.name)
+
     def finish(self, pod: PodInfo, *, reason: str = "pod ended", force: bool = False) -> None:
         """Delete the pod's Secret and revoke its leases, once: the replica that claims
         the pod (an annotation written with the pod's resourceVersion as precondition)

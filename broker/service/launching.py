@@ -10,6 +10,7 @@ kubelet does not start a container whose Secret is missing, so the pod waits for
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -18,13 +19,14 @@ from broker.core import audit_events as ev
 from broker.core import podmeta
 from broker.core.api_models import LaunchRequest, LaunchView
 from broker.core.models import Caller
-from broker.core.objects import launch_view
+from broker.core.objects import PodInfo, launch_view
 from broker.core.plan import (
     LaunchPlan,
     PlanPolicy,
     SecretLimits,
     build_plan,
     complete_plan,
+    task_labels,
     teams_of,
 )
 from broker.core.policy import Decision, decide
@@ -33,6 +35,9 @@ from broker.metrics import DENIALS, LAUNCH_LATENCY, LAUNCHES, LIVE_SECRETS, VAUL
 from broker.service.auth import authorize_dag
 from broker.service.cleanup import Cleanup
 from broker.service.ports import AuditSink, BundleLike, Cluster, PolicySource, SecretStore
+from broker.service.verification import TaskVerifier, VerificationResult
+
+log = logging.getLogger("podbroker.launch")
 
 
 def _holdings(bundle: BundleLike) -> podmeta.VaultHoldings:
@@ -49,6 +54,7 @@ class LaunchExecutor:
         audit: AuditSink,
         cleanup: Cleanup,
         plan_policy: PlanPolicy,
+        verifier: TaskVerifier | None = None,
         limits: SecretLimits | None = None,
         workers: int = 16,
     ) -> None:
@@ -58,6 +64,7 @@ class LaunchExecutor:
         self.audit = audit
         self.cleanup = cleanup
         self.plan_policy = plan_policy
+        self.verifier = verifier or TaskVerifier(None, "off")
         self.limits = limits or SecretLimits()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="launch")
 
@@ -90,24 +97,37 @@ class LaunchExecutor:
             namespace=plan.namespace,
             image=request.container.image,
         )
-        # A retry of the same try reattaches; look for its pod while deciding.
+        # A retry of the same try reattaches; look for its pod (and ask Airflow about the
+        # task instance, when verification is on) while deciding.
         existing_future = self._pool.submit(self.cluster.read_pod, plan.namespace, plan.pod_name)
+        record_future = self.verifier.prefetch(self._pool, task)
         try:
             with VAULT_LATENCY.labels("decide").time():
                 policy = self.policies.current()
-            decision = decide(policy, task, request.secrets)
+            decision = decide(policy, task, request.secrets, image=request.container.image)
+            verified = self.verifier.verify(
+                caller,
+                task,
+                grant_requires=decision.allowed and decision.requires_verified_task,
+                prefetched=record_future,
+            )
         except BrokerError as exc:
             with contextlib.suppress(BrokerError):
                 self.audit.append_many([requested, self._failure(plan, caller, "decide", exc)])
             raise
-        decided = self._decided_event(plan, caller, decision)
-        if not decision.allowed:
+        decided = self._decided_event(plan, caller, decision, verified)
+        if not decision.allowed or verified.refuses:
             self.audit.append_many([requested, decided])
             DENIALS.inc()
             decision.raise_for_denial()
+            raise DeniedError(
+                f"task instance not verified with Airflow: {verified.failure}",
+                denied=plan.secret_names,
+            )
         plan = complete_plan(plan, policy, decision, self.limits)
         existing = existing_future.result()
         if existing is not None:
+            self._check_same_request(plan, existing, caller, [requested, decided])
             self.audit.append_many([requested, decided, self._reattached_event(plan, caller)])
             return launch_view(existing, created=False)
         # Before anything is recorded or read: refs that cannot work are the caller's 422.
@@ -124,7 +144,10 @@ class LaunchExecutor:
         )
         # One commit before any side effect: if it fails, nothing has happened.
         self.audit.append_many([requested, decided, intent])
-        return self._execute(plan, caller, pod_manifest)
+        view = self._execute(plan, caller, pod_manifest)
+        if view.created and plan.task.try_number > 1:
+            self._pool.submit(self._end_earlier_tries, plan)
+        return view
 
     def _execute(
         self, plan: LaunchPlan, caller: Caller, pod_manifest: dict[str, Any] | None
@@ -152,6 +175,7 @@ class LaunchExecutor:
             existing = self.cluster.read_pod(plan.namespace, plan.pod_name)
             if existing is None:
                 raise
+            self._check_same_request(plan, existing, caller, [])
             return launch_view(existing, created=False)
         except BrokerError as exc:
             if bundle_future is not None:
@@ -167,6 +191,59 @@ class LaunchExecutor:
             self._rollback(plan, caller, _holdings(bundle), "create_secret", exc)
             raise
         return self._view_after_create(plan)
+
+    def _check_same_request(
+        self,
+        plan: LaunchPlan,
+        existing: PodInfo,
+        caller: Caller,
+        pending: list[ev.AuditEvent],
+    ) -> None:
+        """Reattach only to what this request describes: whoever launched first must
+        not choose the pod (image, command, secrets...) the genuine task attaches to."""
+        theirs = podmeta.request_digest_of(existing.annotations)
+        ours = podmeta.request_digest_of(plan.pod["metadata"]["annotations"])
+        if theirs is None or theirs == ours:
+            return
+        conflict = ConflictError("a different request made this task try's pod")
+        with contextlib.suppress(BrokerError):
+            self.audit.append_many([*pending, self._failure(plan, caller, "reattach", conflict)])
+        raise ConflictError(
+            f"task try {plan.task.try_number} of {plan.task.dag_id}.{plan.task.task_id} "
+            "already has a pod made from a different request (image, command, env, secrets "
+            "or scheduling differ); it is not reattached"
+        )
+
+    def _end_earlier_tries(self, plan: LaunchPlan) -> None:
+        """Pods of earlier tries of this task instance keep no secrets once a newer try
+        runs: kill them and revoke what they hold."""
+        try:
+            pods = self.cluster.list_managed_pods(plan.namespace, labels=task_labels(plan.task))
+        except BrokerError as exc:
+            log.warning("could not look for earlier tries of %s: %s", plan.launch_id, exc.reason)
+            return
+        task = plan.task
+        for pod in pods:
+            other = pod.task
+            earlier = (
+                other.dag_id == task.dag_id
+                and other.task_id == task.task_id
+                and other.run_id == task.run_id
+                and other.map_index == task.map_index
+                and other.try_number < task.try_number
+            )
+            if not earlier or pod.finished or pod.deleting:
+                continue
+            try:
+                self.cleanup.terminate(
+                    pod,
+                    kind=ev.EventKind.LAUNCH_KILLED,
+                    reason=f"superseded by try {task.try_number}",
+                    by="podbroker",
+                    cleanup_reason="superseded",
+                )
+            except BrokerError as exc:
+                log.warning("could not end earlier try %s: %s", pod.name, exc.reason)
 
     def _resolve(self, plan: LaunchPlan) -> BundleLike:
         assert plan.secrets is not None
@@ -243,17 +320,24 @@ class LaunchExecutor:
     # -- audit events ---------------------------------------------------------------------
 
     @staticmethod
-    def _decided_event(plan: LaunchPlan, caller: Caller, decision: Decision) -> ev.AuditEvent:
+    def _decided_event(
+        plan: LaunchPlan, caller: Caller, decision: Decision, verified: VerificationResult
+    ) -> ev.AuditEvent:
+        refused = decision.allowed and verified.refuses
         return ev.decision(
             launch_id=plan.launch_id,
             caller=caller,
             task=plan.task,
             secret_names=plan.secret_names,
-            allowed=decision.allowed,
+            allowed=decision.allowed and not refused,
             matched_grants={n: [d.grant] for n, d in decision.secrets.items()},
-            reasons=decision.reasons,
-            denied=[*decision.denied, *decision.unknown],
+            reasons=[
+                *decision.reasons,
+                *([f"task not verified: {verified.failure}"] if refused else []),
+            ],
+            denied=plan.secret_names if refused else [*decision.denied, *decision.unknown],
             teams=teams_of(decision.matched_grants),
+            verification=verified.audit_details(),
         )
 
     @staticmethod

@@ -114,17 +114,11 @@ class LaunchLookup:
         """DELETE a launch. A running one is killed (recorded as launch_killed); a
         finished one is only tidied away (pod_deleted), so the trail tells them apart."""
         pod = self.find(caller, launch_id)
-        kind = ev.EventKind.POD_DELETED if pod.finished else ev.EventKind.LAUNCH_KILLED
-        self.audit.append(
-            ev.launch_event(
-                kind,
-                launch_id=launch_id,
-                task=pod.task,
-                caller=caller,
-                by=caller.identity,
-                reason=reason or "DELETE /v1/launches",
-            )
+        self.cleanup.terminate(
+            pod,
+            kind=ev.EventKind.POD_DELETED if pod.finished else ev.EventKind.LAUNCH_KILLED,
+            reason=reason or "DELETE /v1/launches",
+            by=caller.identity,
+            cleanup_reason="pod deleted" if pod.finished else "killed",
         )
-        self.cleanup.finish(pod, reason="pod deleted" if pod.finished else "killed")
-        self.cluster.delete_pod(pod.namespace, pod.name)
         return launch_view(pod).model_copy(update={"phase": "Deleted"})

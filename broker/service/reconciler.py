@@ -6,15 +6,19 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from broker.core import audit_events as ev
 from broker.core.objects import PodInfo
 from broker.core.plan import secret_name_for
+from broker.core.verification import ended_reason
 from broker.errors import BrokerError
 from broker.metrics import LIVE_SECRETS
 from broker.service.cleanup import Cleanup
 from broker.service.ports import Cluster
+from broker.service.verification import TaskVerifier
 
 log = logging.getLogger("podbroker.reconciler")
 
@@ -25,6 +29,7 @@ class SweepResult:
     orphan_secrets_deleted: int = 0
     orphan_pods_deleted: int = 0
     expired_pods_deleted: int = 0
+    ended_task_pods_killed: int = 0
     errors: list[str] = field(default_factory=list)
 
 
@@ -37,12 +42,19 @@ class Reconciler:
         namespaces: Sequence[str],
         retention_seconds: int,
         grace_seconds: int,
+        verifier: TaskVerifier | None = None,
+        ended_grace_seconds: int = 60,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.cluster = cluster
         self.cleanup = cleanup
         self.namespaces = tuple(namespaces)
         self.retention_seconds = retention_seconds
         self.grace_seconds = grace_seconds
+        self.verifier = verifier
+        self.ended_grace_seconds = ended_grace_seconds
+        self._clock = clock
+        self._ended_since: dict[str, float] = {}
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -75,15 +87,60 @@ class Reconciler:
         result = SweepResult()
         now = dt.datetime.now(dt.UTC)
         live = 0
+        running: list[PodInfo] = []
         for namespace in self.namespaces:
             try:
-                live += self._sweep_namespace(namespace, now, result)
+                live += self._sweep_namespace(namespace, now, result, running)
             except BrokerError as exc:
                 result.errors.append(f"{namespace}: {exc.reason}")
         LIVE_SECRETS.set(live)
+        try:
+            self._end_pods_of_ended_tasks(running, result)
+        except BrokerError as exc:
+            result.errors.append(f"airflow: {exc.reason}")
         return result
 
-    def _sweep_namespace(self, namespace: str, now: dt.datetime, result: SweepResult) -> int:
+    def _end_pods_of_ended_tasks(self, running: list[PodInfo], result: SweepResult) -> None:
+        """Secrets live no longer than their task instance: ask Airflow (one batched
+        call) about every running launch; a pod whose task instance has ended, been
+        reset or moved to a newer try is killed after ``ended_grace_seconds``."""
+        verifier = self.verifier
+        if verifier is None or not verifier.active or verifier.mode == "off" or not running:
+            self._ended_since.clear()
+            return
+        records = {
+            (r.dag_id, r.run_id, r.task_id, r.map_index): r
+            for r in verifier.records([pod.task for pod in running])
+        }
+        now = self._clock()
+        flagged: set[str] = set()
+        for pod in running:
+            task = pod.task
+            record = records.get((task.dag_id, task.run_id, task.task_id, task.map_index))
+            why = ended_reason(task, record)
+            if why is None or pod.launch_id is None:
+                continue
+            flagged.add(pod.launch_id)
+            since = self._ended_since.setdefault(pod.launch_id, now)
+            if now - since < self.ended_grace_seconds:
+                continue
+            self.cleanup.terminate(
+                pod,
+                kind=ev.EventKind.LAUNCH_KILLED,
+                reason=f"task instance ended in Airflow: {why}",
+                by="podbroker",
+                cleanup_reason="task instance ended",
+            )
+            result.ended_task_pods_killed += 1
+        self._ended_since = {k: v for k, v in self._ended_since.items() if k in flagged}
+
+    def _sweep_namespace(
+        self,
+        namespace: str,
+        now: dt.datetime,
+        result: SweepResult,
+        running: list[PodInfo],
+    ) -> int:
         pods = {p.launch_id: p for p in self.cluster.list_managed_pods(namespace)}
         secrets = self.cluster.list_managed_secrets(namespace)
         secret_ids = {s.launch_id for s in secrets}
@@ -95,6 +152,8 @@ class Reconciler:
                 result.orphan_secrets_deleted += 1
                 live -= 1
         for launch_id, pod in pods.items():
+            if not pod.finished and not pod.deleting:
+                running.append(pod)
             age = pod.age_seconds(now)
             cleaned = pod.cleaned_at
             if pod.finished and not pod.claimed:

@@ -9,6 +9,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from broker.airflowapi.client import AirflowCredential, AirflowTaskInstances
 from broker.audit.keys import generate_signing_key, load_signing_key
 from broker.audit.render import render
 from broker.audit.reporting import build_report, grant_refs_from_policy
@@ -22,6 +23,7 @@ from broker.service.cleanup import Cleanup
 from broker.service.launching import LaunchExecutor
 from broker.service.lookup import LaunchLookup
 from broker.service.reconciler import Reconciler
+from broker.service.verification import TaskVerifier
 from broker.settings import BrokerSettings, VaultAuthSettings
 from broker.vault.client import VaultAuth, VaultSession
 from broker.vault.layout import VaultLayout
@@ -95,6 +97,25 @@ class Runtime:
         self.kube.api.close()
 
 
+def _airflow_source(settings: BrokerSettings) -> AirflowTaskInstances | None:
+    """Airflow's REST API client, when ``airflow.api_url`` is set."""
+    airflow = settings.airflow
+    if not airflow.api_url:
+        return None
+    auth = airflow.auth
+    return AirflowTaskInstances(
+        airflow.api_url,
+        AirflowCredential(
+            method=auth.method,
+            username=auth.username,
+            password_file=auth.password_file,
+            token_file=auth.token_file,
+        ),
+        ca_file=str(airflow.ca_file) if airflow.ca_file else None,
+        timeout=airflow.timeout_seconds,
+    )
+
+
 def _signing_key_path(settings: BrokerSettings) -> Path:
     if settings.audit.signing_key_file is not None:
         return settings.audit.signing_key_file
@@ -132,6 +153,11 @@ def build_runtime(settings: BrokerSettings, *, dev_generate_key: bool = False) -
         templates=dict(settings.pod_templates),
         run_as_non_root=settings.kubernetes.run_as_non_root,
     )
+    verifier = TaskVerifier(
+        _airflow_source(settings),
+        settings.airflow.verification,
+        cache_seconds=settings.airflow.cache_seconds,
+    )
     namespaces = plan_policy.namespaces
     cleanup = Cleanup(cluster=kube, secrets=resolver, audit=audit)
     launches = LaunchExecutor(
@@ -141,6 +167,7 @@ def build_runtime(settings: BrokerSettings, *, dev_generate_key: bool = False) -
         audit=audit,
         cleanup=cleanup,
         plan_policy=plan_policy,
+        verifier=verifier,
         limits=SecretLimits(),
     )
     lookup = LaunchLookup(cluster=kube, audit=audit, cleanup=cleanup, namespaces=namespaces)
@@ -150,6 +177,8 @@ def build_runtime(settings: BrokerSettings, *, dev_generate_key: bool = False) -
         namespaces=namespaces,
         retention_seconds=settings.kubernetes.pod_retention_seconds,
         grace_seconds=settings.kubernetes.orphan_grace_seconds,
+        verifier=verifier,
+        ended_grace_seconds=settings.airflow.ended_grace_seconds,
     )
     return Runtime(
         settings,

@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -71,8 +72,22 @@ class TaskVerifier:
         """Whether reconciling against Airflow is possible at all."""
         return self.source is not None
 
+    def prefetch(
+        self, pool: Executor, task: TaskIdentity
+    ) -> Future[TaskInstanceRecord | None] | None:
+        """Start asking Airflow now (beside the policy fetch) when the mode will need the
+        answer anyway; None when it may not (mode off: no Airflow call on the path)."""
+        if self.mode == "off" or self.source is None:
+            return None
+        return pool.submit(self._lookup, task)
+
     def verify(
-        self, caller: Caller, task: TaskIdentity, *, grant_requires: bool
+        self,
+        caller: Caller,
+        task: TaskIdentity,
+        *,
+        grant_requires: bool,
+        prefetched: Future[TaskInstanceRecord | None] | None = None,
     ) -> VerificationResult:
         """Check ``task`` when the mode or a grant asks for it; Airflow calls stay off the
         path otherwise. Raises AirflowUnavailableError (503) when Airflow cannot answer
@@ -86,7 +101,7 @@ class TaskVerifier:
                 level, "verification is required but this broker has no airflow.api_url"
             )
         try:
-            record = self._lookup(task)
+            record = prefetched.result() if prefetched is not None else self._lookup(task)
         except AirflowUnavailableError:
             if level == "enforce":
                 VERIFICATIONS.labels(level, "unavailable").inc()

@@ -36,11 +36,19 @@ from broker.core.plan import (
 )
 from broker.core.policy import DatabaseSecret, Grant, KvSecret, PolicySet, Team
 from broker.core.secret_value import SecretValue
-from broker.errors import AuditUnavailableError, BrokerError, ConflictError, NotFoundError
+from broker.core.verification import TaskInstanceRecord
+from broker.errors import (
+    AirflowUnavailableError,
+    AuditUnavailableError,
+    BrokerError,
+    ConflictError,
+    NotFoundError,
+)
 from broker.service.cleanup import Cleanup
 from broker.service.launching import LaunchExecutor
 from broker.service.lookup import LaunchLookup
 from broker.service.reconciler import Reconciler
+from broker.service.verification import TaskVerifier
 
 Key = tuple[str, str]
 
@@ -152,10 +160,12 @@ class FakeCluster:
         exit_code: int | None = None,
         active_deadline_seconds: int | None = 3600,
         deleting: bool = False,
+        request_digest: str | None = None,
     ) -> PodInfo:
-        """Plant a broker pod as a launch of ``task`` would have made it."""
+        """Plant a broker pod as a launch of ``task`` would have made it (without a
+        request digest unless given, like pods made before digests existed)."""
         launch_id = launch_id_for(task, namespace)
-        annotations = podmeta.pod_annotations(secret_names, "static:test", task)
+        annotations = podmeta.pod_annotations(secret_names, "static:test", task, request_digest)
         if claimed_at is not None:
             annotations.update(podmeta.claim_annotations(claimed_at))
         containers: tuple[ContainerStatus, ...] = ()
@@ -336,13 +346,22 @@ class FakeCluster:
             stored = self.secrets.get((namespace, name))
             return stored.meta if stored else None
 
-    def list_managed_pods(self, namespace: str, *, launch_id: str | None = None) -> list[PodInfo]:
+    def list_managed_pods(
+        self,
+        namespace: str,
+        *,
+        launch_id: str | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> list[PodInfo]:
         self._enter("list_managed_pods")
+        wanted = dict(labels or {})
         with self._lock:
             return [
                 pod
                 for (ns, _), pod in self.pods.items()
-                if ns == namespace and (launch_id is None or pod.launch_id == launch_id)
+                if ns == namespace
+                and (launch_id is None or pod.launch_id == launch_id)
+                and all(pod.labels.get(k) == v for k, v in wanted.items())
             ]
 
     def list_managed_secrets(self, namespace: str) -> list[SecretMeta]:
@@ -535,10 +554,61 @@ CALLER = Caller(identity="static:etl", allowed_dag_globs=("etl_*",))
 OTHER_CALLER = Caller(identity="static:ml", allowed_dag_globs=("ml_*",))
 
 
+TI_ID = "0199a3c2-7f1e-7b3a-9c55-3d2e1f0a4b6c"
+
+
 def make_task(
-    task_id: str = "load", *, dag_id: str = "etl_daily", try_number: int = 1
+    task_id: str = "load",
+    *,
+    dag_id: str = "etl_daily",
+    try_number: int = 1,
+    ti_id: str | None = TI_ID,
 ) -> TaskIdentity:
-    return TaskIdentity(dag_id=dag_id, task_id=task_id, run_id="manual__1", try_number=try_number)
+    return TaskIdentity(
+        dag_id=dag_id, task_id=task_id, run_id="manual__1", try_number=try_number, ti_id=ti_id
+    )
+
+
+class FakeTaskInstances:
+    """Airflow's task instances as the broker's adapter reports them."""
+
+    def __init__(self) -> None:
+        self.records: dict[tuple[str, str, str, int], TaskInstanceRecord] = {}
+        self.calls = 0
+        self.down = False
+
+    def add(
+        self,
+        task: TaskIdentity,
+        *,
+        state: str = "running",
+        hostname: str | None = "worker-pod-1",
+        ti_id: str = TI_ID,
+        try_number: int | None = None,
+    ) -> None:
+        self.records[(task.dag_id, task.run_id, task.task_id, task.map_index)] = TaskInstanceRecord(
+            id=ti_id,
+            dag_id=task.dag_id,
+            run_id=task.run_id,
+            task_id=task.task_id,
+            map_index=task.map_index,
+            try_number=task.try_number if try_number is None else try_number,
+            state=state,
+            hostname=hostname,
+        )
+
+    def get(self, task: TaskIdentity) -> TaskInstanceRecord | None:
+        self.calls += 1
+        if self.down:
+            raise AirflowUnavailableError("Airflow API unreachable (ConnectError)")
+        return self.records.get((task.dag_id, task.run_id, task.task_id, task.map_index))
+
+    def get_many(self, tasks: Sequence[TaskIdentity]) -> list[TaskInstanceRecord]:
+        self.calls += 1
+        if self.down:
+            raise AirflowUnavailableError("Airflow API unreachable (ConnectError)")
+        keys = {(t.dag_id, t.run_id, t.task_id, t.map_index) for t in tasks}
+        return [r for k, r in self.records.items() if k in keys]
 
 
 def sample_policy() -> PolicySet:
@@ -575,10 +645,11 @@ class Services:
         task_identity: TaskIdentity | None = None,
         caller: Caller = CALLER,
         env: Mapping[str, str] | None = None,
+        image: str = "python:3.12",
     ) -> LaunchView:
         request = LaunchRequest(
             task=task_identity or make_task(),
-            container=ContainerSpec(image="python:3.12", env=dict(env or {})),
+            container=ContainerSpec(image=image, env=dict(env or {})),
             secrets=[SecretRequest(name=s) if isinstance(s, str) else s for s in secrets],
         )
         return self.launches.launch(caller, request)
@@ -587,7 +658,13 @@ class Services:
         self.launches.close()
 
 
-def make_services(*, retention_seconds: int = 600, grace_seconds: int = 60) -> Services:
+def make_services(
+    *,
+    retention_seconds: int = 600,
+    grace_seconds: int = 60,
+    verifier: TaskVerifier | None = None,
+    ended_grace_seconds: int = 0,
+) -> Services:
     cluster = FakeCluster()
     policies = FakePolicySource(sample_policy())
     store = FakeSecretStore()
@@ -600,6 +677,7 @@ def make_services(*, retention_seconds: int = 600, grace_seconds: int = 60) -> S
         audit=audit,
         cleanup=cleanup,
         plan_policy=PlanPolicy(namespaces=(NAMESPACE,)),
+        verifier=verifier,
         workers=4,
     )
     lookup = LaunchLookup(cluster=cluster, audit=audit, cleanup=cleanup, namespaces=(NAMESPACE,))
@@ -609,5 +687,7 @@ def make_services(*, retention_seconds: int = 600, grace_seconds: int = 60) -> S
         namespaces=(NAMESPACE,),
         retention_seconds=retention_seconds,
         grace_seconds=grace_seconds,
+        verifier=verifier,
+        ended_grace_seconds=ended_grace_seconds,
     )
     return Services(cluster, policies, store, audit, cleanup, launches, lookup, reconciler)

@@ -20,6 +20,7 @@ class SecretDecision(StrictModel):
     grant: str
     policy: str
     max_lease_ttl: int | None = None
+    require_verified_task: bool = False
 
 
 class Decision(StrictModel):
@@ -34,6 +35,11 @@ class Decision(StrictModel):
     grant_policies: list[str] = Field(default_factory=list)
     secrets: dict[str, SecretDecision] = Field(default_factory=dict)
 
+    @property
+    def requires_verified_task(self) -> bool:
+        """Some allowing grant insists on a task instance confirmed with Airflow."""
+        return any(d.require_verified_task for d in self.secrets.values())
+
     def raise_for_denial(self) -> None:
         """Raise when not allowed: unknown names -> :class:`NotFoundError` (404, the
         DAG names a secret the catalog does not have); otherwise names not granted ->
@@ -47,12 +53,16 @@ class Decision(StrictModel):
 
 
 def decide(
-    policy: PolicySet, identity: TaskIdentity, requests: Sequence[SecretRequest]
+    policy: PolicySet,
+    identity: TaskIdentity,
+    requests: Sequence[SecretRequest],
+    *,
+    image: str | None = None,
 ) -> Decision:
     """Default deny. For each requested name: unknown if not in the catalog; allowed by
     the first grant (teams sorted, grants in file order) that matches the task, names the
-    secret and accepts the requested delivery; denied otherwise. Repeated names are
-    decided once."""
+    secret, accepts the requested delivery and, when it lists images, the pod's
+    ``image``; denied otherwise. Repeated names are decided once."""
     grants = policy.grants()
     unknown: list[str] = []
     denied: list[str] = []
@@ -67,11 +77,12 @@ def decide(
             reasons.append(f"unknown secret {name!r}: not in the catalog")
             continue
         naming = [(gid, g) for gid, g in grants if name in g.secrets and g.matches(identity)]
-        fitting = [
+        delivering = [
             (gid, g)
             for gid, g in naming
             if g.constraints.delivery is None or g.constraints.delivery == request.delivery.type
         ]
+        fitting = [(gid, g) for gid, g in delivering if g.allows_image(image)]
         if fitting:
             gid, grant = fitting[0]
             chosen[name] = SecretDecision(
@@ -79,10 +90,17 @@ def decide(
                 grant=gid,
                 policy=policy.policy_name(gid),
                 max_lease_ttl=grant.constraints.max_lease_ttl,
+                require_verified_task=grant.require_verified_task,
             )
             continue
         denied.append(name)
-        if naming:
+        if delivering:
+            images = sorted({i for _, g in delivering for i in g.images or ()})
+            reasons.append(
+                f"secret {name!r}: grant(s) {', '.join(gid for gid, _ in delivering)} allow "
+                f"only images {', '.join(images)}, not {image or 'an unnamed image'!r}"
+            )
+        elif naming:
             allowed_modes = sorted({g.constraints.delivery or "any" for _, g in naming})
             reasons.append(
                 f"secret {name!r}: grant(s) {', '.join(gid for gid, _ in naming)} allow "

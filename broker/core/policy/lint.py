@@ -32,7 +32,8 @@ def lint_policy(policy: PolicySet) -> list[Finding]:
     duplicate secrets within a grant (warning), match-all DAG globs on sensitive secrets
     (error: over-broad), catalog secrets no grant uses (warning), dynamic-credential
     grants without ``max_lease_ttl`` (warning), ``max_lease_ttl`` on grants without
-    dynamic secrets (warning)."""
+    dynamic secrets (warning), image globs that match every image or list none (error),
+    sensitive secrets given to images by tag instead of digest (warning)."""
     findings: list[Finding] = []
     used: set[str] = set()
     for team_name, team in sorted(policy.teams.items()):
@@ -66,6 +67,35 @@ def lint_policy(policy: PolicySet) -> list[Finding]:
                             f"gives sensitive secret {name!r} to every DAG",
                         )
                     )
+            sensitive = any(
+                (entry := policy.catalog.get(n)) is not None and entry.sensitive
+                for n in grant.secrets
+            )
+            for position, glob in enumerate(grant.images or ()):
+                where = (*base, "images", position)
+                if is_match_all(glob):
+                    findings.append(
+                        Finding("error", where, f"image glob {glob!r} matches every image")
+                    )
+                elif sensitive and "@sha256:" not in glob:
+                    findings.append(
+                        Finding(
+                            "warning",
+                            where,
+                            f"grant {team_name}/{grant.id} gives sensitive secrets to images "
+                            f"by tag ({glob!r}); pin a digest (@sha256:...) so a pushed tag "
+                            "cannot receive them",
+                        )
+                    )
+            if grant.images is not None and not grant.images:
+                findings.append(
+                    Finding(
+                        "error",
+                        (*base, "images"),
+                        f"grant {team_name}/{grant.id} lists no image: it can never be used "
+                        "(omit images to allow any)",
+                    )
+                )
             if has_dynamic and grant.constraints.max_lease_ttl is None:
                 findings.append(
                     Finding(

@@ -28,6 +28,8 @@ GRANT_ID_PATTERN = TEAM_PATTERN
 MOUNT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 VAULT_PATH_PATTERN = r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$"
 GLOB_PATTERN = r"^[A-Za-z0-9_.\-*?\[\]!]{1,250}$"
+# An image reference glob: registry/repository[:tag][@sha256:digest], with * and ?.
+IMAGE_GLOB_PATTERN = r"^[A-Za-z0-9_.\-/:@*?\[\]!]{1,500}$"
 
 
 class StrictModel(BaseModel):
@@ -111,12 +113,25 @@ class Grant(StrictModel):
     tasks: Annotated[str, Field(pattern=GLOB_PATTERN)] | None = None
     secrets: tuple[Annotated[str, Field(pattern=SECRET_NAME_PATTERN)], ...] = Field(min_length=1)
     constraints: Constraints = Field(default_factory=Constraints)
+    images: tuple[Annotated[str, Field(pattern=IMAGE_GLOB_PATTERN)], ...] | None = None
+    """Globs over the full image reference the pod runs (``None``: any image). Pin
+    digests (``registry/etl@sha256:...``) for sensitive secrets: tags can move."""
+    require_verified_task: bool = False
+    """Launches receiving these secrets must be confirmed with Airflow (the task instance
+    exists, runs this try, on the calling pod) whatever the broker's verification mode."""
     description: str = ""
 
     def matches(self, identity: TaskIdentity) -> bool:
         if not fnmatch.fnmatchcase(identity.dag_id, self.dags):
             return False
         return self.tasks is None or fnmatch.fnmatchcase(identity.task_id, self.tasks)
+
+    def allows_image(self, image: str | None) -> bool:
+        """True when the grant has no image list, or ``image`` matches one of its globs.
+        An unknown image (``None``) never satisfies an image list."""
+        if self.images is None:
+            return True
+        return image is not None and any(fnmatch.fnmatchcase(image, g) for g in self.images)
 
 
 class Team(StrictModel):
