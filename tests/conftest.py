@@ -13,6 +13,7 @@ import hvac
 import pytest
 from kubernetes import client
 
+from podbroker_devstack.airflow_api import AirflowApi, start_airflow_api
 from podbroker_devstack.airflow_env import prepare_airflow_home
 from podbroker_devstack.binaries import control_plane_binaries
 from podbroker_devstack.broker_env import BrokerHandle, start_broker
@@ -113,5 +114,39 @@ def broker(
     example secrets (values marked PLANTED-) in Vault. ``.token`` is a static dev token
     allowed for every DAG; ``.namespace`` is the task namespace."""
     handle = start_broker(stack_folder / "broker", kube, vault, postgres, sources)
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture(scope="session")
+def airflow_api(stack_folder: Path, airflow_env: dict[str, str]) -> Iterator[AirflowApi]:
+    """Airflow's own API server over the session's AIRFLOW_HOME (the database the
+    `airflow dags test` runs write), with a viewer user for the broker."""
+    server = start_airflow_api(stack_folder / "airflow-api", airflow_env)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def verified_broker(
+    stack_folder: Path,
+    kube: ControlPlane,
+    vault: OpenBao,
+    postgres: Postgres,
+    sources: SourceTree,
+    airflow_api: AirflowApi,
+) -> Iterator[BrokerHandle]:
+    """A broker that checks every launch with the real Airflow API server
+    (``airflow.verification: enforce``), in a task namespace of its own so its
+    reconciler judges only launches made through it."""
+    handle = start_broker(
+        stack_folder / "verified-broker",
+        kube,
+        vault,
+        postgres,
+        sources,
+        task_namespace="tasks-verified",
+        extra_settings={"airflow": airflow_api.settings("enforce")},
+    )
     yield handle
     handle.stop()

@@ -56,3 +56,20 @@ with DAG("analytics_etl_e2e_slow", schedule=None, start_date=START, catchup=Fals
         on_finish_action="keep_pod",
         poll_interval=0.5,
     )
+
+with DAG("analytics_etl_verify_e2e_quick", schedule=None, start_date=START, catchup=False):
+    BrokerPodOperator(
+        task_id="load_verified",
+        image="python:3.12-slim",
+        secrets=["warehouse-readonly"],
+        poll_interval=0.5,
+    )
+
+with DAG("analytics_etl_verify_e2e_long", schedule=None, start_date=START, catchup=False):
+    BrokerPodOperator(
+        task_id="extract_orders",
+        image="python:3.12-slim",
+        secrets=["orders-db"],
+        annotations={RUN_DURATION: "300s"},
+        poll_interval=0.5,
+    )

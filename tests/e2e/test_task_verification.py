@@ -1,0 +1,303 @@
+"""Need-to-know per task instance on the real stack: a broker with
+``airflow.verification: enforce`` asks Airflow's own API server (the `airflow_api`
+fixture, over the database `airflow dags test` writes) about every launch. Only the
+running task instance itself obtains secrets; forged identities get 403 and nothing is
+created; a differing second launch of a running try is a 409; a task instance marked
+failed in Airflow loses its pod and its database lease (checked in Vault)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import hvac
+import pytest
+from hvac.exceptions import InvalidRequest
+from kubernetes import client
+
+from broker.audit.store import open_audit_store
+from broker.core.audit_events import AuditEvent, EventKind
+from podbroker_devstack.airflow_api import AirflowApi
+from podbroker_devstack.broker_env import (
+    AIRFLOW_NAMESPACE,
+    TOKEN_AUDIENCE,
+    WORKER_SERVICE_ACCOUNT,
+    BrokerHandle,
+)
+from tests.helpers import eventually
+
+pytestmark = [pytest.mark.stack, pytest.mark.airflow]
+
+AIRFLOW = Path(sys.executable).parent / "airflow"
+LONG_DAG = "analytics_etl_verify_e2e_long"
+
+
+@pytest.fixture(scope="module")
+def env(airflow_env: dict[str, str], verified_broker: BrokerHandle) -> dict[str, str]:
+    conn = {
+        "conn_type": "podbroker",
+        "host": verified_broker.url,
+        "password": verified_broker.token,
+        "extra": {"namespace": verified_broker.namespace, "timeout": 30},
+    }
+    return {**airflow_env, "AIRFLOW_CONN_PODBROKER_DEFAULT": json.dumps(conn)}
+
+
+@pytest.fixture
+def core(verified_broker: BrokerHandle) -> Iterator[client.CoreV1Api]:
+    with verified_broker.kube.api_client() as api:
+        yield client.CoreV1Api(api)
+
+
+def latest_ti(env: dict[str, str], dag_id: str) -> dict[str, Any]:
+    with sqlite3.connect(Path(env["AIRFLOW_HOME"]) / "airflow.db") as db:
+        db.row_factory = sqlite3.Row
+        row = db.execute(
+            "SELECT ti.* FROM task_instance ti JOIN dag_run dr"
+            " ON dr.dag_id = ti.dag_id AND dr.run_id = ti.run_id"
+            " WHERE ti.dag_id = ? ORDER BY dr.id DESC LIMIT 1",
+            (dag_id,),
+        ).fetchone()
+    assert row is not None, f"no task instance of {dag_id}"
+    return dict(row)
+
+
+def identity_of(ti: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    task = {
+        "dag_id": ti["dag_id"],
+        "task_id": ti["task_id"],
+        "run_id": ti["run_id"],
+        "try_number": ti["try_number"],
+        "map_index": ti["map_index"],
+        "ti_id": str(uuid.UUID(str(ti["id"]))),
+    }
+    task.update(changes)
+    return task
+
+
+def launch(
+    broker: BrokerHandle,
+    task: dict[str, Any],
+    secrets: list[str],
+    *,
+    token: str | None = None,
+    image: str = "python:3.12-slim",
+    timeout: float = 30,
+) -> httpx.Response:
+    return httpx.post(
+        f"{broker.url}/v1/launches",
+        json={
+            "task": task,
+            "container": {"image": image},
+            "secrets": secrets,
+            "namespace": broker.namespace,
+        },
+        headers={"Authorization": f"Bearer {token or broker.token}"},
+        timeout=timeout,
+    )
+
+
+def audit_events(broker: BrokerHandle) -> list[AuditEvent]:
+    with open_audit_store(broker.audit_url, create=False) as store:
+        return list(store.events())
+
+
+def broker_pods(core: client.CoreV1Api, namespace: str, dag_id: str) -> list[client.V1Pod]:
+    return core.list_namespaced_pod(namespace, label_selector=f"dag_id={dag_id}").items
+
+
+def test_the_genuine_task_instance_gets_its_secrets(
+    env: dict[str, str], verified_broker: BrokerHandle
+) -> None:
+    run = subprocess.run(
+        [str(AIRFLOW), "dags", "test", "analytics_etl_verify_e2e_quick"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    ti = latest_ti(env, "analytics_etl_verify_e2e_quick")
+    assert ti["state"] == "success", (run.stdout + run.stderr)[-4000:]
+    checks = [
+        e.details["verification"]
+        for e in audit_events(verified_broker)
+        if e.kind == EventKind.DECISION and e.dag_id == "analytics_etl_verify_e2e_quick"
+    ]
+    assert checks and checks[-1] == {"verdict": "enforce", "ok": True, "reason": None}
+
+    # The same identity after the task ended is no longer a running task instance.
+    late = launch(verified_broker, identity_of(ti), ["warehouse-readonly"])
+    assert late.status_code == 403, late.text
+    assert "not running" in late.json()["reason"]
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"dag_id": "analytics_etl_verify_e2e_never_ran"}, "has no task instance"),
+        ({"try_number": 7}, "is not the current try"),
+        ({"ti_id": "0199ffff-0000-7000-8000-000000000000"}, "id does not match"),
+        ({"ti_id": None}, "no task instance id"),
+    ],
+    ids=["another-dag", "wrong-try", "wrong-id", "no-id"],
+)
+def test_forged_identities_get_403_and_nothing_is_created(
+    env: dict[str, str],
+    verified_broker: BrokerHandle,
+    core: client.CoreV1Api,
+    changes: dict[str, Any],
+    reason: str,
+) -> None:
+    ti = latest_ti(env, "analytics_etl_verify_e2e_quick")
+    forged = identity_of(ti, **changes)
+    before = {p.metadata.name for p in core.list_namespaced_pod(verified_broker.namespace).items}
+    response = launch(verified_broker, forged, ["warehouse-readonly"])
+    assert response.status_code == 403, response.text
+    body = response.json()
+    assert reason in body["reason"] and body["denied_secrets"] == ["warehouse-readonly"]
+    after = {p.metadata.name for p in core.list_namespaced_pod(verified_broker.namespace).items}
+    assert after == before
+    denied = [
+        e
+        for e in audit_events(verified_broker)
+        if e.kind == EventKind.DECISION and e.dag_id == forged["dag_id"]
+    ]
+    assert denied and denied[-1].details["allowed"] is False
+
+
+def bound_worker_token(core: client.CoreV1Api, pod_name: str) -> str:
+    """A worker ServiceAccount token bound to a pod of that name (what a projected
+    token in that pod holds): TokenReview names the pod in its extras."""
+    pod = core.create_namespaced_pod(
+        AIRFLOW_NAMESPACE,
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": pod_name},
+            "spec": {
+                "serviceAccountName": WORKER_SERVICE_ACCOUNT,
+                "containers": [{"name": "w", "image": "python:3.12-slim"}],
+            },
+        },
+    )
+    request = client.AuthenticationV1TokenRequest(
+        spec=client.V1TokenRequestSpec(
+            audiences=[TOKEN_AUDIENCE],
+            expiration_seconds=600,
+            bound_object_ref=client.V1BoundObjectReference(
+                kind="Pod", api_version="v1", name=pod_name, uid=pod.metadata.uid
+            ),
+        )
+    )
+    token = core.create_namespaced_service_account_token(
+        WORKER_SERVICE_ACCOUNT, AIRFLOW_NAMESPACE, request
+    )
+    return str(token.status.token)
+
+
+def test_a_running_task_is_guarded_and_ended_with_its_task_instance(
+    env: dict[str, str],
+    verified_broker: BrokerHandle,
+    airflow_api: AirflowApi,
+    core: client.CoreV1Api,
+    vault_root: hvac.Client,
+) -> None:
+    runner = subprocess.Popen(
+        [str(AIRFLOW), "dags", "test", LONG_DAG],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        assert eventually(
+            lambda: bool(broker_pods(core, verified_broker.namespace, LONG_DAG)), timeout=120
+        ), "the long task's pod never appeared"
+        ti = latest_ti(env, LONG_DAG)
+        assert ti["state"] == "running"
+        genuine = identity_of(ti)
+
+        # A differing second launch of the running try is a conflict, never a reattach.
+        other = launch(verified_broker, genuine, ["orders-db"], image="attacker/tools:latest")
+        assert other.status_code == 409, other.text
+        assert len(broker_pods(core, verified_broker.namespace, LONG_DAG)) == 1
+
+        # A worker token bound to a pod that is not the task instance's host: refused.
+        impostor = f"impostor-{uuid.uuid4().hex[:6]}"
+        token = bound_worker_token(core, impostor)
+        refused = launch(verified_broker, genuine, ["orders-db"], token=token)
+        assert refused.status_code == 403, refused.text
+        assert "is not the host" in refused.json()["reason"]
+        core.delete_namespaced_pod(impostor, AIRFLOW_NAMESPACE)
+
+        # The lease the genuine launch holds, as the audit trail recorded it.
+        resolved = [
+            e
+            for e in audit_events(verified_broker)
+            if e.kind == EventKind.SECRETS_RESOLVED and e.dag_id == LONG_DAG
+        ]
+        lease_id = resolved[-1].details["secrets"][0]["lease_id"]
+        assert vault_root.sys.read_lease(lease_id)["data"]["id"] == lease_id
+
+        # Airflow marks the task instance failed: the broker ends its pod and lease.
+        admin = airflow_api.token("admin")
+        patched = httpx.patch(
+            f"{airflow_api.url}/api/v2/dags/{LONG_DAG}/dagRuns/{ti['run_id']}"
+            f"/taskInstances/{ti['task_id']}",
+            json={"new_state": "failed"},
+            headers={"Authorization": f"Bearer {admin}"},
+            timeout=30,
+        )
+        assert patched.status_code == 200, patched.text
+        assert eventually(
+            lambda: not broker_pods(core, verified_broker.namespace, LONG_DAG), timeout=90
+        ), "the pod of a failed task instance kept running"
+
+        def lease_gone() -> bool:
+            try:
+                vault_root.sys.read_lease(lease_id)
+            except InvalidRequest:
+                return True
+            return False
+
+        assert eventually(lease_gone, timeout=30), "its database lease is still alive"
+        killed = [
+            e
+            for e in audit_events(verified_broker)
+            if e.kind == EventKind.LAUNCH_KILLED and e.dag_id == LONG_DAG
+        ]
+        assert killed and "task instance ended in Airflow" in killed[-1].details["reason"]
+    finally:
+        if runner.poll() is None:
+            os.killpg(runner.pid, signal.SIGTERM)
+        runner.wait(60)
+
+
+def test_airflow_unreachable_is_a_retryable_503(
+    verified_broker: BrokerHandle, airflow_api: AirflowApi
+) -> None:
+    task = {
+        "dag_id": f"analytics_etl_verify_e2e_{uuid.uuid4().hex[:6]}",
+        "task_id": "load",
+        "run_id": "manual__x",
+        "try_number": 1,
+        "ti_id": str(uuid.uuid4()),
+    }
+    os.killpg(airflow_api.process.pid, signal.SIGSTOP)
+    try:
+        response = launch(verified_broker, task, ["warehouse-readonly"], timeout=60)
+    finally:
+        os.killpg(airflow_api.process.pid, signal.SIGCONT)
+    assert response.status_code == 503, response.text
+    assert response.json()["component"] == "airflow"
+    assert int(response.headers["Retry-After"]) > 0
