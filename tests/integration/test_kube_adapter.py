@@ -27,9 +27,11 @@ def test_secret_reads_and_lists_carry_no_data(
     cluster = KubeCluster(kube_api)
     meta = cluster.read_secret_metadata(namespace, "podbroker-meta")
     assert meta is not None
-    assert meta["name"] == "podbroker-meta"
+    assert meta.name == "podbroker-meta" and meta.namespace == namespace
+    assert meta.labels == {"podbroker.dev/managed-by": "podbroker"}
+    assert meta.created_at is not None
     listed = cluster.list_managed_secrets(namespace)
-    assert [item["metadata"]["name"] for item in listed] == ["podbroker-meta"]
+    assert [item.name for item in listed] == ["podbroker-meta"]
     assert cluster.secret_exists(namespace, "podbroker-meta")
     assert not cluster.secret_exists(namespace, "podbroker-missing")
     assert cluster.read_secret_metadata(namespace, "podbroker-missing") is None
