@@ -28,6 +28,11 @@ class TaskIdentity(Strict):
     """Airflow's task instance id (``ti.id``), checked with Airflow when verification is
     on; not part of the launch's idempotency key."""
 
+    @property
+    def instance_key(self) -> tuple[str, str, str, int]:
+        """Which task instance, whatever the try: (dag_id, run_id, task_id, map_index)."""
+        return (self.dag_id, self.run_id, self.task_id, self.map_index)
+
 
 class EnvDelivery(Strict):
     """Deliver a secret's keys as environment variables: each key upper-cased behind

@@ -41,6 +41,10 @@ class TaskInstanceRecord:
     state: str | None
     hostname: str | None = None
 
+    @property
+    def instance_key(self) -> tuple[str, str, str, int]:
+        return (self.dag_id, self.run_id, self.task_id, self.map_index)
+
 
 @dataclass(frozen=True)
 class PodBinding:

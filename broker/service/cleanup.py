@@ -56,6 +56,16 @@ class Cleanup:
         self.finish(pod, reason=cleanup_reason)
         self.cluster.delete_pod(pod.namespace, pod.name)
 
+    def end_launch(self, pod: PodInfo, reason: str, *, cleanup_reason: str) -> None:
+        """The broker itself ends a running launch (a newer try, an ended task)."""
+        self.terminate(
+            pod,
+            kind=ev.EventKind.LAUNCH_KILLED,
+            reason=reason,
+            by="podbroker",
+            cleanup_reason=cleanup_reason,
+        )
+
     def finish(self, pod: PodInfo, *, reason: str = "pod ended", force: bool = False) -> None:
         """Delete the pod's Secret and revoke its leases, once: the replica that claims
         the pod (an annotation written with the pod's resourceVersion as precondition)

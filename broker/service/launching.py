@@ -225,22 +225,12 @@ class LaunchExecutor:
         task = plan.task
         for pod in pods:
             other = pod.task
-            earlier = (
-                other.dag_id == task.dag_id
-                and other.task_id == task.task_id
-                and other.run_id == task.run_id
-                and other.map_index == task.map_index
-                and other.try_number < task.try_number
-            )
+            earlier = other.instance_key == task.instance_key and other.try_number < task.try_number
             if not earlier or pod.finished or pod.deleting:
                 continue
             try:
-                self.cleanup.terminate(
-                    pod,
-                    kind=ev.EventKind.LAUNCH_KILLED,
-                    reason=f"superseded by try {task.try_number}",
-                    by="podbroker",
-                    cleanup_reason="superseded",
+                self.cleanup.end_launch(
+                    pod, f"superseded by try {task.try_number}", cleanup_reason="superseded"
                 )
             except BrokerError as exc:
                 log.warning("could not end earlier try %s: %s", pod.name, exc.reason)

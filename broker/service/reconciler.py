@@ -10,7 +10,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from broker.core import audit_events as ev
 from broker.core.objects import PodInfo
 from broker.core.plan import secret_name_for
 from broker.core.verification import ended_reason
@@ -108,15 +107,12 @@ class Reconciler:
         if verifier is None or not verifier.active or verifier.mode == "off" or not running:
             self._ended_since.clear()
             return
-        records = {
-            (r.dag_id, r.run_id, r.task_id, r.map_index): r
-            for r in verifier.records([pod.task for pod in running])
-        }
+        records = {r.instance_key: r for r in verifier.records([pod.task for pod in running])}
         now = self._clock()
         flagged: set[str] = set()
         for pod in running:
             task = pod.task
-            record = records.get((task.dag_id, task.run_id, task.task_id, task.map_index))
+            record = records.get(task.instance_key)
             why = ended_reason(task, record)
             if why is None or pod.launch_id is None:
                 continue
@@ -124,12 +120,8 @@ class Reconciler:
             since = self._ended_since.setdefault(pod.launch_id, now)
             if now - since < self.ended_grace_seconds:
                 continue
-            self.cleanup.terminate(
-                pod,
-                kind=ev.EventKind.LAUNCH_KILLED,
-                reason=f"task instance ended in Airflow: {why}",
-                by="podbroker",
-                cleanup_reason="task instance ended",
+            self.cleanup.end_launch(
+                pod, f"task instance ended in Airflow: {why}", cleanup_reason="task instance ended"
             )
             result.ended_task_pods_killed += 1
         self._ended_since = {k: v for k, v in self._ended_since.items() if k in flagged}

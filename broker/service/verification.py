@@ -118,7 +118,7 @@ class TaskVerifier:
 
     def _lookup(self, task: TaskIdentity) -> TaskInstanceRecord | None:
         assert self.source is not None
-        key = (task.dag_id, task.run_id, task.task_id, task.map_index)
+        key = task.instance_key
         now = self._clock()
         with self._lock:
             cached = self._cache.get(key)
