@@ -71,9 +71,17 @@ def render_table(report: UsageReport) -> str:
     ]
     lines += (
         _table(
-            ["secret", "uses", "dags", "tasks", "first use", "last use"],
+            ["secret", "uses", "dags", "tasks", "images", "first use", "last use"],
             [
-                [s.secret, s.uses, ", ".join(s.dags), len(s.tasks), _t(s.first_use), _t(s.last_use)]
+                [
+                    s.secret,
+                    s.uses,
+                    ", ".join(s.dags),
+                    len(s.tasks),
+                    ", ".join(s.images),
+                    _t(s.first_use),
+                    _t(s.last_use),
+                ]
                 for s in report.secrets
             ],
         )
@@ -385,13 +393,14 @@ def render_html(report: UsageReport) -> str:
         svg_matrix(report),
         "<h2>Usage per secret</h2>",
         _html_table(
-            ["secret", "uses", "DAGs", "tasks", "first use", "last use"],
+            ["secret", "uses", "DAGs", "tasks", "images", "first use", "last use"],
             [
                 [
                     s.secret,
                     s.uses,
                     ", ".join(s.dags),
                     ", ".join(f"{x.dag_id}.{x.task_id}" for x in s.tasks),
+                    ", ".join(s.images),
                     _t(s.first_use),
                     _t(s.last_use),
                 ]

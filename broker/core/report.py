@@ -80,6 +80,8 @@ class SecretUsage(_Model):
     tasks: list[TaskRef]
     first_use: datetime
     last_use: datetime
+    images: list[str] = []
+    """The images of the pods that received the secret (from the launch requests)."""
 
 
 class DagUsage(_Model):
@@ -380,7 +382,12 @@ def compute_report(
     uses = [u for u in all_uses if scope.in_window(u.time)]
     windowed = [e for e in all_events if scope.in_window(e.time)]
 
-    # usage per secret
+    # usage per secret, and which images received it
+    image_of = {
+        e.launch_id: str(e.details["image"])
+        for e in all_events
+        if e.kind == EventKind.LAUNCH_REQUESTED and e.launch_id and e.details.get("image")
+    }
     by_secret: dict[str, list[_Use]] = defaultdict(list)
     for use in uses:
         by_secret[use.secret].append(use)
@@ -395,6 +402,7 @@ def compute_report(
             ],
             first_use=min(u.time for u in items),
             last_use=max(u.time for u in items),
+            images=sorted({image_of[u.launch_id] for u in items if u.launch_id in image_of}),
         )
         for name, items in sorted(by_secret.items())
     ]

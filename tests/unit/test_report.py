@@ -312,3 +312,37 @@ def test_grant_refs_from_policy() -> None:
     assert grant_refs_from_policy(policy) == [
         GrantRef("data/etl", "data", "etl_*", "load", ("wh",))
     ]
+
+
+def test_each_secret_lists_the_images_that_received_it() -> None:
+    def run(launch_id: str, image: str, names: list[str], day: int) -> list[ev.AuditEvent]:
+        t = TaskIdentity(dag_id="etl_daily", task_id="load", run_id=f"run-{launch_id}")
+        return [
+            ev.launch_requested(
+                launch_id=launch_id,
+                caller="sa:worker",
+                task=t,
+                secret_names=names,
+                image=image,
+                time=at(day),
+            ),
+            ev.secrets_resolved(
+                launch_id=launch_id,
+                caller="sa:worker",
+                task=t,
+                secrets=[{"name": n} for n in names],
+                time=at(day, 1),
+            ),
+        ]
+
+    events = [
+        *run("a", "registry.local/etl@sha256:aa", ["warehouse"], 2),
+        *run("b", "registry.local/etl@sha256:bb", ["warehouse", "s3"], 3),
+        *run("c", "registry.local/etl@sha256:aa", ["s3"], 4),
+    ]
+    report = compute_report(events, GRANTS, window_start=WINDOW[0], window_end=WINDOW[1])
+    images = {s.secret: s.images for s in report.secrets}
+    assert images == {
+        "warehouse": ["registry.local/etl@sha256:aa", "registry.local/etl@sha256:bb"],
+        "s3": ["registry.local/etl@sha256:aa", "registry.local/etl@sha256:bb"],
+    }
