@@ -11,7 +11,10 @@ rounds of six operations, one of each row, in a rotating order:
   broker    POST /v1/launches over HTTP (static token): no secrets; two KV secrets whose
             keys the catalog declares (Vault read overlaps the pod create); one KV secret
             without declared keys (Vault read before the pod create); the dynamic
-            database secret orders-db
+            database secret orders-db; and the two-KV launch again through a second
+            broker that checks every launch with Airflow's API server (task verification
+            in warn mode, no cache: every launch pays one Airflow call; the synthetic
+            identities fail the check, which warn mode only logs)
 
 Each broker launch is bracketed by two scrapes of /metrics, so the deltas of
 ``podbroker_launch_seconds`` (one observation per launch) give that launch's exact
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import os
 import statistics
@@ -41,6 +45,8 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from prometheus_client.parser import text_string_to_metric_families
 
+from podbroker_devstack.airflow_api import start_airflow_api
+from podbroker_devstack.airflow_env import prepare_airflow_home
 from podbroker_devstack.broker_env import BrokerHandle, start_broker
 from podbroker_devstack.kube import RUN_DURATION_ANNOTATION
 from podbroker_devstack.sources import SourceTree
@@ -62,6 +68,7 @@ class Scenario:
     task_id: str = ""
     secrets: tuple[dict[str, Any], ...] = ()
     overlap: bool = True  # Vault read runs during the pod create (keys known in advance)
+    verified: bool = False  # sent to the broker that verifies task instances with Airflow
 
 
 SCENARIOS: tuple[Scenario, ...] = (
@@ -96,6 +103,18 @@ SCENARIOS: tuple[Scenario, ...] = (
         "analytics_etl_bench",
         "extract_orders",
         ({"name": "orders-db", "delivery": {"type": "env", "prefix": "DB_"}},),
+    ),
+    Scenario(
+        "kv_declared_verified",
+        "5  broker: as 2, task checked with Airflow",
+        True,
+        "analytics_reports_bench",
+        "upload_bench",
+        (
+            {"name": "warehouse-readonly", "delivery": {"type": "file", "mount_path": "/wh"}},
+            {"name": "s3-reports", "delivery": {"type": "env", "prefix": "S3_"}},
+        ),
+        verified=True,
     ),
 )
 FLOOR_B = "floor_pod_secret"
@@ -145,6 +164,7 @@ _SERIES = {
     "podbroker_launch_seconds": "",
     "podbroker_vault_call_seconds": "operation",
     "podbroker_kubernetes_call_seconds": "verb",
+    "podbroker_airflow_call_seconds": "operation",
 }
 
 
@@ -191,7 +211,12 @@ def server_parts(
         else max(0.0, parts["resolve"] - parts["create_pod"])
     )
     parts["vault_wait"] = wait
-    parts["other"] = total - parts["decide"] - parts["create_pod"] - parts["create_secret"] - wait
+    # The Airflow lookup runs beside the policy fetch: only what outlasts it is waited for.
+    parts["airflow"] = _delta(before, after, "podbroker_airflow_call_seconds:get_task_instance_sum")
+    airflow_wait = max(0.0, parts["airflow"] - parts["decide"])
+    parts["other"] = (
+        total - parts["decide"] - parts["create_pod"] - parts["create_secret"] - wait - airflow_wait
+    )
     return total, parts
 
 
@@ -279,19 +304,34 @@ def launch_body(scenario: Scenario, run_id: str, round_no: int) -> dict[str, Any
 class Bench:
     """One broker, one admin client, one namespace; runs rounds and cleans up after each."""
 
-    def __init__(self, broker: BrokerHandle, admin: client.ApiClient, *, gap: float) -> None:
+    def __init__(
+        self,
+        broker: BrokerHandle,
+        admin: client.ApiClient,
+        *,
+        gap: float,
+        verified: BrokerHandle | None = None,
+    ) -> None:
         self.broker = broker
         self.core = client.CoreV1Api(admin)
         self.namespace = broker.namespace
         self.gap = gap
         # One keep-alive connection, as an Airflow hook reusing its session would have.
         self.http = httpx.Client(base_url=broker.url, headers=broker.headers(), timeout=30)
-        self._launches: list[str] = []
+        self.verified = verified
+        self.verified_http = (
+            httpx.Client(base_url=verified.url, headers=verified.headers(), timeout=30)
+            if verified is not None
+            else None
+        )
+        self._launches: list[tuple[httpx.Client, str]] = []
         self._floor_pods: list[str] = []
         self._floor_secrets: list[str] = []
 
     def close(self) -> None:
         self.http.close()
+        if self.verified_http is not None:
+            self.verified_http.close()
 
     def run(self, scenario: Scenario, round_no: int) -> Sample:
         tag = uuid.uuid4().hex[:10]
@@ -320,24 +360,30 @@ class Bench:
         return Sample(elapsed)
 
     def _launch(self, scenario: Scenario, round_no: int, run_id: str) -> Sample:
+        http = self.http
         payload = launch_body(scenario, run_id, round_no)
-        before = scrape(self.http)
+        if scenario.verified:
+            assert self.verified is not None and self.verified_http is not None
+            http = self.verified_http
+            payload["namespace"] = self.verified.namespace
+            payload["task"]["ti_id"] = str(uuid.uuid4())
+        before = scrape(http)
         started = time.perf_counter()
-        response = self.http.post("/v1/launches", json=payload)
+        response = http.post("/v1/launches", json=payload)
         elapsed = time.perf_counter() - started
         if response.status_code != 201:
             raise RuntimeError(
                 f"{scenario.key}: POST /v1/launches -> {response.status_code} {response.text}"
             )
-        self._launches.append(response.json()["launch_id"])
-        server, parts = server_parts(before, scrape(self.http), scenario)
+        self._launches.append((http, response.json()["launch_id"]))
+        server, parts = server_parts(before, scrape(http), scenario)
         return Sample(elapsed, server, parts)
 
     def cleanup_round(self, round_no: int, timeout: float = 30.0) -> None:
         """Kill the round's launches through the API, delete the floor objects, and wait
         until the round's pods are gone so the next round starts on a quiet cluster."""
-        for launch_id in self._launches:
-            self.http.delete(f"/v1/launches/{launch_id}").raise_for_status()
+        for http, launch_id in self._launches:
+            http.delete(f"/v1/launches/{launch_id}").raise_for_status()
         for name in self._floor_secrets:
             _ignore_404(self.core.delete_namespaced_secret, name, self.namespace)
         for name in self._floor_pods:
@@ -346,12 +392,14 @@ class Bench:
             )
         self._launches, self._floor_pods, self._floor_secrets = [], [], []
         deadline = time.monotonic() + timeout
-        while self.core.list_namespaced_pod(
-            self.namespace, label_selector=f"{ROUND_LABEL}={round_no}"
-        ).items:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"pods of round {round_no} still present after {timeout}s")
-            time.sleep(0.05)
+        namespaces = [self.namespace] + ([self.verified.namespace] if self.verified else [])
+        for namespace in namespaces:
+            while self.core.list_namespaced_pod(
+                namespace, label_selector=f"{ROUND_LABEL}={round_no}"
+            ).items:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"pods of round {round_no} still present after {timeout}s")
+                time.sleep(0.05)
 
 
 def _ignore_404(call: Callable[..., object], *args: object, **kwargs: object) -> None:
@@ -412,17 +460,20 @@ def run_bench(
     warmup: int = 5,
     gap: float = 0.05,
     progress: Callable[[str], None] = lambda _: None,
+    verified: BrokerHandle | None = None,
 ) -> BenchReport:
-    """``warmup`` unrecorded rounds, then ``iterations`` recorded rounds of every row."""
-    bench = Bench(broker, admin, gap=gap)
+    """``warmup`` unrecorded rounds, then ``iterations`` recorded rounds of every row
+    (the verified row only when a ``verified`` broker is given)."""
+    bench = Bench(broker, admin, gap=gap, verified=verified)
     probe = AuditProbe(broker.config_path.parent / "bench")
-    samples: dict[str, list[Sample]] = {s.key: [] for s in SCENARIOS}
+    scenarios = [s for s in SCENARIOS if verified is not None or not s.verified]
+    samples: dict[str, list[Sample]] = {s.key: [] for s in scenarios}
     audit: list[float] = []
     began = time.perf_counter()
     load_before = os.getloadavg()[0]
     try:
         for round_no in range(warmup + iterations):
-            for scenario in rotated(SCENARIOS, round_no):
+            for scenario in rotated(scenarios, round_no):
                 sample = bench.run(scenario, round_no)
                 if round_no >= warmup:
                     samples[scenario.key].append(sample)
@@ -480,22 +531,32 @@ def format_report(report: BenchReport) -> str:
             f"{by_key[key].label:<46}{p50:8.1f}{p90:8.1f}{p99:8.1f}{mean:8.1f}"
             f"{mean / floor_b[3]:8.2f}{http:8.1f}"
         )
-    parts = ("decide", "create_pod", "resolve", "vault_wait", "create_secret", "other")
+    parts = ("decide", "airflow", "create_pod", "resolve", "vault_wait", "create_secret", "other")
     lines += [
         "",
         "Server-side mean breakdown (podbroker_vault_call_seconds / "
         "podbroker_kubernetes_call_seconds deltas)",
         "  vault_wait = part of resolve the launch waited for (all of it on the sequential",
-        "  path); other = server - decide - create_pod - vault_wait - create_secret",
-        "  (authentication, plan, audit appends, thread hand-offs)",
-        f"{'row':<46}" + "".join(f"{p:>14}" for p in parts),
+        "  path); airflow = the task instance lookup, which runs beside decide;",
+        "  other = server - decide - create_pod - vault_wait - create_secret - (airflow",
+        "  beyond decide) (authentication, plan, audit appends, thread hand-offs)",
+        f"{'row':<46}" + "".join(f"{p:>12}" for p in parts),
     ]
     for key, values in report.samples.items():
         with_parts = [s.parts for s in values if s.parts]
         if not by_key[key].broker or not with_parts:
             continue
         means = [statistics.fmean(p[name] for p in with_parts) * 1000 for name in parts]
-        lines.append(f"{by_key[key].label:<46}" + "".join(f"{m:14.1f}" for m in means))
+        lines.append(f"{by_key[key].label:<46}" + "".join(f"{m:12.1f}" for m in means))
+    if "kv_declared_verified" in report.samples and report.samples["kv_declared"]:
+        plain = summary([s.client_s for s in report.samples["kv_declared"]])
+        checked = summary([s.client_s for s in report.samples["kv_declared_verified"]])
+        lines += [
+            "",
+            "Task verification (row 5 against row 2, same launch, measured side by side)",
+            f"  added p50 {checked[0] - plain[0]:+.1f} ms ({checked[0] / plain[0]:.2f}x), "
+            f"added mean {checked[3] - plain[3]:+.1f} ms ({checked[3] / plain[3]:.2f}x)",
+        ]
     if report.audit_append:
         p50, p90, p99, mean = summary(report.audit_append)
         lines += [
@@ -534,27 +595,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[bench] {message}", file=sys.stderr, flush=True)
 
     began = time.perf_counter()
-    sources = SourceTree.in_checkout(Path(__file__).resolve().parents[2])
-    with local_stack(sources, progress=progress) as stack:
+    root = Path(__file__).resolve().parents[2]
+    sources = SourceTree.in_checkout(root)
+    with local_stack(sources, progress=progress) as stack, contextlib.ExitStack() as running:
         progress("starting the broker ...")
         handle = start_broker(
             stack.folder / "broker", stack.kube, stack.vault, stack.postgres, sources
         )
-        try:
-            setup = time.perf_counter() - began
-            progress(f"stack and broker ready in {setup:.0f}s")
-            with stack.kube.api_client() as admin:
-                report = run_bench(
-                    handle,
-                    admin,
-                    iterations=args.iterations,
-                    warmup=args.warmup,
-                    gap=args.gap,
-                    progress=progress,
-                )
-            report.setup_seconds = setup
-        finally:
-            handle.stop()
+        running.callback(handle.stop)
+        progress("starting Airflow's API server and a broker that verifies with it ...")
+        airflow_env = prepare_airflow_home(stack.folder / "airflow", root / "tests" / "dags")
+        airflow_api = start_airflow_api(stack.folder / "airflow-api", airflow_env)
+        running.callback(airflow_api.stop)
+        verified = start_broker(
+            stack.folder / "verified-broker",
+            stack.kube,
+            stack.vault,
+            stack.postgres,
+            sources,
+            task_namespace="bench-verified",
+            extra_settings={"airflow": {**airflow_api.settings("warn"), "cache_seconds": 0}},
+        )
+        running.callback(verified.stop)
+        setup = time.perf_counter() - began
+        progress(f"stack and brokers ready in {setup:.0f}s")
+        with stack.kube.api_client() as admin:
+            report = run_bench(
+                handle,
+                admin,
+                iterations=args.iterations,
+                warmup=args.warmup,
+                gap=args.gap,
+                progress=progress,
+                verified=verified,
+            )
+        report.setup_seconds = setup
     print(format_report(report))
     if args.json:
         args.json.write_text(json.dumps(asdict(report), indent=2))

@@ -36,6 +36,7 @@ def test_demo_runs_every_example_dag_and_reports(tmp_path: Path) -> None:
         "denied: secrets not granted: payments-api",
         "extract_orders=success, load_warehouse=success",
         "Unused grants (proposed removals)",
+        "task verification: enforce",
     ):
         assert line in output, line
     report = (demo_dir / "podbroker-usage-report.html").read_text()

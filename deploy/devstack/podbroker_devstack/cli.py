@@ -158,6 +158,7 @@ def demo(
 ) -> None:
     """The whole story on this machine: stack, broker, policies applied, every example DAG
     run by `airflow dags test`, then the secret-usage report."""
+    from podbroker_devstack.airflow_api import start_airflow_api
     from podbroker_devstack.airflow_env import prepare_airflow_home
     from podbroker_devstack.broker_env import (
         AIRFLOW_NAMESPACE,
@@ -175,14 +176,28 @@ def demo(
     outcomes: list[tuple[str, list[tuple[str, str]], float, int, str, bool]] = []
     report_file = demo_dir / "podbroker-usage-report.html"
     with local_stack(sources, progress=_say) as stack:
+        _say("preparing Airflow (SQLite, airflow db migrate) ...")
+        env = prepare_airflow_home(stack.folder / "airflow", dags.resolve())
+        _say("starting Airflow's API server (the broker verifies task instances with it) ...")
+        airflow_api = start_airflow_api(stack.folder / "airflow-api", env)
         _say("starting the broker (own ServiceAccount, Vault login by Kubernetes auth) ...")
-        broker = start_broker(
-            stack.folder / "broker", stack.kube, stack.vault, stack.postgres, sources
-        )
+        try:
+            broker = start_broker(
+                stack.folder / "broker",
+                stack.kube,
+                stack.vault,
+                stack.postgres,
+                sources,
+                extra_settings={"airflow": airflow_api.settings("enforce")},
+            )
+        except BaseException:
+            airflow_api.stop()
+            raise
         try:
             _say(f"broker ready at {broker.url}; example policies from {policies}/ applied")
-            _say("preparing Airflow (SQLite, airflow db migrate) ...")
-            env = prepare_airflow_home(stack.folder / "airflow", dags.resolve())
+            _say(
+                f"task verification: enforce (every launch is checked with {airflow_api.url})"
+            )
             token_file = stack.folder / "worker-token"
             token_file.write_text(
                 stack.kube.mint_token(
@@ -264,6 +279,7 @@ def demo(
                 _wait_for_ctrl_c()
         finally:
             broker.stop()
+            airflow_api.stop()
     unexpected = [dag_id for dag_id, *_, as_expected in outcomes if not as_expected]
     if unexpected:
         typer.echo(f"error: unexpected outcome for {', '.join(unexpected)}", err=True)
