@@ -67,7 +67,27 @@ def _v1(conn: Connection) -> None:
     )
 
 
-MIGRATIONS: Final[tuple[Migration, ...]] = (Migration(1, "audit_records, audit_head", _v1),)
+def _v2(conn: Connection) -> None:
+    conn.execute(
+        text("""
+        CREATE TABLE launch_holdings (
+            launch_id VARCHAR(64) PRIMARY KEY,
+            namespace VARCHAR(255) NOT NULL,
+            lease_ids TEXT NOT NULL,
+            token_accessor VARCHAR(128),
+            created_at VARCHAR(40) NOT NULL,
+            released_at VARCHAR(40)
+        )""")
+    )
+    conn.execute(
+        text("CREATE INDEX ix_launch_holdings_open ON launch_holdings (released_at, created_at)")
+    )
+
+
+MIGRATIONS: Final[tuple[Migration, ...]] = (
+    Migration(1, "audit_records, audit_head", _v1),
+    Migration(2, "launch_holdings: what each launch holds in Vault", _v2),
+)
 LATEST: Final = MIGRATIONS[-1].version
 
 

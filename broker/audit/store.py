@@ -31,6 +31,7 @@ from broker.audit.chain import (
     sign_head,
     verify_rows,
 )
+from broker.audit.holdings import HoldingsLedger
 from broker.audit.keys import key_id
 from broker.core.audit_events import AuditEvent, AuditEventError
 from broker.errors import AuditUnavailableError, InvalidRequestError
@@ -257,6 +258,10 @@ class AuditStore:
         keys = [public_key] if isinstance(public_key, Ed25519PublicKey) else list(public_key)
         head = self.head()
         return verify_rows(self.rows(), head, keys)
+
+    def holdings(self) -> HoldingsLedger:
+        """The ledger of what launches hold in Vault, in this store's database."""
+        return HoldingsLedger(self._engine, self.url)
 
     @property
     def signing_key_id(self) -> str | None:

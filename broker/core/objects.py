@@ -114,6 +114,19 @@ class SecretMeta:
         return (now - self.created_at).total_seconds() if self.created_at else 0.0
 
 
+@dataclass(frozen=True)
+class HeldByLaunch:
+    """A launch that still holds something in Vault (from the holdings ledger)."""
+
+    launch_id: str
+    namespace: str
+    holdings: podmeta.VaultHoldings
+    created_at: dt.datetime
+
+    def age_seconds(self, now: dt.datetime) -> float:
+        return (now - self.created_at).total_seconds()
+
+
 def launch_view(pod: PodInfo, *, created: bool = True) -> LaunchView:
     """What the API tells about a launch: phase, container states, exit code."""
     states: list[ContainerState] = []

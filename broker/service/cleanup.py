@@ -16,16 +16,24 @@ from broker.core.objects import PodInfo, SecretMeta, launch_view
 from broker.core.plan import secret_name_for
 from broker.errors import BrokerError, NotFoundError
 from broker.metrics import LIVE_SECRETS, VAULT_LATENCY
-from broker.service.ports import AuditSink, Cluster, SecretStore
+from broker.service.ports import AuditSink, Cluster, HoldingsLedger, SecretStore
 
 log = logging.getLogger("podbroker.cleanup")
 
 
 class Cleanup:
-    def __init__(self, *, cluster: Cluster, secrets: SecretStore, audit: AuditSink) -> None:
+    def __init__(
+        self,
+        *,
+        cluster: Cluster,
+        secrets: SecretStore,
+        audit: AuditSink,
+        ledger: HoldingsLedger | None = None,
+    ) -> None:
         self.cluster = cluster
         self.secrets = secrets
         self.audit = audit
+        self.ledger = ledger
 
     def record_quietly(self, event: ev.AuditEvent) -> None:
         """Audit a clean-up step without letting a down audit store stop the clean-up."""
@@ -111,12 +119,16 @@ class Cleanup:
     def release_secret_of(
         self, pod: PodInfo, reason: str, *, task: TaskIdentity | None = None
     ) -> None:
-        """Release the Secret of ``pod``'s launch, if it still exists."""
+        """Release the Secret of ``pod``'s launch and what the launch holds in Vault, even
+        when the Secret is gone already (the garbage collector deletes it with its pod)."""
         launch_id = pod.launch_id
         if not launch_id:
             return
         meta = self.cluster.read_secret_metadata(pod.namespace, secret_name_for(launch_id))
         if meta is None:
+            held = self.holdings_of(launch_id, podmeta.VaultHoldings())
+            if held:
+                self.revoke(held, launch_id=launch_id, task=task or pod.task)
             return
         self.release_secret(meta, reason=reason, task=task, secret_names=pod.secret_names)
 
@@ -144,9 +156,28 @@ class Cleanup:
                 reason=reason,
             )
         )
-        holdings = meta.holdings
+        holdings = self.holdings_of(meta.launch_id, meta.holdings)
         if holdings:
             self.revoke(holdings, launch_id=meta.launch_id, task=task)
+
+    def holdings_of(
+        self, launch_id: str | None, annotated: podmeta.VaultHoldings
+    ) -> podmeta.VaultHoldings:
+        """What a launch holds: the ledger's record (the source of truth), together with
+        what its Secret's annotations name (launches made before the ledger existed)."""
+        if self.ledger is None or launch_id is None:
+            return annotated
+        try:
+            recorded = self.ledger.held(launch_id)
+        except BrokerError as exc:
+            log.warning("holdings ledger unavailable (%s); using the Secret's record", exc.reason)
+            return annotated
+        if recorded is None:
+            return annotated
+        return podmeta.VaultHoldings(
+            tuple(dict.fromkeys([*recorded.lease_ids, *annotated.lease_ids])),
+            recorded.token_accessor or annotated.token_accessor,
+        )
 
     # -- Vault ----------------------------------------------------------------------------
 
@@ -170,8 +201,13 @@ class Cleanup:
         except BrokerError as exc:
             revoked, error = False, type(exc).__name__
             log.warning(
-                "lease revocation failed for launch %s; leases expire on their TTL", launch_id
+                "revocation failed for launch %s; the sweep retries from the ledger", launch_id
             )
+        if revoked and launch_id is not None and self.ledger is not None:
+            try:
+                self.ledger.released(launch_id)
+            except BrokerError as exc:
+                log.warning("could not mark %s released (%s)", launch_id, exc.reason)
         self.record_quietly(
             ev.launch_event(
                 ev.EventKind.LEASES_REVOKED,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -237,8 +238,17 @@ class LaunchExecutor:
 
     def _resolve(self, plan: LaunchPlan) -> BundleLike:
         assert plan.secrets is not None
+        ledger = self.cleanup.ledger
+
+        def record(accessor: str | None, lease_ids: Sequence[str]) -> None:
+            # Durable before any value is used: every later undo starts from this.
+            if ledger is not None:
+                ledger.hold(
+                    plan.launch_id, plan.namespace, token_accessor=accessor, lease_ids=lease_ids
+                )
+
         with VAULT_LATENCY.labels("resolve").time():
-            return self.secrets.resolve(plan.secrets, launch_id=plan.launch_id)
+            return self.secrets.resolve(plan.secrets, launch_id=plan.launch_id, on_issue=record)
 
     def _await_bundle(
         self, future: Future[BundleLike], plan: LaunchPlan, caller: Caller, *, pod_created: bool
@@ -249,15 +259,14 @@ class LaunchExecutor:
             if pod_created:
                 self._rollback(plan, caller, podmeta.VaultHoldings(), "resolve_secrets", exc)
             else:
+                self._give_back(plan, caller, podmeta.VaultHoldings())
                 self._audit_failure(plan, caller, "resolve_secrets", exc)
             raise
 
     def _discard_bundle(self, future: Future[BundleLike], plan: LaunchPlan, caller: Caller) -> None:
         with contextlib.suppress(BrokerError):
             bundle = future.result()
-            self.cleanup.revoke(
-                _holdings(bundle), launch_id=plan.launch_id, task=plan.task, caller=caller
-            )
+            self._give_back(plan, caller, _holdings(bundle))
 
     def _create_secret(
         self, plan: LaunchPlan, caller: Caller, bundle: BundleLike, pod_uid: str
@@ -358,6 +367,14 @@ class LaunchExecutor:
     ) -> None:
         self.cleanup.record_quietly(self._failure(plan, caller, stage, exc))
 
+    def _give_back(self, plan: LaunchPlan, caller: Caller, holdings: podmeta.VaultHoldings) -> None:
+        """Revoke what the launch holds in Vault: ``holdings`` as this process knows
+        them, together with what the ledger recorded (the ledger knows the token as soon
+        as it was minted, even when its reads then failed)."""
+        held = self.cleanup.holdings_of(plan.launch_id, holdings)
+        if held:
+            self.cleanup.revoke(held, launch_id=plan.launch_id, task=plan.task, caller=caller)
+
     def _rollback(
         self,
         plan: LaunchPlan,
@@ -372,6 +389,5 @@ class LaunchExecutor:
             self.cluster.delete_pod(plan.namespace, plan.pod_name)
         with contextlib.suppress(BrokerError):
             self.cluster.delete_secret(plan.namespace, plan.secret_name)
-        if holdings:
-            self.cleanup.revoke(holdings, launch_id=plan.launch_id, task=plan.task, caller=caller)
+        self._give_back(plan, caller, holdings)
         self._audit_failure(plan, caller, stage, exc)

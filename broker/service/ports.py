@@ -8,8 +8,9 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from broker.core.audit_events import AuditEvent
-from broker.core.objects import PodInfo, PodRef, ReviewedToken, SecretMeta
+from broker.core.objects import HeldByLaunch, PodInfo, PodRef, ReviewedToken, SecretMeta
 from broker.core.plan import SecretsPlan
+from broker.core.podmeta import VaultHoldings
 from broker.core.policy import PolicySet
 from broker.core.secret_value import SecretValue
 
@@ -46,7 +47,13 @@ class PolicySource(Protocol):
 class SecretStore(Protocol):
     """Executes the Vault part of a plan and gives back what launches held."""
 
-    def resolve(self, plan: SecretsPlan, *, launch_id: str) -> BundleLike: ...
+    def resolve(
+        self,
+        plan: SecretsPlan,
+        *,
+        launch_id: str,
+        on_issue: Callable[[str | None, Sequence[str]], None] | None = None,
+    ) -> BundleLike: ...
     def revoke(self, lease_ids: Sequence[str]) -> None: ...
     def revoke_token(self, accessor: str) -> None: ...
 
@@ -94,6 +101,23 @@ class Cluster(Protocol):
 
 class TokenReviewer(Protocol):
     def token_review(self, token: str, audience: str) -> ReviewedToken | None: ...
+
+
+class HoldingsLedger(Protocol):
+    """Durable record of what each launch holds in Vault (the source of truth for every
+    kill, sweep and rollback)."""
+
+    def hold(
+        self,
+        launch_id: str,
+        namespace: str,
+        *,
+        token_accessor: str | None = None,
+        lease_ids: Sequence[str] = (),
+    ) -> None: ...
+    def held(self, launch_id: str) -> VaultHoldings | None: ...
+    def released(self, launch_id: str) -> None: ...
+    def unreleased(self, limit: int = 1000) -> list[HeldByLaunch]: ...
 
 
 class AuditSink(Protocol):

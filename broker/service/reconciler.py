@@ -29,6 +29,7 @@ class SweepResult:
     orphan_pods_deleted: int = 0
     expired_pods_deleted: int = 0
     ended_task_pods_killed: int = 0
+    orphan_holdings_revoked: int = 0
     errors: list[str] = field(default_factory=list)
 
 
@@ -97,7 +98,30 @@ class Reconciler:
             self._end_pods_of_ended_tasks(running, result)
         except BrokerError as exc:
             result.errors.append(f"airflow: {exc.reason}")
+        try:
+            self._give_back_orphan_holdings(running, now, result)
+        except BrokerError as exc:
+            result.errors.append(f"holdings: {exc.reason}")
         return result
+
+    def _give_back_orphan_holdings(
+        self, running: list[PodInfo], now: dt.datetime, result: SweepResult
+    ) -> None:
+        """What Vault issued to a launch whose pod no longer runs is revoked, from the
+        ledger: whatever deleted the pod or its Secret (a crash between the pod and its
+        Secret, the garbage collector while the broker was down, a failed rollback)."""
+        ledger = self.cleanup.ledger
+        if ledger is None:
+            return
+        alive = {pod.launch_id for pod in running}
+        for held in ledger.unreleased():
+            if held.namespace not in self.namespaces or held.launch_id in alive:
+                continue
+            if held.age_seconds(now) <= self.grace_seconds:
+                continue  # its launch may still be creating the pod
+            self._step(held.namespace, held.launch_id, "revoke orphan holdings", held.launch_id)
+            self.cleanup.revoke(held.holdings, launch_id=held.launch_id)
+            result.orphan_holdings_revoked += 1
 
     def _end_pods_of_ended_tasks(self, running: list[PodInfo], result: SweepResult) -> None:
         """Secrets live no longer than their task instance: ask Airflow (one batched

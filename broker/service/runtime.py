@@ -159,7 +159,7 @@ def build_runtime(settings: BrokerSettings, *, dev_generate_key: bool = False) -
         cache_seconds=settings.airflow.cache_seconds,
     )
     namespaces = plan_policy.namespaces
-    cleanup = Cleanup(cluster=kube, secrets=resolver, audit=audit)
+    cleanup = Cleanup(cluster=kube, secrets=resolver, audit=audit, ledger=audit.holdings())
     launches = LaunchExecutor(
         cluster=kube,
         policies=policies,

@@ -126,13 +126,28 @@ class SecretResolver:
         self.layout = layout or VaultLayout()
         self._reads = ThreadPoolExecutor(max_workers=8, thread_name_prefix="vault-read")
 
-    def resolve(self, plan: SecretsPlan, *, launch_id: str) -> ResolvedBundle:
+    def resolve(
+        self,
+        plan: SecretsPlan,
+        *,
+        launch_id: str,
+        on_issue: Callable[[str | None, Sequence[str]], None] | None = None,
+    ) -> ResolvedBundle:
         """Mint ONE child token through the token role (``auth/token/create/{role}``) as
         ``plan.token`` says, then make each of ``plan.reads`` with it: KV v2
         ``{mount}/data/{path}`` (pinned version, key subset) and database
         ``{mount}/creds/{role}`` (lease shortened to its cap).
+        ``on_issue(accessor, lease_ids)`` is told what Vault issued (the token right after
+        minting, the leases once read) before any value leaves this method, so it can be
+        recorded durably; if it raises, everything issued is revoked and the error raised.
         On any failure, leases obtained so far and the child token are revoked."""
         child_token, accessor = self._mint(plan.token)
+        if on_issue is not None:
+            try:
+                on_issue(accessor, ())
+            except BaseException:
+                self._cleanup([], accessor)
+                raise
 
         def read(item: VaultRead) -> ResolvedSecret:
             # A client per read (its token); the HTTP pool underneath is shared.
@@ -149,6 +164,13 @@ class SecretResolver:
         if errors:
             self._cleanup([s.lease_id for s in resolved if s.lease_id], accessor)
             raise errors[0]  # type: ignore[misc]
+        leases = [s.lease_id for s in resolved if s.lease_id]
+        if on_issue is not None and leases:
+            try:
+                on_issue(None, leases)
+            except BaseException:
+                self._cleanup(leases, accessor)
+                raise
         log.info(
             "resolved %s for launch %s with child token accessor %s",
             [item.name for item in plan.reads],

@@ -24,7 +24,7 @@ from broker.core import podmeta
 from broker.core.api_models import ContainerSpec, LaunchRequest, LaunchView
 from broker.core.audit_events import AuditEvent, EventKind
 from broker.core.models import Caller, SecretRequest, TaskIdentity
-from broker.core.objects import ContainerStatus, PodInfo, PodRef, SecretMeta
+from broker.core.objects import ContainerStatus, HeldByLaunch, PodInfo, PodRef, SecretMeta
 from broker.core.plan import (
     DATABASE_KEYS,
     PlanPolicy,
@@ -34,6 +34,7 @@ from broker.core.plan import (
     pod_name_for,
     secret_name_for,
 )
+from broker.core.podmeta import VaultHoldings
 from broker.core.policy import DatabaseSecret, Grant, KvSecret, PolicySet, Team
 from broker.core.secret_value import SecretValue
 from broker.core.verification import TaskInstanceRecord
@@ -468,11 +469,20 @@ class FakeSecretStore:
         with self._lock:
             return [lease for b in self.issued for lease in b.lease_ids]
 
-    def resolve(self, plan: SecretsPlan, *, launch_id: str) -> FakeBundle:
+    def resolve(
+        self,
+        plan: SecretsPlan,
+        *,
+        launch_id: str,
+        on_issue: Callable[[str | None, Sequence[str]], None] | None = None,
+    ) -> FakeBundle:
+        serial = next(self._serial)
+        accessor = f"acc-{launch_id[:8]}-{serial}"
+        if on_issue is not None:
+            on_issue(accessor, ())
         self._failures.enter("resolve")
         if self.gate is not None and not self.gate.wait(timeout=5):
             raise AssertionError("the test never let Vault answer")
-        serial = next(self._serial)
         secrets: list[FakeResolved] = []
         for read in plan.reads:
             if read.kind == "database":
@@ -487,9 +497,12 @@ class FakeSecretStore:
                 if read.keys is not None:
                     values = {k: v for k, v in values.items() if k in read.keys}
                 secrets.append(FakeResolved(read.name, _masked(values), read.vault_path, 1))
-        bundle = FakeBundle(secrets, f"acc-{launch_id[:8]}-{serial}")
+        bundle = FakeBundle(secrets, accessor)
         with self._lock:
             self.issued.append(bundle)
+        leases = [s.lease_id for s in secrets if s.lease_id]
+        if on_issue is not None and leases:
+            on_issue(None, leases)
         return bundle
 
     def revoke(self, lease_ids: Sequence[str]) -> None:
@@ -505,6 +518,69 @@ class FakeSecretStore:
 
 def _masked(values: Mapping[str, str]) -> dict[str, SecretValue]:
     return {key: SecretValue(value) for key, value in values.items()}
+
+
+# -- holdings ledger ----------------------------------------------------------------------
+
+
+class FakeLedger:
+    """The ``HoldingsLedger`` port, in memory; ``down`` makes every call fail."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, tuple[str, VaultHoldings, dt.datetime, bool]] = {}
+        self.down = False
+        self._lock = threading.Lock()
+
+    def _check(self) -> None:
+        if self.down:
+            raise AuditUnavailableError("holdings ledger unavailable (OperationalError)")
+
+    def hold(
+        self,
+        launch_id: str,
+        namespace: str,
+        *,
+        token_accessor: str | None = None,
+        lease_ids: Sequence[str] = (),
+    ) -> None:
+        self._check()
+        with self._lock:
+            _, old, created, _ = self.rows.get(
+                launch_id, (namespace, VaultHoldings(), utc_now(), False)
+            )
+            merged = VaultHoldings(
+                tuple(dict.fromkeys([*old.lease_ids, *lease_ids])),
+                token_accessor or old.token_accessor,
+            )
+            self.rows[launch_id] = (namespace, merged, created, False)
+
+    def held(self, launch_id: str) -> VaultHoldings | None:
+        self._check()
+        with self._lock:
+            row = self.rows.get(launch_id)
+        return None if row is None or row[3] else row[1]
+
+    def released(self, launch_id: str) -> None:
+        self._check()
+        with self._lock:
+            if launch_id in self.rows:
+                namespace, holdings, created, _ = self.rows[launch_id]
+                self.rows[launch_id] = (namespace, holdings, created, True)
+
+    def unreleased(self, limit: int = 1000) -> list[HeldByLaunch]:
+        self._check()
+        with self._lock:
+            return [
+                HeldByLaunch(launch_id, ns, holdings, created)
+                for launch_id, (ns, holdings, created, done) in self.rows.items()
+                if not done
+            ][:limit]
+
+    def age(self, launch_id: str, seconds: float) -> None:
+        """Pretend the record was made ``seconds`` ago."""
+        with self._lock:
+            ns, holdings, _, done = self.rows[launch_id]
+            self.rows[launch_id] = (ns, holdings, utc_now() - dt.timedelta(seconds=seconds), done)
 
 
 # -- audit --------------------------------------------------------------------------------
@@ -634,10 +710,13 @@ class Services:
     launches: LaunchExecutor
     lookup: LaunchLookup
     reconciler: Reconciler
+    ledger: FakeLedger
 
     def replica(self) -> Cleanup:
-        """Another broker replica's cleanup over the same cluster, Vault and audit."""
-        return Cleanup(cluster=self.cluster, secrets=self.store, audit=self.audit)
+        """Another broker replica's cleanup over the same cluster, Vault, audit, ledger."""
+        return Cleanup(
+            cluster=self.cluster, secrets=self.store, audit=self.audit, ledger=self.ledger
+        )
 
     def launch(
         self,
@@ -669,7 +748,8 @@ def make_services(
     policies = FakePolicySource(sample_policy())
     store = FakeSecretStore()
     audit = FakeAudit()
-    cleanup = Cleanup(cluster=cluster, secrets=store, audit=audit)
+    ledger = FakeLedger()
+    cleanup = Cleanup(cluster=cluster, secrets=store, audit=audit, ledger=ledger)
     launches = LaunchExecutor(
         cluster=cluster,
         policies=policies,
@@ -690,4 +770,4 @@ def make_services(
         verifier=verifier,
         ended_grace_seconds=ended_grace_seconds,
     )
-    return Services(cluster, policies, store, audit, cleanup, launches, lookup, reconciler)
+    return Services(cluster, policies, store, audit, cleanup, launches, lookup, reconciler, ledger)

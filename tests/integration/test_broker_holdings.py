@@ -1,0 +1,157 @@
+"""Nothing issued without a way back (issue 12 item 2), on the real stack: what a launch
+holds in Vault is in the broker's ledger before values are used, and every failure path
+gives it back: a launch refused after Vault was read, and a pod (with its Secret, taken
+by the garbage collector) deleted while the broker was down. Vault's own lease lookups
+are the judge."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import hvac
+import pytest
+from hvac.exceptions import InvalidRequest
+from kubernetes import client
+
+from podbroker_devstack.broker_env import BrokerHandle, start_broker
+from podbroker_devstack.kube import RUN_DURATION_ANNOTATION, ControlPlane
+from podbroker_devstack.openbao import OpenBao
+from podbroker_devstack.postgres import Postgres
+from podbroker_devstack.sources import SourceTree
+from tests.helpers import eventually
+
+pytestmark = pytest.mark.stack
+
+
+@pytest.fixture
+def own_broker(
+    tmp_path: Path,
+    kube: ControlPlane,
+    vault: OpenBao,
+    postgres: Postgres,
+    sources: SourceTree,
+    unique: str,
+) -> Iterator[BrokerHandle]:
+    handle = start_broker(
+        tmp_path / "broker", kube, vault, postgres, sources, task_namespace=f"hold-{unique}"
+    )
+    yield handle
+    handle.stop()
+
+
+def ledger_row(broker: BrokerHandle, launch_id: str) -> dict[str, Any]:
+    path = broker.audit_url.removeprefix("sqlite:///")
+    with sqlite3.connect(path) as db:
+        db.row_factory = sqlite3.Row
+        row = db.execute(
+            "SELECT * FROM launch_holdings WHERE launch_id = ?", (launch_id,)
+        ).fetchone()
+    assert row is not None, f"no ledger record of {launch_id}"
+    return dict(row)
+
+
+def ledger_rows(broker: BrokerHandle) -> list[dict[str, Any]]:
+    path = broker.audit_url.removeprefix("sqlite:///")
+    with sqlite3.connect(path) as db:
+        db.row_factory = sqlite3.Row
+        return [dict(r) for r in db.execute("SELECT * FROM launch_holdings").fetchall()]
+
+
+def lease_alive(vault_root: hvac.Client, lease_id: str) -> bool:
+    try:
+        vault_root.sys.read_lease(lease_id)
+    except InvalidRequest:
+        return False
+    return True
+
+
+def token_alive(vault_root: hvac.Client, accessor: str) -> bool:
+    try:
+        vault_root.auth.token.lookup_accessor(accessor)
+    except InvalidRequest:
+        return False
+    return True
+
+
+def launch(
+    broker: BrokerHandle, dag_id: str, secrets: list[Any], **container: Any
+) -> httpx.Response:
+    return httpx.post(
+        f"{broker.url}/v1/launches",
+        json={
+            "task": {
+                "dag_id": dag_id,
+                "task_id": "extract_orders",
+                "run_id": f"manual__{uuid.uuid4().hex[:8]}",
+                "try_number": 1,
+            },
+            "container": {"image": "python:3.12-slim", **container},
+            "secrets": secrets,
+            "namespace": broker.namespace,
+            "scheduling": {"annotations": {RUN_DURATION_ANNOTATION: "300s"}},
+        },
+        headers=broker.headers(),
+        timeout=30,
+    )
+
+
+def test_a_launch_refused_after_vault_was_read_gives_everything_back(
+    own_broker: BrokerHandle, vault_root: hvac.Client
+) -> None:
+    # warehouse-loader's keys are not in the catalog: they are learnt by reading it, and
+    # with orders-db's prefix they collide with orders-db's variables (found only then).
+    dag_id = f"analytics_etl_{uuid.uuid4().hex[:6]}"
+    response = launch(
+        own_broker,
+        dag_id,
+        [
+            "orders-db",
+            {"name": "warehouse-loader", "delivery": {"type": "env", "prefix": "ORDERS_DB_"}},
+        ],
+    )
+    assert response.status_code == 422, response.text
+    (row,) = ledger_rows(own_broker)
+    assert row["token_accessor"]
+    leases = json.loads(row["lease_ids"])
+    assert leases, "the database lease was recorded before the values were used"
+    assert row["released_at"] is not None
+    assert not any(lease_alive(vault_root, lease) for lease in leases)
+    assert not token_alive(vault_root, row["token_accessor"])
+
+
+def test_holdings_of_a_pod_deleted_while_the_broker_was_down_are_revoked(
+    own_broker: BrokerHandle, kube_api: client.ApiClient, vault_root: hvac.Client
+) -> None:
+    dag_id = f"analytics_etl_{uuid.uuid4().hex[:6]}"
+    response = launch(own_broker, dag_id, ["orders-db"])
+    assert response.status_code == 201, response.text
+    view = response.json()
+    row = ledger_row(own_broker, view["launch_id"])
+    (lease_id,) = json.loads(row["lease_ids"])
+    assert lease_alive(vault_root, lease_id)
+
+    own_broker.process.stop()  # the broker is down ...
+    core = client.CoreV1Api(kube_api)
+    core.delete_namespaced_pod(view["pod_name"], own_broker.namespace, grace_period_seconds=0)
+    secret = f"podbroker-{view['launch_id']}"
+
+    def secret_gone() -> bool:
+        names = [s.metadata.name for s in core.list_namespaced_secret(own_broker.namespace).items]
+        return secret not in names
+
+    # ... and the garbage collector takes the Secret (its annotations named the lease).
+    assert eventually(secret_gone, timeout=60), "the garbage collector kept the Secret"
+    assert lease_alive(vault_root, lease_id)
+
+    own_broker.restart()
+    assert eventually(lambda: not lease_alive(vault_root, lease_id), timeout=60), (
+        "the lease outlived its pod"
+    )
+    assert not token_alive(vault_root, row["token_accessor"])
+    assert ledger_row(own_broker, view["launch_id"])["released_at"] is not None

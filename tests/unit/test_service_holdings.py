@@ -1,0 +1,82 @@
+"""The holdings ledger is the source of truth for giving back what Vault issued: it is
+written before values are used and read by every kill, sweep and rollback (in-memory
+ports; the real-stack regressions are in tests/integration/test_broker_holdings.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from broker.core.podmeta import VaultHoldings
+from broker.errors import VaultUnavailableError
+from tests.unit.fakes import CALLER, make_services, make_task
+
+
+def test_a_launch_records_its_token_and_leases_and_its_end_releases_them() -> None:
+    svc = make_services()
+    view = svc.launch("db")
+    bundle = svc.store.issued[0]
+    assert svc.ledger.held(view.launch_id) == VaultHoldings(
+        tuple(bundle.lease_ids), bundle.token_accessor
+    )
+    pod = svc.cluster.read_pod(view.namespace, view.pod_name)
+    assert pod is not None
+    svc.lookup.kill(CALLER, view.launch_id)
+    assert svc.ledger.held(view.launch_id) is None
+    assert bundle.token_accessor in svc.store.revoked_accessors
+
+
+def test_reads_that_fail_after_the_mint_give_the_token_back() -> None:
+    svc = make_services()
+    svc.store.fail("resolve", VaultUnavailableError("vault down"))
+    with pytest.raises(VaultUnavailableError):
+        svc.launch("db")
+    (launch_id,) = svc.ledger.rows
+    assert svc.ledger.held(launch_id) is None  # released
+    assert svc.store.revoked_accessors == [svc.ledger.rows[launch_id][1].token_accessor]
+
+
+def test_the_sweep_revokes_holdings_whose_pod_is_gone() -> None:
+    svc = make_services(grace_seconds=60)
+    view = svc.launch("db", task_identity=make_task("crashed"))
+    accessor = svc.store.issued[0].token_accessor
+    # The pod and its Secret vanished while the broker was down (GC, a crash...).
+    svc.cluster.pods.clear()
+    svc.cluster.secrets.clear()
+    assert svc.reconciler.sweep().orphan_holdings_revoked == 0  # within the grace
+    svc.ledger.age(view.launch_id, 120)
+    assert svc.reconciler.sweep().orphan_holdings_revoked == 1
+    assert accessor in svc.store.revoked_accessors
+    assert svc.ledger.held(view.launch_id) is None
+    assert svc.reconciler.sweep().orphan_holdings_revoked == 0  # once
+
+
+def test_the_sweep_leaves_running_launches_alone() -> None:
+    svc = make_services(grace_seconds=0)
+    view = svc.launch("db")
+    svc.ledger.age(view.launch_id, 3600)
+    assert svc.reconciler.sweep().orphan_holdings_revoked == 0
+    assert svc.ledger.held(view.launch_id) is not None
+
+
+def test_a_deleted_pod_whose_secret_is_already_gone_is_revoked_from_the_ledger() -> None:
+    svc = make_services()
+    view = svc.launch("db")
+    pod = svc.cluster.read_pod(view.namespace, view.pod_name)
+    assert pod is not None
+    accessor = svc.store.issued[0].token_accessor
+    svc.cluster.pods.clear()
+    svc.cluster.secrets.clear()  # the garbage collector was first
+    svc.reconciler.on_pod_event("DELETED", pod)
+    assert accessor in svc.store.revoked_accessors
+    assert svc.ledger.held(view.launch_id) is None
+
+
+def test_a_failed_revocation_stays_in_the_ledger_for_the_next_sweep() -> None:
+    svc = make_services(grace_seconds=0)
+    view = svc.launch("db")
+    svc.store.fail("revoke_token", VaultUnavailableError("vault down"), times=1)
+    svc.lookup.kill(CALLER, view.launch_id)
+    assert svc.ledger.held(view.launch_id) is not None  # not given back yet
+    svc.ledger.age(view.launch_id, 10)
+    assert svc.reconciler.sweep().orphan_holdings_revoked == 1
+    assert svc.ledger.held(view.launch_id) is None
