@@ -195,9 +195,7 @@ def demo(
             raise
         try:
             _say(f"broker ready at {broker.url}; example policies from {policies}/ applied")
-            _say(
-                f"task verification: enforce (every launch is checked with {airflow_api.url})"
-            )
+            _say(f"task verification: enforce (every launch is checked with {airflow_api.url})")
             token_file = stack.folder / "worker-token"
             token_file.write_text(
                 stack.kube.mint_token(
