@@ -391,6 +391,10 @@ def _api_message(exc: ApiException) -> str:
         return ""
 
 
+# How the API server words an object too large for etcd (its gRPC or etcd's own limit).
+_TOO_LARGE = ("request is too large", "larger than max", "too large")
+
+
 def _translate(exc: ApiException, what: str) -> BrokerError:
     status = exc.status or 0
     reason = f"{what}: {exc.reason or 'error'} (HTTP {status})"
@@ -400,8 +404,8 @@ def _translate(exc: ApiException, what: str) -> BrokerError:
     if message and "secret" not in what:
         reason = f"{reason}: {message}"
     hint = "exceeded quota" if "exceeded quota" in message else "check the broker's RBAC"
-    if status != 413 and "too large" in message.lower():
-        # etcd's "request is too large" comes back as a 500: the same request will
+    if status != 413 and any(sign in message.lower() for sign in _TOO_LARGE):
+        # etcd refusing an object's size comes back as a 500: the same request will
         # never fit, so it is the request's fault (4xx), not an outage.
         status, reason = 413, f"{reason} (too large for the API server)"
     return error_for_api_server_status(status, reason, forbidden_hint=hint)
