@@ -8,12 +8,13 @@ export PODBROKER_CACHE ?= $(HOME)/.cache/podbroker
 export UV_CACHE_DIR ?= $(PODBROKER_CACHE)/uv
 EXTRAS := broker,airflow,postgres,dev
 
-.PHONY: help venv binaries postgres-packages lint typecheck imports check unit test demo bench lock clean
+.PHONY: help venv binaries postgres-packages lint typecheck imports check unit test demo bench chaos lock clean
 
 help:
 	@echo "make demo   - local OpenBao + control plane + broker + example DAG runs + audit report"
 	@echo "make test   - install everything needed, then ruff, mypy, import-linter and all tests"
 	@echo "make bench  - launch latency benchmarks (printed tables)"
+	@echo "make chaos  - fault loops (kill, freeze, replicas) on the local stack, with figures"
 	@echo "make lock   - re-resolve constraints.txt from pyproject.toml"
 
 $(BIN)/uv:
@@ -72,6 +73,9 @@ demo: venv binaries postgres-packages
 
 bench: venv binaries postgres-packages
 	$(BIN)/python -m tests.bench.launch_latency
+
+chaos: venv binaries postgres-packages
+	$(BIN)/python -m tests.chaos
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

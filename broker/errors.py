@@ -215,10 +215,10 @@ def error_for_api_server_status(
 ) -> BrokerError:
     """The error a failed Kubernetes API server call stands for (never raises). 401/403
     refuse the broker itself (its RBAC, or an admission rule such as a quota: say which
-    in ``forbidden_hint``); 400/404/409/422 are the request's fault; anything else means
-    the API server is unavailable."""
+    in ``forbidden_hint``); 400/404/409/422 and 413 (too large: it never fits) are the
+    request's fault; anything else means the API server is unavailable."""
     if status in (401, 403):
         return ForbiddenByClusterError(f"{reason}: forbidden by the API server ({forbidden_hint})")
-    if status in (400, 404, 409, 422):
+    if status in (400, 404, 409, 413, 422):
         return error_for_status(status, reason)
     return KubernetesUnavailableError(reason)

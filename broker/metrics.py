@@ -38,3 +38,8 @@ VERIFICATIONS = Counter(
     "Task instance checks with Airflow by verdict (warn/enforce) and outcome",
     ["verdict", "outcome"],
 )
+REJECTED_OVER_CAP = Counter(
+    "podbroker_requests_rejected_busy_total",
+    "Requests refused with 503 because their route class had too many in flight",
+    ["route_class"],
+)

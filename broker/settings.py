@@ -96,11 +96,25 @@ class AuditSettings(_Section):
     """Ed25519 private key (PEM). Required in production; dev generates one beside the store."""
 
 
+class InFlightCaps(_Section):
+    """Most requests in flight at once per route class; one more gets 503 with
+    Retry-After at once. Their sum stays below the server's 40 worker threads so health
+    probes always get one."""
+
+    launch: int = Field(default=12, ge=1)
+    """POST /v1/launches."""
+    logs: int = Field(default=12, ge=1)
+    """GET .../logs (a followed stream counts while it streams)."""
+    other: int = Field(default=12, ge=1)
+    """Every other API call (status, kill, report)."""
+
+
 class ServerSettings(_Section):
     host: str = "127.0.0.1"
     port: int = 8080
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
+    max_in_flight: InFlightCaps = Field(default_factory=InFlightCaps)
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ServerSettings:

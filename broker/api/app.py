@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from broker.api.limits import InFlightLimiter
 from broker.core.api_models import ErrorBody, LaunchRequest, LaunchView
 from broker.core.models import Caller
 from broker.core.report import ReportFilters
@@ -54,6 +55,7 @@ def create_app(runtime: Runtime) -> FastAPI:
         description="Launches Airflow task pods with only the secrets their policies grant.",
     )
     app.state.runtime = runtime
+    app.add_middleware(InFlightLimiter, caps=runtime.settings.server.max_in_flight.model_dump())
 
     @app.exception_handler(BrokerError)
     async def _broker_error(_: Request, exc: BrokerError) -> JSONResponse:

@@ -6,13 +6,22 @@ SQLite takes the write lock up front (``BEGIN IMMEDIATE``). An append is committ
 (durable) before it returns; any database failure becomes
 :class:`~broker.errors.AuditUnavailableError`, and the caller must not go on with the
 action the event describes.
+
+Every statement is bounded: SQLite waits at most ``BUSY_TIMEOUT`` for the write lock;
+PostgreSQL connects within ``CONNECT_TIMEOUT``, and the server cancels a statement after
+``STATEMENT_TIMEOUT`` or a lock wait after ``LOCK_TIMEOUT``. A frozen server enforces
+nothing, so each operation also runs on a worker thread the caller waits for at most
+``DEADLINE``; an append given up on is rolled back, never committed later.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import ValidationError
@@ -37,9 +46,22 @@ from broker.core.audit_events import AuditEvent, AuditEventError
 from broker.errors import AuditUnavailableError, InvalidRequestError
 
 _BATCH: Final = 500
+BUSY_TIMEOUT: Final = 5.0
+CONNECT_TIMEOUT: Final = 3
+STATEMENT_TIMEOUT_MS: Final = 5000
+LOCK_TIMEOUT_MS: Final = 3000
+POOL_TIMEOUT: Final = 3.0
+DEADLINE: Final = 8.0
+"""Longest a caller waits for one audit-store operation, whatever the database does."""
 _COLUMNS: Final = (
     "position, time, kind, launch_id, dag_id, event_json, prev_hash, hash, signature, key_id"
 )
+
+T = TypeVar("T")
+
+
+class _AbandonedError(Exception):
+    """The caller stopped waiting: roll back instead of committing."""
 
 
 def _make_engine(url: str, create: bool) -> tuple[Engine, str]:
@@ -58,7 +80,7 @@ def _make_engine(url: str, create: bool) -> tuple[Engine, str]:
         elif not path.exists():
             raise InvalidRequestError(f"audit store {shown}: no such file")
         # NullPool: each operation opens the file afresh; safe across fork and threads.
-        engine = create_engine(parsed, poolclass=NullPool, connect_args={"timeout": 30})
+        engine = create_engine(parsed, poolclass=NullPool, connect_args={"timeout": BUSY_TIMEOUT})
 
         @event.listens_for(engine, "connect")
         def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -80,7 +102,13 @@ def _make_engine(url: str, create: bool) -> tuple[Engine, str]:
             pool_pre_ping=True,
             pool_size=2,
             max_overflow=4,
-            connect_args={"connect_timeout": 5},
+            pool_timeout=POOL_TIMEOUT,
+            connect_args={
+                "connect_timeout": CONNECT_TIMEOUT,
+                "options": (
+                    f"-c statement_timeout={STATEMENT_TIMEOUT_MS} -c lock_timeout={LOCK_TIMEOUT_MS}"
+                ),
+            },
         )
     else:
         raise InvalidRequestError(
@@ -93,11 +121,33 @@ class AuditStore:
     """Append-only, hash-chained, signed event log. Use :func:`open_audit_store`."""
 
     def __init__(
-        self, engine: Engine, shown_url: str, signing_key: Ed25519PrivateKey | None
+        self,
+        engine: Engine,
+        shown_url: str,
+        signing_key: Ed25519PrivateKey | None,
+        *,
+        deadline: float = DEADLINE,
     ) -> None:
         self._engine = engine
         self.url = shown_url  # password hidden
         self._key = signing_key
+        self.deadline = deadline
+        self._workers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="audit-store")
+
+    def _bounded(self, doing: str, work: Callable[[threading.Event], T]) -> T:
+        """``work(abandoned)`` on a worker thread, waited for at most ``deadline``.
+        Past it, ``abandoned`` is set (an append then rolls back) and the caller gets
+        :class:`AuditUnavailableError` while the worker finishes on its own."""
+        abandoned = threading.Event()
+        future = self._workers.submit(work, abandoned)
+        try:
+            return future.result(timeout=self.deadline)
+        except FutureTimeout:
+            abandoned.set()
+            future.cancel()
+            raise AuditUnavailableError(
+                f"audit store {self.url} did not answer within {self.deadline:g}s while {doing}"
+            ) from None
 
     def _unavailable(self, exc: BaseException, doing: str) -> AuditUnavailableError:
         # Name the failure class only: driver messages can quote parameters.
@@ -121,8 +171,9 @@ class AuditStore:
         if not events or not all(isinstance(event, AuditEvent) for event in events):
             raise TypeError("append_many takes a non-empty sequence of AuditEvent")
         key = self._key
-        rows = []
-        try:
+
+        def transaction(abandoned: threading.Event) -> list[StoredRow]:
+            rows = []
             with self._write() as conn, conn.begin():
                 head = conn.execute(
                     text(
@@ -156,6 +207,12 @@ class AuditStore:
                         "k": last.key_id,
                     },
                 )
+                if abandoned.is_set():
+                    raise _AbandonedError  # the caller already answered "unavailable"
+            return rows
+
+        try:
+            rows = self._bounded("appending", transaction)
         except SQLAlchemyError as exc:
             raise self._unavailable(exc, "appending") from exc
         return [
@@ -172,9 +229,13 @@ class AuditStore:
 
     def ping(self) -> None:
         """SELECT the schema version; raise AuditUnavailableError if unreachable or unready."""
-        try:
+
+        def check(_: threading.Event) -> int:
             with self._engine.connect() as conn:
-                version = migrations.check_version(conn)
+                return migrations.check_version(conn)
+
+        try:
+            version = self._bounded("pinging", check)
         except SQLAlchemyError as exc:
             raise self._unavailable(exc, "pinging") from exc
         except migrations.SchemaError as exc:
@@ -186,11 +247,14 @@ class AuditStore:
             )
 
     def head(self) -> ChainHead | None:
-        try:
+        def read(_: threading.Event) -> Any:
             with self._engine.connect() as conn:
-                row = conn.execute(
+                return conn.execute(
                     text("SELECT position, hash, signature, key_id FROM audit_head WHERE id = 1")
                 ).first()
+
+        try:
+            row = self._bounded("reading the chain head", read)
         except SQLAlchemyError as exc:
             raise self._unavailable(exc, "reading the chain head") from exc
         if row is None:
@@ -211,15 +275,17 @@ class AuditStore:
             if end is not None:
                 bound = " AND position < :end"
                 params["end"] = end
-            try:
+            query = text(
+                f"SELECT {_COLUMNS} FROM audit_records WHERE position > :after{bound} "  # noqa: S608
+                "ORDER BY position LIMIT :limit"
+            )
+
+            def fetch(_: threading.Event, query: Any = query, params: Any = params) -> Any:
                 with self._engine.connect() as conn:
-                    batch = conn.execute(
-                        text(
-                            f"SELECT {_COLUMNS} FROM audit_records WHERE position > :after{bound} "  # noqa: S608
-                            "ORDER BY position LIMIT :limit"
-                        ),
-                        params,
-                    ).all()
+                    return conn.execute(query, params).all()
+
+            try:
+                batch = self._bounded("reading records", fetch)
             except SQLAlchemyError as exc:
                 raise self._unavailable(exc, "reading records") from exc
             for r in batch:
@@ -268,6 +334,7 @@ class AuditStore:
         return None if self._key is None else key_id(self._key.public_key())
 
     def close(self) -> None:
+        self._workers.shutdown(wait=False, cancel_futures=True)
         self._engine.dispose()
 
     def __enter__(self) -> AuditStore:

@@ -12,7 +12,13 @@ import typer
 
 from broker.errors import BrokerError
 from broker.vault import names
-from broker.vault.bootstrap import BootstrapOptions, KubernetesAuthOptions, bootstrap
+from broker.vault.bootstrap import (
+    DEFAULT_CHILD_TOKEN_MAX_USES,
+    DEFAULT_DYNAMIC_MOUNTS,
+    BootstrapOptions,
+    KubernetesAuthOptions,
+    bootstrap,
+)
 from broker.vault.client import VaultAuth, VaultSession
 from broker.vault.layout import VaultLayout
 
@@ -76,6 +82,23 @@ def bootstrap_command(
     child_token_max_ttl: Annotated[
         int, typer.Option(min=60, help="Child token max TTL (s); bounds dynamic leases.")
     ] = 8 * 3600,
+    child_token_max_uses: Annotated[
+        int,
+        typer.Option(
+            min=2, help="Child token use cap (role token_num_uses); bounds secrets per launch."
+        ),
+    ] = DEFAULT_CHILD_TOKEN_MAX_USES,
+    child_token_bound_cidr: Annotated[
+        list[str] | None,
+        typer.Option(help="Network child tokens may be used from (repeat); default anywhere."),
+    ] = None,
+    dynamic_mount: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Dynamic secrets engine mount whose leases the broker may renew/revoke "
+            "(repeat; default: database). Mounts of the stored catalog are added."
+        ),
+    ] = None,
     kubernetes_host: Annotated[
         str | None,
         typer.Option(help="Configure the kubernetes auth method with this API server URL."),
@@ -95,7 +118,8 @@ def bootstrap_command(
     audience: Annotated[str | None, typer.Option(help="Required token audience.")] = None,
 ) -> None:
     """Idempotently create the config mount, the broker policy, the token role and, when
-    asked, the Kubernetes auth method/role. A second run reports no changes."""
+    asked, the Kubernetes auth method/role. An existing policy or role is upgraded in
+    place and each change is printed; a second run reports no changes."""
     k8s: KubernetesAuthOptions | None = None
     if (service_account is None) != (namespace is None):
         typer.echo("error: --service-account and --namespace go together", err=True)
@@ -124,6 +148,9 @@ def bootstrap_command(
             broker_policy=broker_policy,
         ),
         child_token_max_ttl=child_token_max_ttl,
+        child_token_max_uses=child_token_max_uses,
+        child_token_bound_cidrs=tuple(child_token_bound_cidr or ()),
+        dynamic_mounts=tuple(dynamic_mount or DEFAULT_DYNAMIC_MOUNTS),
         kubernetes=k8s,
     )
     session = connect(vault_addr, vault_token, vault_ca_file)

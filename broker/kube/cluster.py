@@ -77,22 +77,44 @@ def _secret_meta(namespace: str, metadata: dict[str, Any]) -> SecretMeta:
     )
 
 
+# urllib3's default retries a timed-out GET three more times, which turns a 10 s read
+# timeout into 40 s against a hung API server. Retry only a failed connect (nothing was
+# sent), once; every other failure reaches the caller as retryable at once.
+_RETRIES = urllib3.Retry(total=1, connect=1, read=0, status=0, other=0, redirect=0)
+
+
 def load_api_client(kubeconfig: str | None) -> client.ApiClient:
     """The admin-free client the broker runs with: its in-cluster ServiceAccount, or a
     kubeconfig (tests and development point this at the broker's own SA token)."""
-    if kubeconfig:
-        return config.new_client_from_config(config_file=kubeconfig)
     configuration = client.Configuration()
-    config.load_incluster_config(client_configuration=configuration)
+    if kubeconfig:
+        config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+    else:
+        config.load_incluster_config(client_configuration=configuration)
+    configuration.retries = _RETRIES
     return client.ApiClient(configuration)
 
 
 class KubeCluster:
-    def __init__(self, api: client.ApiClient, *, timeout: float = 10.0) -> None:
+    """Every call is bounded: ``connect_timeout`` to reach the API server (TCP and TLS),
+    ``timeout`` to wait for each read of its answer. A followed log stream waits up to
+    ``follow_idle_timeout`` for its next line and then ends (the caller follows again
+    from its last timestamp); the watch is bounded a little past its server-side
+    timeout. A hung API server therefore costs a caller seconds, not a worker thread."""
+
+    def __init__(
+        self,
+        api: client.ApiClient,
+        *,
+        timeout: float = 10.0,
+        connect_timeout: float = 3.0,
+        follow_idle_timeout: float = 60.0,
+    ) -> None:
         self.api = api
         self.core = client.CoreV1Api(api)
         self.auth = client.AuthenticationV1Api(api)
-        self.timeout = timeout
+        self.timeout: tuple[float, float] = (min(connect_timeout, timeout), timeout)
+        self.follow_timeout: tuple[float, float] = (self.timeout[0], follow_idle_timeout)
 
     def _call(self, verb: str, fn: Callable[[], T], *, what: str) -> T:
         started = time.perf_counter()
@@ -280,8 +302,7 @@ class KubeCluster:
         }
         if since_seconds:
             kwargs["since_seconds"] = since_seconds
-        if not follow:
-            kwargs["_request_timeout"] = self.timeout
+        kwargs["_request_timeout"] = self.follow_timeout if follow else self.timeout
         response = self._call(
             "pod_logs",
             lambda: self.core.read_namespaced_pod_log(name, namespace, **kwargs),
@@ -289,6 +310,13 @@ class KubeCluster:
         )
         try:
             yield from response.stream(4096)
+        except urllib3.exceptions.ReadTimeoutError as exc:
+            if not follow:
+                raise KubernetesUnavailableError(
+                    f"log stream of {namespace}/{name} timed out"
+                ) from exc
+            # Quiet for follow_idle_timeout: end the stream; the caller follows again.
+            return
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise KubernetesUnavailableError(f"log stream of {namespace}/{name} broke") from exc
         finally:
@@ -339,6 +367,9 @@ class KubeCluster:
                 kwargs: dict[str, Any] = {
                     "label_selector": podmeta.MANAGED_SELECTOR,
                     "timeout_seconds": timeout_seconds,
+                    # The server ends the watch after timeout_seconds; a hung one is
+                    # given up on a little later and the watch starts again.
+                    "_request_timeout": (self.timeout[0], timeout_seconds + self.timeout[1]),
                 }
                 if resource_version:
                     kwargs["resource_version"] = resource_version
@@ -367,6 +398,10 @@ def _api_message(exc: ApiException) -> str:
         return ""
 
 
+# How the API server words an object too large for etcd (its gRPC or etcd's own limit).
+_TOO_LARGE = ("request is too large", "larger than max", "too large")
+
+
 def _translate(exc: ApiException, what: str) -> BrokerError:
     status = exc.status or 0
     reason = f"{what}: {exc.reason or 'error'} (HTTP {status})"
@@ -376,4 +411,8 @@ def _translate(exc: ApiException, what: str) -> BrokerError:
     if message and "secret" not in what:
         reason = f"{reason}: {message}"
     hint = "exceeded quota" if "exceeded quota" in message else "check the broker's RBAC"
+    if status != 413 and any(sign in message.lower() for sign in _TOO_LARGE):
+        # etcd refusing an object's size comes back as a 500: the same request will
+        # never fit, so it is the request's fault (4xx), not an outage.
+        status, reason = 413, f"{reason} (too large for the API server)"
     return error_for_api_server_status(status, reason, forbidden_hint=hint)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import hvac
 
@@ -251,12 +252,12 @@ class SecretResolver:
         lease_id = str(response.get("lease_id") or "")
         lease_ttl = int(response.get("lease_duration") or 0)
         if lease_id and lease_ttl > cap:
-            # Shorten the lease to the grant's cap (sys/leases/renew with an increment
-            # sets the TTL from now). The token TTL is the hard bound either way.
+            # Shorten the lease to the grant's cap (a renewal with an increment sets the
+            # TTL from now). The token TTL is the hard bound either way.
             try:
                 renewed = self.session.call(
                     f"cap the lease of {name!r}",
-                    lambda c: c.sys.renew_lease(lease_id=lease_id, increment=cap),
+                    lambda c: _renew_lease(c, lease_id, cap),
                 )
                 lease_ttl = int(renewed.get("lease_duration") or lease_ttl)
             except BrokerError as exc:
@@ -279,7 +280,7 @@ class SecretResolver:
     # -- cleanup -----------------------------------------------------------------------
 
     def revoke(self, lease_ids: Sequence[str]) -> None:
-        """Revoke leases now (``sys/leases/revoke``); revoking an already revoked or
+        """Revoke leases now (``sys/leases/revoke/{lease_id}``); revoking an already revoked or
         expired lease is not an error. Tries every lease, then raises the first
         :class:`VaultUnavailableError` if any could not be revoked."""
         failure: BrokerError | None = None
@@ -296,7 +297,7 @@ class SecretResolver:
             raise failure
 
     def _revoke_one(self, lease_id: str) -> None:
-        self.session.call(f"revoke lease {lease_id}", lambda c: c.sys.revoke_lease(lease_id))
+        self.session.call(f"revoke lease {lease_id}", lambda c: _revoke_lease(c, lease_id))
 
     def revoke_token(self, accessor: str) -> None:
         """Revoke a child token by accessor (``auth/token/revoke-accessor``); its leases
@@ -315,3 +316,24 @@ class SecretResolver:
             self.revoke_token(accessor)
         except BrokerError as exc:
             log.warning("cleanup after a failed resolution incomplete: %s", exc.reason)
+
+
+# The path forms of the lease endpoints name the lease in the URL, so the broker's ACL
+# policy can allow them for the dynamic engines' leases only (``sys/leases/revoke/
+# database/creds/*``); hvac's helpers use the body form, which only an unscoped
+# ``sys/leases/revoke`` rule could allow.
+
+
+def _lease_url(action: str, lease_id: str) -> str:
+    return f"/v1/sys/leases/{action}/{quote(lease_id, safe='/')}"
+
+
+def _revoke_lease(client: hvac.Client, lease_id: str) -> None:
+    """PUT ``sys/leases/revoke/{lease_id}`` (204; an unknown lease is not an error)."""
+    client.adapter.put(_lease_url("revoke", lease_id))
+
+
+def _renew_lease(client: hvac.Client, lease_id: str, increment: int) -> dict[str, Any]:
+    """PUT ``sys/leases/renew/{lease_id}`` with ``increment`` (seconds from now)."""
+    response = client.adapter.put(_lease_url("renew", lease_id), json={"increment": increment})
+    return response if isinstance(response, dict) else {}

@@ -31,6 +31,7 @@ from broker.core.policy import (
     decide,
 )
 from broker.errors import DeniedError, NotFoundError, VaultUnavailableError
+from broker.vault.bootstrap import BootstrapOptions, bootstrap
 from broker.vault.client import VaultAuth, VaultSession
 from broker.vault.layout import VaultLayout
 from broker.vault.resolver import ResolvedBundle, VaultPolicySource
@@ -303,6 +304,8 @@ def database(penv: PolicyEnv, postgres: Postgres, unique: str) -> str:
             "max_ttl": "2h",
         },
     )
+    # The broker may renew/revoke leases of the dynamic mounts it is told about only.
+    bootstrap(root, BootstrapOptions(layout=penv.layout, dynamic_mounts=(mount,)))
     return mount
 
 

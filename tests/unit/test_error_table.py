@@ -140,3 +140,8 @@ def test_api_server_answers_map_like_the_api() -> None:
         exc = error_for_api_server_status(status, "unreachable")
         assert type(exc) is KubernetesUnavailableError
         assert exc.reason == "unreachable"
+
+
+def test_too_large_for_the_api_server_is_the_requests_fault() -> None:
+    exc = error_for_api_server_status(413, "create pod jobs/p: Request Entity Too Large")
+    assert not exc.retryable and 400 <= status_for(exc) < 500
