@@ -10,6 +10,22 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 SECRET_NAME_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,126}[a-z0-9])?$"
 ENV_VAR_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 _ENV_RE = re.compile(ENV_VAR_PATTERN)
+# Airflow's own rules: dag and task ids follow KEY_REGEX (airflow.utils.helpers, at most
+# 250 characters); run ids the scheduler's default ``allowed_run_id_pattern`` (which also
+# covers the ids Airflow makes itself, ``manual__<timestamp>`` ...).
+AIRFLOW_KEY_PATTERN = r"^[\w.-]+$"
+AIRFLOW_RUN_ID_PATTERN = r"^[A-Za-z0-9_.~:+-]+$"
+# Text the broker stores or echoes carries no control characters (NUL, newline, ESC,
+# DEL, C1): they forge log and report lines, and PostgreSQL refuses NUL outright.
+PRINTABLE_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*$"
+# Text passed to the pod only (command, args, env values) may hold newlines and tabs
+# (a script), never NUL.
+NO_NUL_PATTERN = r"^[^\x00]*$"
+# Airflow stores ids and indexes in 32-bit integer columns.
+INT32_MAX = 2**31 - 1
+
+MAX_SECRET_KEYS = 256
+"""At most this many keys in one ``mapping`` (a Kubernetes Secret holds 1 MiB anyway)."""
 
 
 class Strict(BaseModel):
@@ -19,11 +35,11 @@ class Strict(BaseModel):
 class TaskIdentity(Strict):
     """Which Airflow task instance a launch is for; the idempotency key of a launch."""
 
-    dag_id: Annotated[str, Field(min_length=1, max_length=250)]
-    task_id: Annotated[str, Field(min_length=1, max_length=250)]
-    run_id: Annotated[str, Field(min_length=1, max_length=250)]
-    try_number: Annotated[int, Field(ge=0)] = 1
-    map_index: int = -1
+    dag_id: Annotated[str, Field(min_length=1, max_length=250, pattern=AIRFLOW_KEY_PATTERN)]
+    task_id: Annotated[str, Field(min_length=1, max_length=250, pattern=AIRFLOW_KEY_PATTERN)]
+    run_id: Annotated[str, Field(min_length=1, max_length=250, pattern=AIRFLOW_RUN_ID_PATTERN)]
+    try_number: Annotated[int, Field(strict=True, ge=0, le=INT32_MAX)] = 1
+    map_index: Annotated[int, Field(strict=True, ge=-1, le=INT32_MAX)] = -1
     ti_id: Annotated[str, Field(pattern=r"^[0-9A-Fa-f-]{8,64}$")] | None = None
     """Airflow's task instance id (``ti.id``), checked with Airflow when verification is
     on; not part of the launch's idempotency key."""
@@ -36,8 +52,17 @@ class EnvDelivery(Strict):
     or exactly as ``mapping`` says (key -> variable); unmapped keys are not delivered."""
 
     type: Literal["env"] = "env"
-    prefix: str | None = None
-    mapping: dict[str, Annotated[str, Field(pattern=ENV_VAR_PATTERN)]] | None = None
+    prefix: Annotated[str, Field(max_length=128, pattern=PRINTABLE_PATTERN)] | None = None
+    mapping: (
+        Annotated[
+            dict[
+                Annotated[str, Field(max_length=253, pattern=PRINTABLE_PATTERN)],
+                Annotated[str, Field(max_length=256, pattern=ENV_VAR_PATTERN)],
+            ],
+            Field(max_length=MAX_SECRET_KEYS),
+        ]
+        | None
+    ) = None
 
     @model_validator(mode="after")
     def _one_style(self) -> EnvDelivery:
