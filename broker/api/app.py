@@ -102,12 +102,6 @@ def _strict_bool(value: object) -> object:
     return value == "true" if isinstance(value, str) else value
 
 
-def _strict_int(value: object) -> object:
-    if isinstance(value, str) and not re.fullmatch(r"-?[0-9]{1,12}", value):
-        raise ValueError("use a whole number")
-    return value
-
-
 def _rfc3339(value: object) -> object:
     if isinstance(value, str) and not _RFC3339.match(value):
         raise ValueError("use an RFC 3339 date-time with an offset, e.g. 2026-01-31T00:00:00Z")
@@ -275,9 +269,7 @@ def create_app(runtime: Runtime, *, refusals: RefusalRecorder | None = None) -> 
         launch_id: LaunchId,
         who: CallerDep,
         follow: StrictBool = False,
-        since_seconds: Annotated[
-            int | None, BeforeValidator(_strict_int), Query(ge=1, le=10 * 365 * 86400)
-        ] = None,
+        since_seconds: Annotated[int | None, Query(ge=1, le=10 * 365 * 86400)] = None,
         timestamps: StrictBool = False,
     ) -> StreamingResponse:
         """The pod's log (its main container), streamed; ``follow`` keeps it open."""
@@ -376,6 +368,7 @@ def create_app(runtime: Runtime, *, refusals: RefusalRecorder | None = None) -> 
                 routes=app.routes,
             )
             _tighten(schema)
+            _bind_settings(schema, runtime)
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -412,6 +405,27 @@ def _allowed_methods(app: FastAPI, request: Request) -> list[str]:
         if match != Match.NONE and route_methods:
             methods.update(route_methods)
     return sorted(methods)
+
+
+def _bind_settings(schema: dict[str, Any], runtime: Runtime) -> None:
+    """Name the values this broker accepts where its settings decide them: the task
+    namespaces, the service accounts and the pod templates."""
+    launch = schema.get("components", {}).get("schemas", {}).get("LaunchRequest")
+    if not isinstance(launch, dict):
+        return
+    settings = runtime.settings
+    choices = {
+        "namespace": settings.kubernetes.task_namespaces,
+        "service_account": settings.kubernetes.allowed_service_accounts,
+        "pod_template": sorted(settings.pod_templates),
+    }
+    properties = launch.get("properties", {})
+    for name, values in choices.items():
+        if name in properties:
+            options: list[dict[str, Any]] = [{"type": "null"}]
+            if values:
+                options.insert(0, {"type": "string", "enum": list(values)})
+            properties[name] = {"anyOf": options, "title": properties[name].get("title", name)}
 
 
 def _tighten(node: object) -> None:

@@ -9,6 +9,7 @@ from pydantic import Field, field_validator
 
 from broker.core.models import (
     ENV_VAR_PATTERN,
+    NO_LAX_INTEGER,
     NO_NUL_PATTERN,
     PRINTABLE_PATTERN,
     SecretRequest,
@@ -107,7 +108,7 @@ class LaunchRequest(Strict):
     namespace: Annotated[str, Field(max_length=63, pattern=PRINTABLE_PATTERN)] | None = None
     service_account: ShortText | None = None
     pod_template: ShortText | None = None
-    timeout_seconds: Annotated[int, Field(strict=True, gt=0, le=7 * 24 * 3600)] = 3600
+    timeout_seconds: Annotated[int, Field(gt=0, le=7 * 24 * 3600), NO_LAX_INTEGER] = 3600
     pod_overrides: Annotated[dict[ShortText, Any], Field(max_length=MAX_OVERRIDES)] = Field(
         default_factory=dict
     )

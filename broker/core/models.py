@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    model_validator,
+)
 
 SECRET_NAME_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,126}[a-z0-9])?$"
 ENV_VAR_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
@@ -24,6 +32,18 @@ NO_NUL_PATTERN = r"^[^\x00]*$"
 # Airflow stores ids and indexes in 32-bit integer columns.
 INT32_MAX = 2**31 - 1
 
+
+def _json_integer(value: Any) -> Any:
+    """A JSON integer as JSON Schema means it (``3`` or ``3.0``), never a boolean or a
+    string: no lax coercion of ``true`` or ``"3"``."""
+    if isinstance(value, bool | str | bytes):
+        raise ValueError("Input should be a JSON integer")
+    return value
+
+
+NO_LAX_INTEGER = BeforeValidator(_json_integer)
+"""Put it after an int's ``Field`` bounds (before them, the schema loses the bounds)."""
+
 MAX_SECRET_KEYS = 256
 """At most this many keys in one ``mapping`` (a Kubernetes Secret holds 1 MiB anyway)."""
 
@@ -38,8 +58,8 @@ class TaskIdentity(Strict):
     dag_id: Annotated[str, Field(min_length=1, max_length=250, pattern=AIRFLOW_KEY_PATTERN)]
     task_id: Annotated[str, Field(min_length=1, max_length=250, pattern=AIRFLOW_KEY_PATTERN)]
     run_id: Annotated[str, Field(min_length=1, max_length=250, pattern=AIRFLOW_RUN_ID_PATTERN)]
-    try_number: Annotated[int, Field(strict=True, ge=0, le=INT32_MAX)] = 1
-    map_index: Annotated[int, Field(strict=True, ge=-1, le=INT32_MAX)] = -1
+    try_number: Annotated[int, Field(ge=0, le=INT32_MAX), NO_LAX_INTEGER] = 1
+    map_index: Annotated[int, Field(ge=-1, le=INT32_MAX), NO_LAX_INTEGER] = -1
     ti_id: Annotated[str, Field(pattern=r"^[0-9A-Fa-f-]{8,64}$")] | None = None
     """Airflow's task instance id (``ti.id``), checked with Airflow when verification is
     on; not part of the launch's idempotency key."""
@@ -76,6 +96,10 @@ class EnvDelivery(Strict):
 class FileDelivery(Strict):
     """Deliver a secret's keys as files (one per key, mode 0400) under ``mount_path``."""
 
+    # The default serves Python callers; on the wire ``type`` is required (it is what
+    # tells a file delivery from the default env one).
+    model_config = ConfigDict(json_schema_extra={"required": ["type", "mount_path"]})
+
     type: Literal["file"] = "file"
     mount_path: Annotated[str, Field(pattern=r"^/[A-Za-z0-9._/-]*$", max_length=250)]
 
@@ -86,7 +110,18 @@ class FileDelivery(Strict):
         return self
 
 
-Delivery = Annotated[EnvDelivery | FileDelivery, Field(discriminator="type")]
+def _delivery_type(value: Any) -> str:
+    """The delivery's ``type``; absent means "env" (the default), as the schema says."""
+    if isinstance(value, dict):
+        kind = value.get("type", "env")
+        return kind if isinstance(kind, str) else ""
+    return str(getattr(value, "type", ""))
+
+
+Delivery = Annotated[
+    Annotated[EnvDelivery, Tag("env")] | Annotated[FileDelivery, Tag("file")],
+    Discriminator(_delivery_type),
+]
 
 
 class SecretRequest(Strict):
