@@ -88,6 +88,23 @@ class AuthSettings(_Section):
     callers: list[CallerRule] = Field(default_factory=list)
     static_tokens: list[StaticToken] = Field(default_factory=list)
     review_cache_seconds: float = 30.0
+    report_readers: list[str] = Field(default_factory=list)
+    """Identity globs (like ``callers[].identity``; ``static:NAME`` for a static token)
+    that may read the usage report for every DAG, refusals included. Any other caller
+    reads only the DAGs its ``callers`` rules (or static token) cover."""
+
+
+class LimitSettings(_Section):
+    """Bounds on what one request may cost (README "Limits"). Counts and lengths inside a
+    launch request are fixed in its schema (``/openapi.json``)."""
+
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024, le=16 * 1024 * 1024)
+    """A larger request body is refused with 413 before it is read further or parsed."""
+    refusal_interval_seconds: float = Field(default=60.0, gt=0, le=3600)
+    """Refused requests (401/403/413/415/422) are audited per caller, endpoint, status and
+    reason: the first at once, then one record with a count per key per interval."""
+    refusal_keys: int = Field(default=1000, ge=1, le=100_000)
+    """At most this many distinct keys are counted apart per interval; the rest share one."""
 
 
 class AuditSettings(_Section):
@@ -170,6 +187,7 @@ class BrokerSettings(BaseSettings):
     audit: AuditSettings = Field(default_factory=AuditSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
     airflow: AirflowSettings = Field(default_factory=AirflowSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
     pod_templates: dict[str, PodTemplate] = Field(default_factory=dict)
 
     @classmethod

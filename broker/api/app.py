@@ -1,33 +1,67 @@
 """The broker's HTTP API (FastAPI). Thin: authenticate, call the services, map errors.
-Every error body is an ErrorBody with a reason; none ever carries a secret value."""
+Every error body is an ErrorBody with a reason; none ever carries a secret value.
+
+Before a route runs, :class:`~broker.api.guard.RequestGuard` bounds the body and
+authenticates the caller. Refused requests (401, 403 out of scope, 413, 415, 422) are
+counted by the RefusalRecorder and end up in the report's denials."""
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Iterator
-from typing import Annotated, Any, Literal
+import re
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from fnmatch import fnmatchcase
+from typing import Annotated, Any, Final, Literal
 
-from fastapi import Depends, FastAPI, Header, Path, Query, Request
+from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import AfterValidator, BeforeValidator, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
+from broker.api.guard import (
+    CALLER_STATE_KEY,
+    RequestGuard,
+    client_of,
+    endpoint_of,
+    reason_class,
+    wire_of,
+)
 from broker.api.limits import InFlightLimiter
 from broker.core.api_models import ErrorBody, LaunchRequest, LaunchView
-from broker.core.models import Caller
-from broker.core.report import ReportFilters
-from broker.errors import BrokerError, DeniedError, TemporaryError, error_code, status_for
+from broker.core.models import AIRFLOW_KEY_PATTERN, PRINTABLE_PATTERN, Caller
+from broker.core.report import ReportFilters, UsageReport
+from broker.errors import (
+    BrokerError,
+    DeniedError,
+    InvalidRequestError,
+    TemporaryError,
+    error_code,
+    status_for,
+)
+from broker.service.refusals import RefusalRecorder
 from broker.service.runtime import Runtime
 
 log = logging.getLogger("podbroker.api")
 
+# Refusals the RefusalRecorder counts. A policy denial (403 naming secrets) is not among
+# them: the launch's own ``decision`` event records it.
+REFUSAL_STATUSES: Final = frozenset({401, 403, 413, 415, 422})
+MAX_REPORT_DAG_IDS: Final = 1000
+
 
 def error_response(exc: BrokerError) -> JSONResponse:
-    """The ErrorBody and headers for ``exc``; status and code from broker.errors.WIRE."""
-    status = status_for(exc)
+    """The ErrorBody and headers for ``exc``; status and code from broker.errors.WIRE
+    (or the guard's own 413/415)."""
+    status, code = wire_of(exc) or (status_for(exc), error_code(exc))
     body = ErrorBody(
-        error=error_code(exc),
+        error=code,
         reason=exc.reason,
         denied_secrets=exc.denied if isinstance(exc, DeniedError) else [],
         component=exc.component if isinstance(exc, TemporaryError) else None,
@@ -39,63 +73,207 @@ def error_response(exc: BrokerError) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
-def _caller(request: Request, authorization: Annotated[str | None, Header()] = None) -> Caller:
+_bearer = HTTPBearer(auto_error=False, description="a Kubernetes ServiceAccount token")
+
+
+def _caller(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Caller:
+    """The caller the guard authenticated (before the body was read)."""
+    caller = getattr(request.state, CALLER_STATE_KEY, None)
+    if isinstance(caller, Caller):
+        return caller
     runtime: Runtime = request.app.state.runtime
-    return runtime.authenticator.authenticate(authorization)
+    header = f"Bearer {credentials.credentials}" if credentials is not None else None
+    return runtime.authenticator.authenticate(header)
 
 
 CallerDep = Annotated[Caller, Depends(_caller)]
 LaunchId = Annotated[str, Path(pattern=r"^[0-9a-f]{20}$", description="from POST /v1/launches")]
 
+# Query values are text: accept exactly the spellings the schema promises, nothing lax
+# ("1" is no boolean, a number no timestamp).
+_RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d{1,6})?([Zz]|[+-]\d{2}:\d{2})$")
 
-def create_app(runtime: Runtime) -> FastAPI:
+
+def _strict_bool(value: object) -> object:
+    if isinstance(value, str) and value not in ("true", "false"):
+        raise ValueError("use true or false")
+    return value == "true" if isinstance(value, str) else value
+
+
+def _rfc3339(value: object) -> object:
+    if isinstance(value, str) and not _RFC3339.match(value):
+        raise ValueError("use an RFC 3339 date-time with an offset, e.g. 2026-01-31T00:00:00Z")
+    return value
+
+
+def _utc(value: dt.datetime | None) -> dt.datetime | None:
+    if value is None:
+        return None
+    try:
+        return value.astimezone(dt.UTC)
+    except OverflowError:
+        raise ValueError("date-time out of range") from None
+
+
+StrictBool = Annotated[bool, BeforeValidator(_strict_bool)]
+Timestamp = Annotated[dt.datetime | None, BeforeValidator(_rfc3339), AfterValidator(_utc)]
+FilterText = Annotated[str | None, Query(max_length=250, pattern=PRINTABLE_PATTERN)]
+DagIds = Annotated[
+    list[Annotated[str, Field(min_length=1, max_length=250, pattern=AIRFLOW_KEY_PATTERN)]] | None,
+    Query(max_length=MAX_REPORT_DAG_IDS, description="repeat to keep only these DAG ids"),
+]
+
+_ERROR: Final = {"model": ErrorBody}
+_UNAUTHENTICATED: Final = {
+    "model": ErrorBody,
+    "description": "no valid bearer token",
+    "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
+}
+_UNAVAILABLE: Final = {
+    "model": ErrorBody,
+    "description": "a dependency is unavailable: retry after Retry-After seconds",
+    "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+}
+_COMMON: Final[dict[int | str, dict[str, Any]]] = {
+    401: _UNAUTHENTICATED,
+    403: {**_ERROR, "description": "denied (policy, or a DAG outside the caller's scope)"},
+    413: {**_ERROR, "description": "request body over limits.max_body_bytes"},
+    422: {**_ERROR, "description": "invalid request (the reason names the field)"},
+    500: {**_ERROR, "description": "the broker is misconfigured, or failed unexpectedly"},
+    503: _UNAVAILABLE,
+}
+_BY_ID: Final[dict[int | str, dict[str, Any]]] = {
+    **_COMMON,
+    404: {**_ERROR, "description": "no such launch"},
+}
+_LAUNCH: Final[dict[int | str, dict[str, Any]]] = {
+    **_BY_ID,
+    200: {"model": LaunchView, "description": "this task try was launched before: that launch"},
+    404: {**_ERROR, "description": "a requested secret is not in the catalog"},
+    409: {**_ERROR, "description": "conflicts with existing state"},
+    415: {**_ERROR, "description": "the body is not application/json"},
+}
+_REPORT_MEDIA: Final = {
+    "json": "application/json",
+    "html": "text/html",
+    "csv": "text/csv",
+    "table": "text/plain",
+}
+
+
+def create_app(runtime: Runtime, *, refusals: RefusalRecorder | None = None) -> FastAPI:
+    limits = runtime.settings.limits
+    recorder = refusals or RefusalRecorder(
+        runtime.audit,
+        interval_seconds=limits.refusal_interval_seconds,
+        max_keys=limits.refusal_keys,
+    )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        recorder.start()
+        try:
+            yield
+        finally:
+            recorder.stop()
+
     app = FastAPI(
         title="podbroker",
         version="0.1.0",
         description="Launches Airflow task pods with only the secrets their policies grant.",
+        lifespan=lifespan,
     )
     app.state.runtime = runtime
+    app.state.refusals = recorder
+    app.add_middleware(
+        RequestGuard,
+        authenticate=runtime.authenticator.authenticate,
+        respond=error_response,
+        refusals=recorder,
+        max_body_bytes=limits.max_body_bytes,
+    )
+    # Added last, so outermost: over the cap a request is refused before anything else.
     app.add_middleware(InFlightLimiter, caps=runtime.settings.server.max_in_flight.model_dump())
 
+    def refused(request: Request, exc: BrokerError) -> None:
+        status = (wire_of(exc) or (status_for(exc), ""))[0]
+        if status not in REFUSAL_STATUSES or (isinstance(exc, DeniedError) and exc.denied):
+            return
+        caller = getattr(request.state, CALLER_STATE_KEY, None)
+        recorder.record(
+            caller=caller.identity if isinstance(caller, Caller) else None,
+            client=client_of(request.scope),
+            endpoint=endpoint_of(request.method, request.url.path),
+            status=status,
+            reason_class=reason_class(exc),
+            reason=exc.reason,
+        )
+
     @app.exception_handler(BrokerError)
-    async def _broker_error(_: Request, exc: BrokerError) -> JSONResponse:
+    async def _broker_error(request: Request, exc: BrokerError) -> JSONResponse:
         if status_for(exc) >= 500:
             log.warning("request failed: %s", exc.reason)
+        refused(request, exc)
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         # Echo locations and messages only: the offending input may hold anything.
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'] if p != 'body')}: {err['msg']}"
-            for err in exc.errors()
+            f"{'.'.join(_loc_part(p) for p in err['loc'] if p != 'body')}: {err['msg']}"
+            for err in exc.errors()[:20]
         )
-        body = ErrorBody(error="invalid_request", reason=problems or "invalid request")
-        return JSONResponse(body.model_dump(), status_code=422)
+        error = InvalidRequestError(problems or "invalid request")
+        refused(request, error)
+        return error_response(error)
 
-    responses: dict[int | str, dict[str, Any]] = {
-        code: {"model": ErrorBody} for code in (401, 403, 404, 409, 422, 503)
-    }
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Starlette names only the first matching route's methods; list every one.
+            headers["Allow"] = ", ".join(_allowed_methods(app, request))
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
 
-    @app.post("/v1/launches", response_model=LaunchView, status_code=201, responses=responses)
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.error("unexpected failure: %s", type(exc).__name__, exc_info=exc)
+        body = ErrorBody(error="internal", reason="internal error")
+        return JSONResponse(body.model_dump(), status_code=500)
+
+    @app.post("/v1/launches", response_model=LaunchView, status_code=201, responses=_LAUNCH)
     def launch(body: LaunchRequest, who: CallerDep, response: Response) -> LaunchView:
-        """Launch (or reattach to) the pod of one task try."""
+        """Launch (or reattach to) the pod of one task try: 201 when launched now, 200
+        when this try was launched before (that launch is returned)."""
         view = runtime.launches.launch(who, body)
         if not view.created:
             response.status_code = 200
         return view
 
-    @app.get("/v1/launches/{launch_id}", response_model=LaunchView, responses=responses)
+    @app.get("/v1/launches/{launch_id}", response_model=LaunchView, responses=_BY_ID)
     def status(launch_id: LaunchId, who: CallerDep) -> LaunchView:
         return runtime.lookup.status(who, launch_id)
 
-    @app.get("/v1/launches/{launch_id}/logs", response_class=StreamingResponse, responses=responses)
+    @app.get(
+        "/v1/launches/{launch_id}/logs",
+        response_class=StreamingResponse,
+        responses={
+            **_BY_ID,
+            200: {
+                "description": "the log, streamed",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            },
+        },
+    )
     def logs(
         launch_id: LaunchId,
         who: CallerDep,
-        follow: bool = False,
-        since_seconds: Annotated[int | None, Query(ge=1)] = None,
-        timestamps: bool = False,
+        follow: StrictBool = False,
+        since_seconds: Annotated[int | None, Query(ge=1, le=10 * 365 * 86400)] = None,
+        timestamps: StrictBool = False,
     ) -> StreamingResponse:
         """The pod's log (its main container), streamed; ``follow`` keeps it open."""
         chunks: Iterator[bytes] = runtime.lookup.logs(
@@ -103,7 +281,7 @@ def create_app(runtime: Runtime) -> FastAPI:
         )
         return StreamingResponse(chunks, media_type="text/plain; charset=utf-8")
 
-    @app.delete("/v1/launches/{launch_id}", response_model=LaunchView, responses=responses)
+    @app.delete("/v1/launches/{launch_id}", response_model=LaunchView, responses=_BY_ID)
     def kill(
         launch_id: LaunchId,
         who: CallerDep,
@@ -113,45 +291,164 @@ def create_app(runtime: Runtime) -> FastAPI:
         ``reason`` (e.g. on_kill, on_finish_action) is recorded in the audit trail."""
         return runtime.lookup.kill(who, launch_id, reason)
 
-    @app.get("/v1/audit/report", responses=responses)
+    @app.get(
+        "/v1/audit/report",
+        response_model=None,
+        responses={
+            **_COMMON,
+            200: {
+                "model": UsageReport,
+                "description": "the report in the asked format",
+                "content": {
+                    "text/html": {"schema": {"type": "string"}},
+                    "text/csv": {"schema": {"type": "string"}},
+                    "text/plain": {"schema": {"type": "string"}},
+                },
+            },
+            403: {**_ERROR, "description": "the caller matches no callers rule"},
+        },
+    )
     def report(
         who: CallerDep,
         format: Literal["json", "html", "csv", "table"] = "json",
-        since: dt.datetime | None = None,
-        until: dt.datetime | None = None,
-        team: str | None = None,
-        dag: str | None = None,
-        task: str | None = None,
-        secret: str | None = None,
+        since: Timestamp = None,
+        until: Timestamp = None,
+        team: FilterText = None,
+        dag: FilterText = None,
+        task: FilterText = None,
+        secret: FilterText = None,
+        dag_ids: DagIds = None,
     ) -> Response:
-        """The secret-usage report, read-only (for the Airflow "Secret usage" page)."""
-        del who  # any authenticated caller may read usage (names and counts, no values)
+        """The secret-usage report, read-only (for the Airflow "Secret usage" page).
+        A caller reads the DAGs its ``callers`` rules cover (``auth.report_readers``
+        read every DAG, refused requests included); ``dag_ids`` narrows further."""
+        scope = _report_scope(runtime, who)
         text = runtime.render_report(
             format,
             since=since,
             until=until,
-            filters=ReportFilters(team=team, dag=dag, task=task, secret=secret),
+            filters=ReportFilters(
+                team=team,
+                dag=dag,
+                task=task,
+                secret=secret,
+                dag_scope=scope,
+                dag_ids=tuple(dag_ids) if dag_ids else None,
+            ),
         )
-        media = {
-            "json": "application/json",
-            "html": "text/html",
-            "csv": "text/csv",
-            "table": "text/plain",
-        }[format]
-        return Response(text, media_type=f"{media}; charset=utf-8")
+        return Response(text, media_type=f"{_REPORT_MEDIA[format]}; charset=utf-8")
 
     @app.get("/healthz", response_class=PlainTextResponse)
     def healthz() -> str:
         return "ok"
 
-    @app.get("/readyz", responses={503: {"model": ErrorBody}})
+    @app.get(
+        "/readyz",
+        responses={
+            500: {**_ERROR, "description": "the broker is misconfigured"},
+            503: _UNAVAILABLE,
+        },
+    )
     def readyz() -> dict[str, str]:
         """Ready only when Vault, the API server and the audit store all answer."""
         runtime.check_ready()
         return {"vault": "ok", "kubernetes": "ok", "audit": "ok"}
 
-    @app.get("/metrics", response_class=PlainTextResponse)
+    @app.get(
+        "/metrics",
+        response_class=PlainTextResponse,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    )
     def metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title,
+                version=app.version,
+                description=app.description,
+                routes=app.routes,
+            )
+            _tighten(schema)
+            _bind_settings(schema, runtime)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def _report_scope(runtime: Runtime, who: Caller) -> tuple[str, ...] | None:
+    """The DAG globs ``who`` may read the report of (None: every DAG)."""
+    if any(fnmatchcase(who.identity, glob) for glob in runtime.settings.auth.report_readers):
+        return None
+    if not who.allowed_dag_globs:
+        raise DeniedError(
+            f"caller {who.identity} matches no callers rule: it may read the report of no DAG"
+        )
+    return who.allowed_dag_globs
+
+
+_SAFE_LOC = re.compile(r"^[A-Za-z0-9_.\[\]-]{1,64}$")
+
+
+def _loc_part(part: object) -> str:
+    """A location step of a validation error; a dict key that is not a plain name (it
+    is the caller's input) is not echoed."""
+    text = str(part)
+    return text if _SAFE_LOC.match(text) else "<key>"
+
+
+def _allowed_methods(app: FastAPI, request: Request) -> list[str]:
+    methods: set[str] = set()
+    for route in app.router.routes:
+        match, _ = route.matches({**request.scope, "method": "GET"})
+        route_methods = getattr(route, "methods", None)
+        if match != Match.NONE and route_methods:
+            methods.update(route_methods)
+    return sorted(methods)
+
+
+def _bind_settings(schema: dict[str, Any], runtime: Runtime) -> None:
+    """Name the values this broker accepts where its settings decide them: the task
+    namespaces, the service accounts and the pod templates."""
+    launch = schema.get("components", {}).get("schemas", {}).get("LaunchRequest")
+    if not isinstance(launch, dict):
+        return
+    settings = runtime.settings
+    choices = {
+        "namespace": settings.kubernetes.task_namespaces,
+        "service_account": settings.kubernetes.allowed_service_accounts,
+        "pod_template": sorted(settings.pod_templates),
+    }
+    properties = launch.get("properties", {})
+    for name, values in choices.items():
+        if name in properties:
+            options: list[dict[str, Any]] = [{"type": "null"}]
+            if values:
+                options.insert(0, {"type": "string", "enum": list(values)})
+            properties[name] = {"anyOf": options, "title": properties[name].get("title", name)}
+
+
+def _tighten(node: object) -> None:
+    """Make the generated schema say what the validators do: maps whose keys follow a
+    pattern take no other keys, and an optional query parameter is absent, never null."""
+    if isinstance(node, dict):
+        if "patternProperties" in node and "additionalProperties" not in node:
+            node["additionalProperties"] = False
+        if node.get("in") == "query" and isinstance(node.get("schema"), dict):
+            schema = node["schema"]
+            any_of = schema.get("anyOf")
+            if isinstance(any_of, list):
+                kept = [s for s in any_of if s != {"type": "null"}]
+                if len(kept) == 1:
+                    schema.pop("anyOf")
+                    schema.update(kept[0])
+                else:
+                    schema["anyOf"] = kept
+        for value in node.values():
+            _tighten(value)
+    elif isinstance(node, list):
+        for item in node:
+            _tighten(item)

@@ -104,12 +104,13 @@ def render_table(report: UsageReport) -> str:
     )
     lines += ["", "Denials"]
     lines += _table(
-        ["time", "dag", "task", "denied", "reasons"],
+        ["time", "dag", "task", "count", "denied", "reasons"],
         [
             [
                 _t(d.time),
                 d.dag_id or "-",
                 d.task_id or "-",
+                d.count,
                 ", ".join(d.denied),
                 "; ".join(d.reasons),
             ]
@@ -195,7 +196,7 @@ def render_csv(report: UsageReport) -> str:
                 n.task_id or "",
                 "",
                 "",
-                1,
+                n.count,
                 _t(n.time),
                 _t(n.time),
                 "; ".join(n.reasons),
@@ -427,7 +428,7 @@ def render_html(report: UsageReport) -> str:
         ),
         "<h2>Denials</h2>",
         _html_table(
-            ["time", "DAG", "task", "run", "caller", "denied", "reasons"],
+            ["time", "DAG", "task", "run", "caller", "count", "denied", "reasons"],
             [
                 [
                     _t(n.time),
@@ -435,11 +436,13 @@ def render_html(report: UsageReport) -> str:
                     n.task_id or "",
                     n.run_id or "",
                     n.caller or "",
+                    n.count,
                     ", ".join(n.denied),
                     "; ".join(n.reasons),
                 ]
                 for n in report.denials
             ],
+            [5],
         ),
         "<h2>Unused grants (proposed removals)</h2>",
         _html_table(

@@ -19,7 +19,14 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Final
 
-from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from broker.core.models import Caller, TaskIdentity
 from broker.core.secret_value import SecretValue
@@ -40,6 +47,7 @@ class EventKind(StrEnum):
     LAUNCH_FAILED = "launch_failed"
     RECONCILER_CLEANUP = "reconciler_cleanup"
     POLICY_APPLIED = "policy_applied"
+    REQUEST_REFUSED = "request_refused"  # 401/403/413/415/422, counted per caller and reason
 
 
 # Keys whose presence in ``details`` suggests someone is about to record a value.
@@ -61,6 +69,15 @@ FORBIDDEN_DETAIL_KEYS: Final = frozenset(
 )
 
 _MAX_DEPTH: Final = 8
+# What one record may hold, so a flood of large requests cannot fill the store. Far above
+# what a valid launch produces (at most 64 secrets, see broker.core.api_models).
+MAX_NAMES: Final = 100
+"""Names kept in ``secret_names`` (the rest are counted in
+``details["secret_names_omitted"]``) and items in any list of ``details`` (a longer one
+keeps MAX_NAMES - 1 and ends with a ``…[N more]`` item)."""
+MAX_TEXT: Final = 1024
+"""Characters kept of any string in ``details``; a cut one ends with ``…[cut]``."""
+CUT_MARK: Final = "…[cut]"
 
 
 class AuditEventError(ValueError):
@@ -74,7 +91,9 @@ def _check_json(value: object, where: str, depth: int = 0) -> object:
     if isinstance(value, SecretValue):
         # Never echo the value (or even its mask) beyond naming where it was.
         raise AuditEventError(f"details carry a SecretValue at {where}; record names, not values")
-    if value is None or isinstance(value, bool | int | str):
+    if isinstance(value, str):
+        return _cut(value)
+    if value is None or isinstance(value, bool | int):
         return value
     if isinstance(value, float):
         if not math.isfinite(value):
@@ -92,8 +111,18 @@ def _check_json(value: object, where: str, depth: int = 0) -> object:
             out[key] = _check_json(item, f"{where}.{key}", depth + 1)
         return out
     if isinstance(value, list | tuple):
-        return [_check_json(item, f"{where}[{i}]", depth + 1) for i, item in enumerate(value)]
+        # A capped list has exactly MAX_NAMES items, so reading a record back (which
+        # validates it again) leaves it, and its hash, unchanged.
+        kept = value if len(value) <= MAX_NAMES else value[: MAX_NAMES - 1]
+        items = [_check_json(item, f"{where}[{i}]", depth + 1) for i, item in enumerate(kept)]
+        if len(kept) < len(value):
+            items.append(f"…[{len(value) - len(kept)} more]")
+        return items
     raise AuditEventError(f"details carry a {type(value).__name__} at {where}; JSON data only")
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= MAX_TEXT else text[: MAX_TEXT - len(CUT_MARK)] + CUT_MARK
 
 
 def _utc(value: datetime) -> datetime:
@@ -126,6 +155,29 @@ class AuditEvent(BaseModel):
     secret_names: tuple[str, ...] = ()
     teams: tuple[str, ...] = ()
     details: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _cap_names(cls, data: Any) -> Any:
+        """Keep at most MAX_NAMES secret names; count the rest in the details."""
+        if not isinstance(data, Mapping):
+            return data
+        names = data.get("secret_names")
+        if isinstance(names, list | tuple) and len(names) > MAX_NAMES:
+            details = data.get("details")
+            if isinstance(details, Mapping) and "secret_names_omitted" not in details:
+                data = {
+                    **data,
+                    "secret_names": tuple(names[:MAX_NAMES]),
+                    "details": {**details, "secret_names_omitted": len(names) - MAX_NAMES},
+                }
+            elif details is None:
+                data = {
+                    **data,
+                    "secret_names": tuple(names[:MAX_NAMES]),
+                    "details": {"secret_names_omitted": len(names) - MAX_NAMES},
+                }
+        return data
 
     @field_validator("time")
     @classmethod
@@ -325,5 +377,42 @@ def launch_event(
         **_task_fields(task),
         secret_names=tuple(secret_names),
         teams=tuple(teams),
+        details=details,
+    )
+
+
+def request_refused(
+    *,
+    caller: str | None,
+    endpoint: str,
+    status: int,
+    reason_class: str,
+    reason: str,
+    count: int,
+    first_time: datetime,
+    last_time: datetime,
+    client: str | None = None,
+    time: datetime | None = None,
+) -> AuditEvent:
+    """Requests refused before any launch work (401, 403 out of scope, 413, 415, 422):
+    ``count`` of them by ``caller`` (None when unauthenticated; then ``client`` is the
+    peer address) on ``endpoint`` with ``status`` and ``reason_class`` between
+    ``first_time`` and ``last_time``; ``reason`` is the first one's message. Never the
+    request body."""
+    details: dict[str, Any] = {
+        "endpoint": endpoint,
+        "status": status,
+        "reason_class": reason_class,
+        "reason": reason,
+        "count": count,
+        "first_time": format_time(first_time),
+        "last_time": format_time(last_time),
+    }
+    if client is not None:
+        details["client"] = client
+    return AuditEvent(
+        time=time or utc_now(),
+        kind=EventKind.REQUEST_REFUSED,
+        caller=caller,
         details=details,
     )

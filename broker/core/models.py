@@ -3,13 +3,49 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    model_validator,
+)
 
 SECRET_NAME_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,126}[a-z0-9])?$"
 ENV_VAR_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 _ENV_RE = re.compile(ENV_VAR_PATTERN)
+# Airflow's own rules: dag and task ids follow KEY_REGEX (airflow.utils.helpers, at most
+# 250 characters); run ids the scheduler's default ``allowed_run_id_pattern`` (which also
+# covers the ids Airflow makes itself, ``manual__<timestamp>`` ...).
+AIRFLOW_KEY_PATTERN = r"^[\w.-]+$"
+AIRFLOW_RUN_ID_PATTERN = r"^[A-Za-z0-9_.~:+-]+$"
+# Text the broker stores or echoes carries no control characters (NUL, newline, ESC,
+# DEL, C1): they forge log and report lines, and PostgreSQL refuses NUL outright.
+PRINTABLE_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*$"
+# Text passed to the pod only (command, args, env values) may hold newlines and tabs
+# (a script), never NUL.
+NO_NUL_PATTERN = r"^[^\x00]*$"
+# Airflow stores ids and indexes in 32-bit integer columns.
+INT32_MAX = 2**31 - 1
+
+
+def _json_integer(value: Any) -> Any:
+    """A JSON integer as JSON Schema means it (``3`` or ``3.0``), never a boolean or a
+    string: no lax coercion of ``true`` or ``"3"``."""
+    if isinstance(value, bool | str | bytes):
+        raise ValueError("Input should be a JSON integer")
+    return value
+
+
+NO_LAX_INTEGER = BeforeValidator(_json_integer)
+"""Put it after an int's ``Field`` bounds (before them, the schema loses the bounds)."""
+
+MAX_SECRET_KEYS = 256
+"""At most this many keys in one ``mapping`` (a Kubernetes Secret holds 1 MiB anyway)."""
 
 
 class Strict(BaseModel):
@@ -19,11 +55,11 @@ class Strict(BaseModel):
 class TaskIdentity(Strict):
     """Which Airflow task instance a launch is for; the idempotency key of a launch."""
 
-    dag_id: Annotated[str, Field(min_length=1, max_length=250)]
-    task_id: Annotated[str, Field(min_length=1, max_length=250)]
-    run_id: Annotated[str, Field(min_length=1, max_length=250)]
-    try_number: Annotated[int, Field(ge=0)] = 1
-    map_index: int = -1
+    dag_id: Annotated[str, Field(min_length=1, max_length=250, pattern=AIRFLOW_KEY_PATTERN)]
+    task_id: Annotated[str, Field(min_length=1, max_length=250, pattern=AIRFLOW_KEY_PATTERN)]
+    run_id: Annotated[str, Field(min_length=1, max_length=250, pattern=AIRFLOW_RUN_ID_PATTERN)]
+    try_number: Annotated[int, Field(ge=0, le=INT32_MAX), NO_LAX_INTEGER] = 1
+    map_index: Annotated[int, Field(ge=-1, le=INT32_MAX), NO_LAX_INTEGER] = -1
     ti_id: Annotated[str, Field(pattern=r"^[0-9A-Fa-f-]{8,64}$")] | None = None
     """Airflow's task instance id (``ti.id``), checked with Airflow when verification is
     on; not part of the launch's idempotency key."""
@@ -41,8 +77,17 @@ class EnvDelivery(Strict):
     or exactly as ``mapping`` says (key -> variable); unmapped keys are not delivered."""
 
     type: Literal["env"] = "env"
-    prefix: str | None = None
-    mapping: dict[str, Annotated[str, Field(pattern=ENV_VAR_PATTERN)]] | None = None
+    prefix: Annotated[str, Field(max_length=128, pattern=PRINTABLE_PATTERN)] | None = None
+    mapping: (
+        Annotated[
+            dict[
+                Annotated[str, Field(max_length=253, pattern=PRINTABLE_PATTERN)],
+                Annotated[str, Field(max_length=256, pattern=ENV_VAR_PATTERN)],
+            ],
+            Field(max_length=MAX_SECRET_KEYS),
+        ]
+        | None
+    ) = None
 
     @model_validator(mode="after")
     def _one_style(self) -> EnvDelivery:
@@ -56,6 +101,10 @@ class EnvDelivery(Strict):
 class FileDelivery(Strict):
     """Deliver a secret's keys as files (one per key, mode 0400) under ``mount_path``."""
 
+    # The default serves Python callers; on the wire ``type`` is required (it is what
+    # tells a file delivery from the default env one).
+    model_config = ConfigDict(json_schema_extra={"required": ["type", "mount_path"]})
+
     type: Literal["file"] = "file"
     mount_path: Annotated[str, Field(pattern=r"^/[A-Za-z0-9._/-]*$", max_length=250)]
 
@@ -66,7 +115,18 @@ class FileDelivery(Strict):
         return self
 
 
-Delivery = Annotated[EnvDelivery | FileDelivery, Field(discriminator="type")]
+def _delivery_type(value: Any) -> str:
+    """The delivery's ``type``; absent means "env" (the default), as the schema says."""
+    if isinstance(value, dict):
+        kind = value.get("type", "env")
+        return kind if isinstance(kind, str) else ""
+    return str(getattr(value, "type", ""))
+
+
+Delivery = Annotated[
+    Annotated[EnvDelivery, Tag("env")] | Annotated[FileDelivery, Tag("file")],
+    Discriminator(_delivery_type),
+]
 
 
 class SecretRequest(Strict):

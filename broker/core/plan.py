@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import json
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
@@ -471,7 +472,7 @@ def build_plan(request: LaunchRequest, policy: PlanPolicy, caller_identity: str)
             f"(allowed: {', '.join(policy.allowed_service_accounts)})"
         )
     names = [s.name for s in request.secrets]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
+    duplicates = sorted(name for name, n in Counter(names).items() if n > 1)
     if duplicates:
         raise InvalidRequestError(f"secrets requested more than once: {', '.join(duplicates)}")
     for key in request.scheduling.labels:

@@ -86,9 +86,9 @@ def task_of(labels: Mapping[str, str], annotations: Mapping[str, str]) -> TaskId
         except ValidationError:
             pass
     return TaskIdentity(
-        dag_id=labels.get("dag_id") or "?",
-        task_id=labels.get("task_id") or "?",
-        run_id=labels.get("run_id") or "?",
+        dag_id=labels.get("dag_id") or "unknown",
+        task_id=labels.get("task_id") or "unknown",
+        run_id=labels.get("run_id") or "unknown",
         try_number=_int(labels.get("try_number"), 0),
         map_index=_int(labels.get("map_index"), -1),
     )

@@ -8,7 +8,12 @@ Definitions the numbers follow:
   Usage, denials, per-DAG figures and unused grants look inside the window only;
   first-time uses look at all events given to decide "never before".
 - **Filters** (``team``, ``dag``, ``task``, ``secret``; the last three accept globs)
-  narrow every section. An event belongs to a team when the team is among the event's
+  narrow every section, and so do the reader's scope (``dag_scope``: the DAG globs its
+  ``callers`` rules give it; None for a report reader) and ``dag_ids`` (exact ids, e.g.
+  the DAGs an Airflow user may read). A grant shows when its DAG glob lies inside them.
+- **Refused requests** (``request_refused``: 401, 403 out of scope, 413, 415, 422, each
+  counted) are listed among the denials for an unscoped reader without filters only: they
+  name no DAG. An event belongs to a team when the team is among the event's
   ``teams``, or, when the event names no team, when one of that team's grants covers its
   DAG, task and secret.
 - A grant's secret is **used** when a use in the window is credited to it: the launch's
@@ -66,6 +71,28 @@ class ReportFilters(_Model):
     dag: str | None = None
     task: str | None = None
     secret: str | None = None
+    dag_scope: tuple[str, ...] | None = Field(default=None, exclude=True)
+    """DAG globs the reader may see (None: every DAG, and refused requests too)."""
+    dag_ids: tuple[str, ...] | None = Field(default=None, exclude=True)
+    """Exact DAG ids to keep (None: no such narrowing)."""
+
+    @property
+    def unscoped(self) -> bool:
+        return self.dag_scope is None and self.dag_ids is None
+
+    def dag_visible(self, dag_id: str | None) -> bool:
+        """Whether the reader's scope and ``dag_ids`` let it see ``dag_id``."""
+        if dag_id is None:
+            return self.unscoped
+        if self.dag_scope is not None and not any(fnmatchcase(dag_id, g) for g in self.dag_scope):
+            return False
+        return self.dag_ids is None or dag_id in self.dag_ids
+
+    def grant_visible(self, dag_glob: str) -> bool:
+        """Whether a grant for ``dag_glob`` lies inside the reader's scope and ids."""
+        if self.dag_scope is not None and not any(fnmatchcase(dag_glob, g) for g in self.dag_scope):
+            return False
+        return self.dag_ids is None or any(fnmatchcase(d, dag_glob) for d in self.dag_ids)
 
 
 class TaskRef(_Model):
@@ -107,6 +134,8 @@ class Denial(_Model):
     requested: list[str]
     denied: list[str]
     reasons: list[str]
+    count: int = 1
+    """How many requests this row stands for (refused requests are counted, not listed)."""
 
 
 class UnusedGrant(_Model):
@@ -143,6 +172,7 @@ class Totals(_Model):
     distinct_dags: int
     unused_grant_secrets: int
     first_time_uses: int
+    requests_refused: int = 0
 
 
 class UsageReport(_Model):
@@ -197,7 +227,22 @@ class _Scope:
         return (self.start is None or time >= self.start) and (self.end is None or time < self.end)
 
     def task_ok(self, event: AuditEvent) -> bool:
-        return _glob(self.f.dag, event.dag_id) and _glob(self.f.task, event.task_id)
+        return (
+            self.f.dag_visible(event.dag_id)
+            and _glob(self.f.dag, event.dag_id)
+            and _glob(self.f.task, event.task_id)
+        )
+
+    def refusals_ok(self) -> bool:
+        """Refused requests name no DAG: only an unscoped, unfiltered reader sees them."""
+        f = self.f
+        return (
+            f.unscoped
+            and f.team is None
+            and f.dag is None
+            and f.task is None
+            and (f.secret is None)
+        )
 
     def secret_ok(self, name: str) -> bool:
         return _glob(self.f.secret, name)
@@ -281,6 +326,8 @@ def _unused_grants(
     for grant in sorted(grants, key=lambda g: (g.team, g.grant_id)):
         if f.team is not None and grant.team != f.team:
             continue
+        if not f.grant_visible(grant.dag_glob):
+            continue
         if f.dag is not None and not (
             fnmatchcase(f.dag, grant.dag_glob) or f.dag == grant.dag_glob
         ):
@@ -333,6 +380,7 @@ def _floor(time: datetime, bucket: str) -> datetime:
     return day - timedelta(days=day.weekday())
 
 
+MAX_TIMELINE_BUCKETS = 1000
 _STEP = {"hour": timedelta(hours=1), "day": timedelta(days=1), "week": timedelta(days=7)}
 
 
@@ -341,6 +389,12 @@ def _timeline(uses: Sequence[_Use], start: datetime | None, end: datetime | None
         return Timeline(bucket="day", starts=[], series={})
     first = start if start is not None else min(u.time for u in uses)
     last = (end - timedelta(microseconds=1)) if end is not None else max(u.time for u in uses)
+    if last - first > MAX_TIMELINE_BUCKETS * _STEP["week"]:
+        # A window of centuries would be millions of empty buckets: keep the span of uses.
+        if not uses:
+            return Timeline(bucket="week", starts=[], series={})
+        first = max(first, min(u.time for u in uses))
+        last = min(last, max(u.time for u in uses))
     span = last - first
     bucket: Literal["hour", "day", "week"] = (
         "hour" if span <= timedelta(hours=48) else "day" if span <= timedelta(days=120) else "week"
@@ -359,6 +413,28 @@ def _timeline(uses: Sequence[_Use], start: datetime | None, end: datetime | None
         if slot is not None:
             row[slot] += 1
     return Timeline(bucket=bucket, starts=starts, series=dict(sorted(series.items())))
+
+
+def _refusal(event: AuditEvent) -> Denial:
+    """A ``request_refused`` record as a denial row (see audit_events.request_refused)."""
+    d = event.details
+    count = d.get("count")
+    who = event.caller or f"unauthenticated client {d.get('client') or '?'}"
+    return Denial(
+        time=event.time,
+        launch_id=None,
+        caller=who,
+        dag_id=None,
+        task_id=None,
+        run_id=None,
+        try_number=None,
+        requested=[],
+        denied=[],
+        reasons=[
+            f"{d.get('status')} {d.get('reason_class')} on {d.get('endpoint')}: {d.get('reason')}"
+        ],
+        count=count if isinstance(count, int) and count > 0 else 1,
+    )
 
 
 # -- the report ------------------------------------------------------------------------
@@ -414,7 +490,14 @@ def compute_report(
     tasks: dict[str, set[str]] = defaultdict(set)
     times: dict[str, list[datetime]] = defaultdict(list)
     denials: list[Denial] = []
+    refused = 0
     for event in windowed:
+        if event.kind == EventKind.REQUEST_REFUSED:
+            if scope.refusals_ok():
+                denial = _refusal(event)
+                refused += denial.count
+                denials.append(denial)
+            continue
         if event.dag_id is None or not scope.event_ok(event):
             continue
         dag = event.dag_id
@@ -497,6 +580,7 @@ def compute_report(
         distinct_dags=len(dags),
         unused_grant_secrets=sum(len(g.unused_secrets) for g in unused),
         first_time_uses=len(first_uses),
+        requests_refused=refused,
     )
     return UsageReport(
         window_start=window_start,

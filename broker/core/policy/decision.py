@@ -68,10 +68,12 @@ def decide(
     denied: list[str] = []
     reasons: list[str] = []
     chosen: dict[str, SecretDecision] = {}
+    decided: set[str] = set()  # every name seen once: the check stays linear
     for request in requests:
         name = request.name
-        if name in chosen or name in denied or name in unknown:
+        if name in decided:
             continue
+        decided.add(name)
         if name not in policy.catalog:
             unknown.append(name)
             reasons.append(f"unknown secret {name!r}: not in the catalog")

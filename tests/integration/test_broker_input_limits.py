@@ -1,0 +1,313 @@
+"""The broker's front door on the real stack (issue 12): bounded bodies answered before
+they are read, authentication before parsing, bounded counts and strings, Airflow's id
+rules, no control characters (with a PostgreSQL audit store), refused requests audited
+and counted, and a usage report scoped to its reader."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+
+from broker.audit.store import open_audit_store
+from broker.core.audit_events import AuditEvent, EventKind
+from podbroker_devstack.broker_env import (
+    SYSTEM_NAMESPACE,
+    TOKEN_AUDIENCE,
+    BrokerHandle,
+    start_broker,
+)
+from podbroker_devstack.kube import RUN_DURATION_ANNOTATION, ControlPlane
+from podbroker_devstack.openbao import start_openbao
+from podbroker_devstack.postgres import Postgres
+from podbroker_devstack.sources import SourceTree
+from tests.helpers import eventually
+
+pytestmark = pytest.mark.stack
+
+LIMIT = 1024 * 1024  # limits.max_body_bytes, the default
+
+
+@pytest.fixture(scope="module")
+def guarded(
+    tmp_path_factory: pytest.TempPathFactory,
+    kube: ControlPlane,
+    postgres: Postgres,
+    sources: SourceTree,
+) -> Iterator[BrokerHandle]:
+    """A broker with a PostgreSQL audit store, refusals counted over 2 s, and the dev
+    token as the only report reader."""
+    folder = tmp_path_factory.mktemp("guarded")
+    unique = uuid.uuid4().hex[:8]
+    database = f"audit_{unique}"
+    with psycopg.connect(postgres.dsn(), autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {database}")
+    vault = start_openbao(folder / "openbao")
+    handle = start_broker(
+        folder / "broker",
+        kube,
+        vault,
+        postgres,
+        sources,
+        task_namespace=f"guard-{unique}",
+        extra_settings={
+            "audit": {
+                "url": postgres.url(database),
+                "signing_key_file": str(folder / "audit.pem"),
+            },
+            "auth": {"report_readers": ["static:dev"]},
+            "limits": {"refusal_interval_seconds": 2},
+        },
+    )
+    yield handle
+    handle.stop()
+    vault.stop()
+
+
+def launch_body(dag_id: str, **task: Any) -> dict[str, Any]:
+    return {
+        "task": {"dag_id": dag_id, "task_id": "load", "run_id": f"manual__{uuid.uuid4().hex}"}
+        | task,
+        "container": {"image": "python:3.12-slim", "command": ["python", "-c", "print(1)"]},
+        "scheduling": {"annotations": {RUN_DURATION_ANNOTATION: "1s"}},
+    }
+
+
+def post(
+    broker: BrokerHandle, payload: Any, headers: dict[str, str] | None = None
+) -> httpx.Response:
+    return httpx.post(
+        f"{broker.url}/v1/launches",
+        json=payload,
+        headers=broker.headers() if headers is None else headers,
+        timeout=30,
+    )
+
+
+def events(broker: BrokerHandle, kind: EventKind) -> list[AuditEvent]:
+    with open_audit_store(broker.audit_url, create=False) as store:
+        return [e for e in store.events() if e.kind == kind]
+
+
+def test_an_oversized_body_is_refused_before_it_is_read(guarded: BrokerHandle) -> None:
+    url = f"{guarded.url}/v1/launches"
+    big = b"{" + b" " * (10 * 1024 * 1024) + b"}"
+    json_type = {"Content-Type": "application/json"}
+    # Declared too large: 413 whoever asks, without reading it.
+    started = time.monotonic()
+    answer = httpx.post(url, content=big, headers=json_type, timeout=30)
+    assert answer.status_code == 413, answer.text
+    assert answer.json()["error"] == "too_large"
+    answer = httpx.post(url, content=big, headers={**json_type, **guarded.headers()}, timeout=30)
+    assert answer.status_code == 413
+    assert time.monotonic() - started < 10
+
+    def chunks(total: int) -> Iterator[bytes]:
+        sent = 0
+        while sent < total:
+            yield b" " * 65536
+            sent += 65536
+
+    # Chunked (no length declared): unauthenticated is 401 before a byte is read;
+    # authenticated is counted while read and cut off at the limit.
+    answer = httpx.post(url, content=chunks(10 * LIMIT), headers=json_type, timeout=30)
+    assert answer.status_code == 401
+    answer = httpx.post(
+        url, content=chunks(2 * LIMIT), headers={**json_type, **guarded.headers()}, timeout=30
+    )
+    assert answer.status_code == 413
+    # Not JSON: 415; under the limit and well formed: the launch goes ahead.
+    answer = httpx.post(url, content=b"{}", headers=guarded.headers(), timeout=30)
+    assert answer.status_code == 415
+    assert post(guarded, launch_body("analytics_etl_limits")).status_code == 201
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (lambda b: b.update(secrets=[f"s{i}" for i in range(65)]), "secrets"),
+        (lambda b: b["container"].update(env={f"V{i}": "x" for i in range(257)}), "container.env"),
+        (lambda b: b["container"].update(args=["x"] * 257), "container.args"),
+        (lambda b: b["container"].update(command=["x" * 20000]), "container.command"),
+        (
+            lambda b: b["scheduling"].update(labels={f"l{i}": "v" for i in range(65)}),
+            "scheduling.labels",
+        ),
+        (
+            lambda b: b["scheduling"].update(tolerations=[{"key": f"k{i}"} for i in range(33)]),
+            "scheduling.tolerations",
+        ),
+        (
+            lambda b: b["scheduling"].update(node_selector={"k": "v" * 64}),
+            "scheduling.node_selector",
+        ),
+        (
+            lambda b: b["container"].update(resources={"limits": {"cpu": "1" * 65}}),
+            "container.resources.limits",
+        ),
+        (lambda b: b["task"].update(map_index=True), "task.map_index"),
+        (lambda b: b["task"].update(try_number="1"), "task.try_number"),
+        (lambda b: b.update(timeout_seconds=False), "timeout_seconds"),
+    ],
+)
+def test_counts_lengths_and_types_are_bounded(
+    guarded: BrokerHandle, change: Any, field: str
+) -> None:
+    body = launch_body("analytics_etl_bounds")
+    change(body)
+    answer = post(guarded, body)
+    assert answer.status_code == 422, answer.text
+    assert field in answer.json()["reason"]
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (lambda b: b["task"].update(dag_id="analytics_etl_\x00nul"), "task.dag_id"),
+        (lambda b: b["task"].update(task_id="load\nforged line"), "task.task_id"),
+        (lambda b: b["task"].update(run_id="manual__\x1b[31mred"), "task.run_id"),
+        (lambda b: b["task"].update(dag_id="analytics etl"), "task.dag_id"),
+        (lambda b: b["task"].update(run_id="run/../x"), "task.run_id"),
+        (lambda b: b["container"].update(image="python\x00:3.12"), "container.image"),
+        (lambda b: b["container"].update(args=["a\x00b"]), "container.args"),
+        (lambda b: b["container"].update(env={"A": "x\x00"}), "container.env"),
+        (lambda b: b["scheduling"].update(labels={"team": "a\x1bb"}), "scheduling.labels"),
+        (lambda b: b["scheduling"]["annotations"].update({"x\ny": "1"}), "scheduling"),
+        (lambda b: b.update(namespace="ns\x00"), "namespace"),
+    ],
+)
+def test_control_characters_and_bad_ids_are_422_not_503(
+    guarded: BrokerHandle, change: Any, field: str
+) -> None:
+    """On PostgreSQL a NUL reached the audit store and came back as a 503."""
+    body = launch_body("analytics_etl_ctrl")
+    change(body)
+    answer = post(guarded, body)
+    assert answer.status_code == 422, answer.text
+    reason = answer.json()["reason"]
+    assert field in reason
+    assert not any(ch in reason for ch in "\x00\x1b\n")
+
+
+def test_airflow_ids_are_accepted(guarded: BrokerHandle) -> None:
+    body = launch_body(
+        "analytics_etl_ids.v2-x",
+        task_id="group.load-1",
+        run_id="scheduled__2026-01-01T00:00:00+00:00",
+        map_index=3,
+    )
+    body["container"]["args"] = ["multi\nline\tscript"]  # passed to the pod, not stored
+    assert post(guarded, body).status_code == 201
+
+
+def test_refusals_are_audited_counted_and_reported(
+    guarded: BrokerHandle, kube: ControlPlane
+) -> None:
+    missing = f"{guarded.url}/v1/launches/0123456789abcdef0123"
+    for _ in range(30):
+        assert httpx.get(missing, timeout=10).status_code == 401
+    etl = {"Authorization": f"Bearer {guarded.etl_token}"}
+    marker = f"PLANTED-BODY-{uuid.uuid4().hex}"
+    for _ in range(5):
+        body = launch_body("payments_settlement")
+        body["container"]["env"] = {"NOTE": marker}
+        assert post(guarded, body, etl).status_code == 403  # a DAG outside its scope
+    bad = launch_body("analytics_etl_refused")
+    bad["container"]["env"] = {"NOTE": marker}
+    bad["task"]["map_index"] = True
+    assert post(guarded, bad).status_code == 422
+    kill = httpx.delete(missing, params={"reason": "bad\nreason"}, headers=guarded.headers())
+    assert kill.status_code == 422
+
+    def counted() -> dict[tuple[Any, ...], int]:
+        totals: dict[tuple[Any, ...], int] = {}
+        for e in events(guarded, EventKind.REQUEST_REFUSED):
+            d = e.details
+            key = (e.caller, d["endpoint"], d["status"], d["reason_class"])
+            totals[key] = totals.get(key, 0) + d["count"]
+        return totals
+
+    want = {
+        (None, "GET /v1/launches/{launch_id}", 401, "unauthenticated"): 30,
+        ("static:etl-only", "POST /v1/launches", 403, "out_of_scope"): 5,
+        ("static:dev", "POST /v1/launches", 422, "invalid_request"): 1,
+        ("static:dev", "DELETE /v1/launches/{launch_id}", 422, "invalid_request"): 1,
+    }
+    assert eventually(lambda: all(counted().get(k, 0) >= n for k, n in want.items()), timeout=20)
+    refused = events(guarded, EventKind.REQUEST_REFUSED)
+    unauthenticated = [e for e in refused if e.details["status"] == 401]
+    assert len(unauthenticated) <= 4  # a flood stays a few records, each with a count
+    assert unauthenticated[0].details["count"] == 1  # the first one at once
+    assert all(marker not in e.canonical_json() for e in refused)  # never the body
+
+    report = httpx.get(
+        f"{guarded.url}/v1/audit/report", headers=guarded.headers(), timeout=30
+    ).json()
+    rows = [d for d in report["denials"] if d["launch_id"] is None]
+    assert sum(d["count"] for d in rows if "401 unauthenticated" in d["reasons"][0]) >= 30
+    assert any("out_of_scope" in d["reasons"][0] for d in rows)
+    assert report["totals"]["requests_refused"] >= 37
+    assert marker not in str(report)
+    table = httpx.get(
+        f"{guarded.url}/v1/audit/report",
+        params={"format": "table"},
+        headers=guarded.headers(),
+        timeout=30,
+    ).text
+    assert "401 unauthenticated on GET /v1/launches/{launch_id}" in table
+
+
+def test_report_is_scoped_to_its_reader(guarded: BrokerHandle, kube: ControlPlane) -> None:
+    unique = uuid.uuid4().hex[:6]
+    etl_dag, other_dag = f"analytics_etl_scope{unique}", f"ml_scope{unique}"
+    assert post(guarded, launch_body(etl_dag)).status_code == 201
+    assert post(guarded, launch_body(other_dag)).status_code == 201
+    url = f"{guarded.url}/v1/audit/report"
+
+    def dags(headers: dict[str, str], **params: Any) -> set[str]:
+        answer = httpx.get(url, headers=headers, params=params, timeout=30)
+        assert answer.status_code == 200, answer.text
+        return {d["dag_id"] for d in answer.json()["dags"]}
+
+    everything = dags(guarded.headers())
+    assert {etl_dag, other_dag} <= everything
+    etl = {"Authorization": f"Bearer {guarded.etl_token}"}
+    seen = dags(etl)
+    assert etl_dag in seen
+    assert all(d.startswith("analytics_etl_") for d in seen)
+    refusals = httpx.get(url, headers=etl, timeout=30).json()["denials"]
+    assert all(d["launch_id"] is not None for d in refusals)  # refusals: readers only
+    assert dags(guarded.headers(), dag_ids=[other_dag]) == {other_dag}
+    assert dags(etl, dag_ids=[other_dag, etl_dag]) == {etl_dag}
+    # An authenticated identity that matches no callers rule reads nothing.
+    stranger = kube.mint_token(SYSTEM_NAMESPACE, "podbroker", audiences=[TOKEN_AUDIENCE])
+    answer = httpx.get(url, headers={"Authorization": f"Bearer {stranger}"}, timeout=30)
+    assert answer.status_code == 403
+    assert "matches no callers rule" in answer.json()["reason"]
+
+
+def test_405_names_every_method_of_the_resource(guarded: BrokerHandle) -> None:
+    one = f"{guarded.url}/v1/launches/0123456789abcdef0123"
+    for method in ("PATCH", "PUT", "OPTIONS"):
+        answer = httpx.request(method, one, headers=guarded.headers(), timeout=10)
+        assert answer.status_code == 405
+        assert {m.strip() for m in answer.headers["allow"].split(",")} == {"GET", "DELETE"}
+    answer = httpx.request("PUT", f"{guarded.url}/v1/launches", headers=guarded.headers())
+    assert answer.headers["allow"] == "POST"
+
+
+def test_the_schema_documents_what_the_broker_answers(guarded: BrokerHandle) -> None:
+    spec = httpx.get(f"{guarded.url}/openapi.json", timeout=10).json()
+    launch = spec["paths"]["/v1/launches"]["post"]["responses"]
+    assert {"200", "201", "401", "403", "404", "409", "413", "415", "422", "500", "503"} <= set(
+        launch
+    )
+    report = spec["paths"]["/v1/audit/report"]["get"]["responses"]["200"]["content"]
+    assert {"application/json", "text/csv", "text/html", "text/plain"} <= set(report)
+    assert "Retry-After" in launch["503"]["headers"]
+    assert spec["components"]["securitySchemes"]
