@@ -87,6 +87,10 @@ class AuthSettings(_Section):
     token_audience: str = "podbroker"
     callers: list[CallerRule] = Field(default_factory=list)
     static_tokens: list[StaticToken] = Field(default_factory=list)
+    rejected_cache_seconds: float = Field(default=5.0, ge=0)
+    """A token TokenReview rejected is rejected without asking again for this long."""
+    token_reviews_per_second: float = Field(default=50.0, gt=0)
+    """Cap on TokenReview calls (bursts up to the same number); over it, a retryable 503."""
     review_cache_seconds: float = 30.0
 
 
