@@ -113,6 +113,12 @@ class ServerSettings(_Section):
         return self
 
 
+class LoggingSettings(_Section):
+    format: Literal["text", "json"] = "text"
+    """text: one line per record, control characters written out visibly; json: one
+    JSON object per line (time, level, logger, message). ``serve --log-format`` wins."""
+
+
 class BrokerSettings(BaseSettings):
     """Everything the broker needs to run. See README "Configuration"."""
 
@@ -125,6 +131,7 @@ class BrokerSettings(BaseSettings):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
     pod_templates: dict[str, PodTemplate] = Field(default_factory=dict)
 
     @classmethod
