@@ -11,7 +11,7 @@ launch status and pod log lines (the task's own output)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterator, Sequence
 from typing import Any, Literal
 from urllib.parse import quote
 
@@ -184,13 +184,21 @@ class BrokerClient:
         fmt: Literal["html", "json"] = "html",
         since: str | None = None,
         dag: str | None = None,
+        dag_ids: Sequence[str] | None = None,
     ) -> str:
-        """GET /v1/audit/report: the secret-usage report as HTML or JSON text."""
-        params: dict[str, str] = {"format": fmt}
+        """GET /v1/audit/report: the secret-usage report as HTML or JSON text.
+        ``dag_ids`` limits it to exactly those DAGs (a repeated ``dag_ids`` query
+        parameter). An empty sequence means no DAG at all, so the broker is not asked
+        and this raises ValueError: the caller shows an empty report instead."""
+        params: list[tuple[str, str]] = [("format", fmt)]
         if since:
-            params["since"] = since
+            params.append(("since", since))
         if dag:
-            params["dag"] = dag
+            params.append(("dag", dag))
+        if dag_ids is not None:
+            if not dag_ids:
+                raise ValueError("no DAG ids: an empty report needs no broker call")
+            params.extend(("dag_ids", d) for d in sorted(set(dag_ids)))
         return self._request("GET", "/v1/audit/report", params=params).text
 
 

@@ -87,6 +87,10 @@ class AuthSettings(_Section):
     token_audience: str = "podbroker"
     callers: list[CallerRule] = Field(default_factory=list)
     static_tokens: list[StaticToken] = Field(default_factory=list)
+    rejected_cache_seconds: float = Field(default=5.0, ge=0)
+    """A token TokenReview rejected is rejected without asking again for this long."""
+    token_reviews_per_second: float = Field(default=50.0, gt=0)
+    """Cap on TokenReview calls (bursts up to the same number); over it, a retryable 503."""
     review_cache_seconds: float = 30.0
     report_readers: list[str] = Field(default_factory=list)
     """Identity globs (like ``callers[].identity``; ``static:NAME`` for a static token)
@@ -174,6 +178,12 @@ class AirflowSettings(_Section):
         return self
 
 
+class LoggingSettings(_Section):
+    format: Literal["text", "json"] = "text"
+    """text: one line per record, control characters written out visibly; json: one
+    JSON object per line (time, level, logger, message). ``serve --log-format`` wins."""
+
+
 class BrokerSettings(BaseSettings):
     """Everything the broker needs to run. See README "Configuration"."""
 
@@ -188,6 +198,7 @@ class BrokerSettings(BaseSettings):
     server: ServerSettings = Field(default_factory=ServerSettings)
     airflow: AirflowSettings = Field(default_factory=AirflowSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
     pod_templates: dict[str, PodTemplate] = Field(default_factory=dict)
 
     @classmethod

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from html import escape
-from typing import Final
+from typing import Any, Final
 
 from broker.core.audit_events import format_time
+from broker.core.escaping import csv_cell, visible
 from broker.core.report import UsageReport
 
 FORMATS: Final = ("table", "json", "csv", "html")
@@ -44,7 +45,8 @@ def render_json(report: UsageReport) -> str:
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
-    cells = [[str(c) for c in row] for row in rows]
+    # Ids come from callers: a control character must not forge a line or drive the terminal.
+    cells = [[visible(str(c)) for c in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
     line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
     out = [line.rstrip(), "  ".join("-" * w for w in widths)]
@@ -58,7 +60,7 @@ def _window(report: UsageReport) -> str:
 
 def render_table(report: UsageReport) -> str:
     f = report.filters
-    active = ", ".join(f"{k}={v}" for k, v in f.model_dump().items() if v is not None)
+    active = visible(", ".join(f"{k}={v}" for k, v in f.model_dump().items() if v is not None))
     t = report.totals
     lines = [
         f"Secret usage report  window {_window(report)}"
@@ -149,9 +151,19 @@ CSV_COLUMNS: Final = (
 )
 
 
+class _SafeCsvWriter:
+    """csv.writer whose text cells cannot start a spreadsheet formula (see csv_cell)."""
+
+    def __init__(self, buf: io.StringIO) -> None:
+        self._writer = csv.writer(buf, lineterminator="\n")
+
+    def writerow(self, row: Iterable[Any]) -> None:
+        self._writer.writerow([csv_cell(cell) for cell in row])
+
+
 def render_csv(report: UsageReport) -> str:
     buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
+    w = _SafeCsvWriter(buf)
     w.writerow(CSV_COLUMNS)
     for s in report.secrets:
         w.writerow(

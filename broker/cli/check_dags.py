@@ -6,17 +6,31 @@ DAG file does not import.
 
 Exit codes: 0 every declared secret is granted, 1 denials / unknown names / DAG import
 errors / policy-file errors, 2 usage, 3 Vault unreachable or refused. Needs the
-``airflow`` extra (DagBag); only names are read, never values."""
+``airflow`` extra (DagBag); only names are read, never values.
+
+DAG files are arbitrary code, so they are parsed in a child process whose environment
+is scrubbed of credentials (:func:`scrubbed_environment`: Vault and broker settings,
+Airflow connections, tokens, secrets, passwords) and which is given no token or token
+file. The parent reads the policy first, then forgets the token and (on Linux) makes
+itself non-dumpable, so the child cannot read it from ``/proc/<parent>/environ``."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import ctypes
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Final
 
 import typer
 
+from broker.core.escaping import visible
 from broker.core.models import SecretRequest, TaskIdentity
 from broker.core.policy import PolicySet, decide
 from broker.errors import BrokerError
@@ -103,11 +117,115 @@ def load_declared_tasks(dags_dir: Path) -> tuple[list[DeclaredTask], dict[str, s
     return tasks, dict(bag.import_errors)
 
 
+# Environment variables a DAG file must never see (matched case-insensitively).
+_CREDENTIAL_VARIABLE: Final = re.compile(
+    r"^(VAULT_|BAO_|PODBROKER_|AIRFLOW_CONN_|AIRFLOW_VAR_)"
+    r"|_TOKEN$|SECRET|PASSWORD|PASSWD|^AIRFLOW__DATABASE__SQL_ALCHEMY_CONN",
+    re.IGNORECASE,
+)
+
+
+def scrubbed_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` without anything that may hold a credential or point at one: VAULT_*,
+    BAO_*, PODBROKER_* (incl. token file settings), AIRFLOW_CONN_*, AIRFLOW_VAR_*,
+    *_TOKEN, *SECRET*, *PASSWORD*, and the metadata database URL."""
+    return {k: v for k, v in environ.items() if not _CREDENTIAL_VARIABLE.search(k)}
+
+
+def _blank_process_environment(libc: ctypes.CDLL) -> None:
+    """Overwrite the values of credential variables in the C environment block, which
+    ``/proc/<pid>/environ`` shows (unsetting a variable leaves its bytes there)."""
+    environ = ctypes.POINTER(ctypes.c_void_p).in_dll(libc, "environ")
+    i = 0
+    while address := environ[i]:
+        entry = ctypes.string_at(address)
+        name, sep, value = entry.partition(b"=")
+        if sep and _CREDENTIAL_VARIABLE.search(name.decode(errors="replace")):
+            ctypes.memset(address + len(name) + 1, ord("x"), len(value))
+        i += 1
+
+
+def _forget_credentials() -> None:
+    """Drop credentials from this process's environment (also from the block that
+    ``/proc/<pid>/environ`` reads) and make the process non-dumpable (Linux
+    ``prctl(PR_SET_DUMPABLE, 0)``), which keeps other processes of the same user out of
+    its ``/proc`` files and memory."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        _blank_process_environment(libc)
+        pr_set_dumpable = 4
+        libc.prctl(pr_set_dumpable, 0, 0, 0, 0)
+    for name in [k for k in os.environ if _CREDENTIAL_VARIABLE.search(k)]:
+        os.environ.pop(name, None)
+
+
+def _task_to_json(task: DeclaredTask) -> dict[str, Any]:
+    return {
+        "dag_id": task.dag_id,
+        "task_id": task.task_id,
+        "fileloc": task.fileloc,
+        "secrets": [s.model_dump(mode="json") for s in task.secrets],
+    }
+
+
+def _task_from_json(data: dict[str, Any]) -> DeclaredTask:
+    return DeclaredTask(
+        dag_id=str(data["dag_id"]),
+        task_id=str(data["task_id"]),
+        fileloc=str(data["fileloc"]),
+        secrets=tuple(SecretRequest.model_validate(s) for s in data["secrets"]),
+    )
+
+
+def load_declared_tasks_isolated(
+    dags_dir: Path, environ: Mapping[str, str] | None = None
+) -> tuple[list[DeclaredTask], dict[str, str]]:
+    """:func:`load_declared_tasks` in a child Python process with a scrubbed
+    environment; the result comes back as JSON through a file of a private temporary
+    folder. The child's own output goes to stderr. ValueError if the child fails."""
+    with tempfile.TemporaryDirectory(prefix="podbroker-check-dags-") as folder:
+        result_path = Path(folder) / "result.json"
+        child = subprocess.run(
+            [sys.executable, "-m", "broker.cli.check_dags", str(dags_dir), str(result_path)],
+            env=scrubbed_environment(os.environ if environ is None else environ),
+            stdin=subprocess.DEVNULL,
+            stdout=sys.stderr.fileno(),
+            check=False,
+        )
+        try:
+            result = json.loads(result_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(
+                f"parsing the DAG folder failed (exit status {child.returncode})"
+            ) from exc
+    if "error" in result:
+        raise ValueError(str(result["error"]))
+    tasks = [_task_from_json(t) for t in result["tasks"]]
+    return tasks, {str(k): str(v) for k, v in result["import_errors"].items()}
+
+
+def _child_main(argv: Sequence[str]) -> int:
+    """In the child: parse ``argv[0]`` and write the JSON result to ``argv[1]``."""
+    dags_dir, result_path = Path(argv[0]), Path(argv[1])
+    try:
+        tasks, import_errors = load_declared_tasks(dags_dir)
+        result: dict[str, Any] = {
+            "tasks": [_task_to_json(t) for t in tasks],
+            "import_errors": import_errors,
+        }
+    except ValueError as exc:
+        result = {"error": str(exc)}
+    result_path.write_text(json.dumps(result))
+    return 0
+
+
 def render_table(rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    # Ids come from DAG code: a control character must not forge a line of the table.
+    cells = [[visible(cell) for cell in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
     return "\n".join(
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-        for row in rows
+        for row in cells
     )
 
 
@@ -176,15 +294,17 @@ def check_dags(
     else:
         typer.echo("error: give --policies DIR or --vault-addr (or VAULT_ADDR)", err=True)
         raise typer.Exit(2)
+    vault_token = ""  # the policy is read: nothing below needs the token
+    _forget_credentials()
 
     try:
-        tasks, import_errors = load_declared_tasks(dags_dir)
+        tasks, import_errors = load_declared_tasks_isolated(dags_dir)
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
     for file, message in sorted(import_errors.items()):
         last = message.strip().splitlines()[-1] if message.strip() else "import failed"
-        typer.echo(f"error: {file}: DAG import failed: {last}", err=True)
+        typer.echo(f"error: {visible(file)}: DAG import failed: {visible(last)}", err=True)
 
     results = check_tasks(policy, tasks)
     rows = [("DAG", "TASK", "SECRETS", "RESULT")]
@@ -204,7 +324,7 @@ def check_dags(
     failing = [r for r in results if not r.ok]
     for r in failing:
         for reason in r.reasons:
-            typer.echo(f"  {r.task.dag_id}.{r.task.task_id}: {reason}")
+            typer.echo(visible(f"  {r.task.dag_id}.{r.task.task_id}: {reason}"))
     typer.echo(
         f"{len(results)} task(s) checked, {len(failing)} with secrets not granted, "
         f"{len(import_errors)} DAG file(s) failed to import"
@@ -216,3 +336,7 @@ def check_dags(
 def register(policies_app: typer.Typer) -> None:
     """Add ``check-dags`` to the ``podbroker policies`` sub-app."""
     policies_app.command("check-dags")(check_dags)
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1:]))

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from broker.errors import BrokerError
+from broker.logs import LogFormat, configure_logging
 
 ConfigOption = Annotated[
     Path | None,
@@ -37,6 +37,14 @@ def serve(
     dev_generate_key: Annotated[
         bool, typer.Option(help="Create the audit signing key if missing (development only).")
     ] = False,
+    log_format: Annotated[
+        LogFormat | None,
+        typer.Option(
+            "--log-format",
+            help="text (default) or json: one JSON object per line. Overrides logging.format.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Run the broker's HTTP API with its pod watcher and reconciler."""
     import uvicorn
@@ -44,8 +52,10 @@ def serve(
     from broker.api.app import create_app
     from broker.service.runtime import build_runtime
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(log_format or "text")
     settings = _load(config)
+    if log_format is None:
+        configure_logging(settings.logging.format)
     try:
         runtime = build_runtime(settings, dev_generate_key=dev_generate_key)
     except BrokerError as exc:
@@ -59,6 +69,7 @@ def serve(
             host=server.host,
             port=server.port,
             log_level="info",
+            log_config=None,  # uvicorn's loggers go through configure_logging's handler
             ssl_certfile=str(server.tls_cert_file) if server.tls_cert_file else None,
             ssl_keyfile=str(server.tls_key_file) if server.tls_key_file else None,
             access_log=True,

@@ -3,6 +3,7 @@ example DAGs against the example policies (files), and a broken DAG file."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -75,3 +76,51 @@ def test_no_policy_source_is_a_usage_error(airflow_env: dict[str, str], tmp_path
     result = check_dags(env, tmp_path)
     assert result.returncode == 2
     assert "give --policies DIR or --vault-addr" in result.stderr
+
+
+NOSY_DAG = """
+import json
+import os
+from pathlib import Path
+
+from airflow.sdk import DAG
+from airflow_plugin.operator import BrokerPodOperator
+
+PROC = {}
+for source in ("/proc/self/environ", f"/proc/{os.getppid()}/environ"):
+    try:
+        PROC[source] = Path(source).read_bytes().decode(errors="replace")
+    except OSError as exc:
+        PROC[source] = f"unreadable: {exc.strerror}"
+Path(LEAK_FILE).write_text(json.dumps({"environ": dict(os.environ), "proc": PROC}))
+
+with DAG("ml_score_nosy", schedule=None):
+    BrokerPodOperator(task_id="score", image="x", secrets=["model-registry"])
+"""
+
+
+def test_dag_code_cannot_read_the_vault_token(airflow_env: dict[str, str], tmp_path: Path) -> None:
+    """DAG files are arbitrary code: parsed in a child process that has no credential."""
+    dags = tmp_path / "dags"
+    dags.mkdir()
+    leak = tmp_path / "seen.txt"
+    (dags / "nosy.py").write_text(f"LEAK_FILE = {str(leak)!r}\n" + NOSY_DAG)
+    planted = {
+        "VAULT_TOKEN": "s.PLANTED-vault-token",
+        "BAO_TOKEN": "PLANTED-bao-token",
+        "PODBROKER_VAULT__AUTH__TOKEN": "PLANTED-broker-token",
+        "PODBROKER_VAULT__AUTH__TOKEN_FILE": "/PLANTED/token-file",
+        "AIRFLOW_CONN_WAREHOUSE": "postgres://u:PLANTED-conn@h/db",
+        "CI_JOB_TOKEN": "PLANTED-ci-token",
+        "AWS_SECRET_ACCESS_KEY": "PLANTED-aws",
+        "DB_PASSWORD": "PLANTED-password",
+    }
+    result = check_dags({**airflow_env, **planted}, dags, "--policies", str(REPO / "policies"))
+    assert "1 task(s) checked" in result.stdout, result.stdout + result.stderr
+    seen = json.loads(leak.read_text())
+    assert "AIRFLOW_HOME" in seen["environ"]  # the DAG did run and read its environment
+    assert not set(planted) & set(seen["environ"])
+    everything = json.dumps(seen) + result.stdout + result.stderr
+    for value in planted.values():
+        # nor in /proc/self/environ, nor in the parent's (as root, readable to the DAG)
+        assert value not in everything

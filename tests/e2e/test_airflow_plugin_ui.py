@@ -39,6 +39,10 @@ def api_server(
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
         "AIRFLOW__API_AUTH__JWT_SECRET": "e2e-test-jwt-secret-0123456789abcdef",
     }
+    # Airflow's auth manager authorizes DAGs it knows: serialize the test DAG folder.
+    subprocess.run(
+        [str(AIRFLOW), "dags", "reserialize"], env=env, check=True, capture_output=True, timeout=300
+    )
     log = (folder / "api-server.log").open("w")
     process = subprocess.Popen(
         [str(AIRFLOW), "api-server", "--port", str(port), "--host", "127.0.0.1", "--workers", "1"],
@@ -115,3 +119,36 @@ def test_plugin_and_external_view_are_registered(api_server: str) -> None:
     assert {"name": "Secret usage", "href": PAGE} in [
         {"name": v["name"], "href": v["href"]} for v in views
     ]
+
+
+def test_page_shows_only_the_dags_the_user_may_read(
+    api_server: str, broker: BrokerHandle, unique: str
+) -> None:
+    known = "analytics_etl_e2e_denied"  # in tests/dags, so Airflow authorizes reading it
+    unknown = f"analytics_etl_not_in_airflow_{unique}"  # never shown to an Airflow user
+    for dag_id in (known, unknown):
+        denied = httpx.post(
+            f"{broker.url}/v1/launches",
+            headers=broker.headers(),
+            timeout=30,
+            json={
+                "task": {"dag_id": dag_id, "task_id": "t", "run_id": f"r-{unique}"},
+                "container": {"image": "python:3.12-slim"},
+                "secrets": ["payments-api"],
+            },
+        )
+        assert denied.status_code == 403, denied.text
+    direct = httpx.get(
+        f"{broker.url}/v1/audit/report",
+        params={"format": "html"},
+        headers=broker.headers(),
+        timeout=30,
+    )
+    assert unknown in direct.text  # the broker has it; the page must not show it
+    token = login(api_server)
+    response = httpx.get(
+        f"{api_server}{PAGE}", headers={"Authorization": f"Bearer {token}"}, timeout=30
+    )
+    assert response.status_code == 200, response.text[-2000:]
+    assert known in response.text
+    assert unknown not in response.text

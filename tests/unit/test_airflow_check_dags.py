@@ -40,3 +40,35 @@ def test_granted_denied_unknown_and_delivery_constraints() -> None:
 def test_table_aligns_columns() -> None:
     table = render_table([("DAG", "TASK"), ("a_long_dag", "t")])
     assert table.splitlines() == ["DAG         TASK", "a_long_dag  t"]
+
+
+def test_dag_parsing_environment_is_scrubbed_of_credentials() -> None:
+    from broker.cli.check_dags import scrubbed_environment
+
+    environ = {
+        "PATH": "/usr/bin",
+        "AIRFLOW_HOME": "/a",
+        "AIRFLOW__CORE__DAGS_FOLDER": "/d",
+        "VAULT_TOKEN": "t",
+        "VAULT_ADDR": "http://v",
+        "bao_token": "t",
+        "PODBROKER_VAULT__AUTH__TOKEN_FILE": "/f",
+        "AIRFLOW_CONN_DB": "postgres://u:p@h/d",
+        "AIRFLOW_VAR_API_KEY": "k",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": "postgresql://u:p@h/d",
+        "AIRFLOW__API_AUTH__JWT_SECRET": "s",
+        "GITHUB_TOKEN": "t",
+        "AWS_SECRET_ACCESS_KEY": "s",
+        "PGPASSWORD": "p",
+    }
+    assert scrubbed_environment(environ) == {
+        "PATH": "/usr/bin",
+        "AIRFLOW_HOME": "/a",
+        "AIRFLOW__CORE__DAGS_FOLDER": "/d",
+    }
+
+
+def test_check_dags_table_shows_control_characters_visibly() -> None:
+    text = render_table([("DAG", "TASK"), ("d\n2026 forged", "t\x1b[2J")])
+    assert len(text.splitlines()) == 2
+    assert "d\\x0a2026 forged" in text and "\x1b" not in text

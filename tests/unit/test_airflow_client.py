@@ -169,6 +169,22 @@ def test_audit_report_passes_filters(tmp_path: Path) -> None:
     assert dict(seen[0].url.params) == {"format": "html", "dag": "analytics_etl_daily"}
 
 
+def test_audit_report_repeats_dag_ids_and_never_asks_for_none(tmp_path: Path) -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        seen.append(req)
+        return httpx.Response(200, text="<h1>report</h1>")
+
+    with BrokerClient(settings(tmp_path), transport=httpx.MockTransport(handler)) as c:
+        c.audit_report(dag_ids=["b_dag", "a_dag", "b_dag"])
+        with pytest.raises(ValueError, match="no DAG ids"):
+            c.audit_report(dag_ids=[])
+    assert len(seen) == 1
+    assert seen[0].url.params.get_list("dag_ids") == ["a_dag", "b_dag"]
+    assert seen[0].url.params["format"] == "html"
+
+
 class _SilentAfter(httpx.SyncByteStream):
     """A followed log stream: some lines, then silence (the read times out)."""
 

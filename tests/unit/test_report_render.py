@@ -81,3 +81,47 @@ def test_empty_report_renders() -> None:
         assert render(empty, fmt)
     assert "no uses in the window" in render(empty, "html")
     assert len(scenario()) > 0
+
+
+def test_csv_cells_cannot_start_a_formula() -> None:
+    hostile = compute_report(
+        [
+            ev.secrets_resolved(
+                launch_id="L",
+                caller="c",
+                task=TaskIdentity.model_construct(  # ids stored before they were validated
+                    dag_id='=HYPERLINK("http://x","y")', task_id="+t", run_id="r"
+                ),
+                secrets=[{"name": "@SUM(A1)"}],
+                time=WINDOW[0],
+            )
+        ],
+        window_start=WINDOW[0],
+        window_end=WINDOW[1],
+    )
+    rows = list(csv.reader(io.StringIO(render(hostile, "csv"))))
+    cells = [cell for row in rows[1:] for cell in row]
+    assert cells, rows
+    for cell in cells:
+        assert not cell.startswith(("=", "+", "@", "\t", "\r")), cell
+        assert not (cell.startswith("-") and cell != "-" and not cell[1:].isdigit()), cell
+    assert '\'=HYPERLINK("http://x","y")' in cells
+    assert "'@SUM(A1)" in cells
+
+
+def test_control_characters_cannot_forge_table_lines() -> None:
+    forged = "d\n2026-03-01T10:00:00Z  admin  ok\x1b[2J"
+    t = TaskIdentity.model_construct(dag_id=forged, task_id="t", run_id="r")  # an old record
+    events = [
+        ev.secrets_resolved(
+            launch_id="L", caller="c", task=t, secrets=[{"name": "db\r"}], time=WINDOW[0]
+        )
+    ]
+    report_ = compute_report(events, window_start=WINDOW[0], window_end=WINDOW[1])
+    text = render(report_, "table")
+    assert "\x1b" not in text and "\r" not in text
+    assert not any(line.startswith("2026-03-01T10:00:00Z  admin") for line in text.splitlines())
+    assert "d\\x0a2026-03-01T10:00:00Z  admin  ok\\x1b[2J" in text
+    assert "db\\x0d" in text
+    for fmt in ("csv", "table"):
+        assert "\x1b" not in render(report_, fmt)
