@@ -14,17 +14,7 @@ from tests.chaos.suite import SMOKE, ChaosStack, run_all
 
 pytestmark = pytest.mark.stack
 
-# Issue 12 item 2, seen on this loop: a broker SIGKILLed after Vault issued a launch's
-# database lease (and child token) but before the Secret holding the lease id exists
-# leaves both alive with no pod: nothing durable names them. Timing-dependent (the kill
-# must land in that window), so not strict; make strict once item 2 is merged.
-LEASE_WITHOUT_RECORD = (
-    "issue 12 item 2: a SIGKILL between the Vault reads and the Secret create leaves a "
-    "live lease and child token without a pod"
-)
 
-
-@pytest.mark.xfail(reason=LEASE_WITHOUT_RECORD, strict=False)
 def test_smallest_chaos_loops_keep_every_invariant(
     tmp_path: Path,
     kube: ControlPlane,
