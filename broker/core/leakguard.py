@@ -21,15 +21,20 @@ protects nothing a guess would not find."""
 def encodings(value: str) -> set[bytes]:
     """The forms of ``value`` a task is likely to print: as is, base64 (standard and
     URL-safe, with or without padding) and URL-encoded."""
+    if len(value) < MIN_VALUE_LENGTH:
+        return set()
     raw = value.encode()
-    forms = {
+    b64 = base64.b64encode(raw)
+    b64url = base64.urlsafe_b64encode(raw)
+    return {
         raw,
-        base64.b64encode(raw).rstrip(b"="),
-        base64.urlsafe_b64encode(raw).rstrip(b"="),
+        b64,
+        b64.rstrip(b"="),
+        b64url,
+        b64url.rstrip(b"="),
         quote(value, safe="").encode(),
         quote_plus(value, safe="").encode(),
     }
-    return {form for form in forms if len(form) >= MIN_VALUE_LENGTH}
 
 
 class LogMasker:
