@@ -59,6 +59,7 @@ class LeaseRenewer:
         self.max_wait = max_wait
         self.min_wait = min_wait
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
 
     # -- new leases ---------------------------------------------------------------------
@@ -83,6 +84,7 @@ class LeaseRenewer:
                 self.ledger.track_lease(launch_id, lease, next_renewal_at(now, ttl, self._jitter()))
             except BrokerError as exc:
                 log.warning("lease of %r not tracked for renewal: %s", secret.name, exc.reason)
+        self._wake.set()  # the loop may be sleeping past this lease's first renewal
 
     # -- one pass -------------------------------------------------------------------------
 
@@ -100,13 +102,20 @@ class LeaseRenewer:
     def _renew(self, lease: LeaseRecord, now: float) -> None:
         step = renewal_step(now, lease.ttl_seconds, lease.cap_at)
         if step.capped:
+            log.warning("lease of %r of launch %s at its cap", lease.secret_name, lease.launch_id)
             self.ledger.lease_retry(lease.lease_id, next_renewal_at=None)
             return
         try:
             granted = self.secrets.renew(lease.lease_id, step.increment)
-        except (NotFoundError, InvalidRequestError):
+        except (NotFoundError, InvalidRequestError) as exc:
             # Revoked or expired meanwhile: nothing left to renew.
             LEASE_RENEWALS.labels("gone").inc()
+            log.warning(
+                "lease of %r of launch %s is gone (%s)",
+                lease.secret_name,
+                lease.launch_id,
+                exc.reason,
+            )
             self.ledger.lease_retry(lease.lease_id, next_renewal_at=None)
             return
         except BrokerError as exc:
@@ -172,10 +181,12 @@ class LeaseRenewer:
                         wait = upcoming - self._clock()
             except Exception:  # keep renewing; say why this pass failed
                 log.exception("lease renewal pass failed")
-            self._stop.wait(min(self.max_wait, max(self.min_wait, wait)))
+            self._wake.wait(min(self.max_wait, max(self.min_wait, wait)))
+            self._wake.clear()
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
 
 
 def _utc(epoch: float) -> dt.datetime:
