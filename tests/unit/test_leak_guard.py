@@ -149,3 +149,20 @@ def test_log_stream_masks_audits_counts_and_revokes_per_grant(
     assert again == out
     assert len(svc.audit.of_kind(EventKind.SECRET_EXPOSED)) == 2
     assert make_task().dag_id == exposed[0].dag_id
+
+
+def test_the_report_lists_exposures_without_values() -> None:
+    from broker.core.audit_events import launch_event
+    from broker.core.report import compute_report
+
+    event = launch_event(
+        EventKind.SECRET_EXPOSED,
+        launch_id="l-1",
+        task=make_task(),
+        secret_names=["db"],
+        grant="etl/loaders",
+        on_exposure="revoke",
+        revoked=True,
+    )
+    (exposure,) = compute_report([event]).exposures
+    assert (exposure.secret, exposure.dag_id, exposure.revoked) == ("db", "etl_daily", True)
