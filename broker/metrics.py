@@ -43,3 +43,19 @@ REJECTED_OVER_CAP = Counter(
     "Requests refused with 503 because their route class had too many in flight",
     ["route_class"],
 )
+VAULT_REQUESTS = Counter(
+    "podbroker_vault_requests_total",
+    "HTTP requests the broker sent to Vault, by operation (token_create, kv_read, "
+    "creds_read, lease_renew, lease_revoke, token_revoke, login, ...)",
+    ["operation"],
+)
+LEASE_RENEWALS = Counter(
+    "podbroker_lease_renewals_total",
+    "Lease renewals of running launches by outcome (renewed, capped, gone, error)",
+    ["outcome"],
+)
+SECRET_EXPOSURES = Counter(
+    "podbroker_secret_exposures_total",
+    "Issued values found (and masked) in a launch's log stream, by action taken",
+    ["action"],
+)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import SQLAlchemyError
 
+from broker.core.leases import IssuedLease, LeaseRecord
 from broker.core.objects import HeldByLaunch
 from broker.core.podmeta import VaultHoldings
 from broker.errors import AuditUnavailableError
@@ -22,8 +23,33 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat()
 
 
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000)
+
+
+_LEASE_COLUMNS = (
+    "l.lease_id, l.launch_id, l.secret_name, l.grant_id, l.ttl_seconds, l.cap_at, "
+    "l.expires_at, l.renewals"
+)
+
+
+def _lease(row: Sequence[object]) -> LeaseRecord:
+    return LeaseRecord(
+        lease_id=str(row[0]),
+        launch_id=str(row[1]),
+        secret_name=str(row[2]),
+        grant=str(row[3]),
+        ttl_seconds=int(str(row[4])),
+        cap_at=int(str(row[5])) / 1000,
+        expires_at=int(str(row[6])) / 1000,
+        renewals=int(str(row[7])),
+    )
+
+
 class HoldingsLedger:
-    """Table ``launch_holdings`` of the audit store's database (schema v2)."""
+    """Tables ``launch_holdings`` (schema v2) and ``launch_leases`` (v3: the renewal
+    state of each dynamic lease, so renewal survives restarts and one replica renews)
+    of the audit store's database."""
 
     def __init__(self, engine: Engine, shown_url: str) -> None:
         self._engine = engine
@@ -137,3 +163,139 @@ class HoldingsLedger:
             )
             for row in rows
         ]
+
+    # -- lease renewal (schema v3) ----------------------------------------------------------
+
+    def track_lease(self, launch_id: str, lease: IssuedLease, next_renewal_at: float) -> None:
+        """Record a lease issued to ``launch_id`` for renewal (idempotent)."""
+        try:
+            with self._write() as conn, conn.begin():
+                exists = conn.execute(
+                    text("SELECT 1 FROM launch_leases WHERE lease_id = :id"),
+                    {"id": lease.lease_id},
+                ).first()
+                if exists:
+                    return
+                conn.execute(
+                    text(
+                        "INSERT INTO launch_leases (lease_id, launch_id, secret_name, grant_id, "
+                        "ttl_seconds, cap_at, expires_at, next_renewal_at, renewals) VALUES "
+                        "(:id, :launch, :name, :grant, :ttl, :cap, :exp, :next, 0)"
+                    ),
+                    {
+                        "id": lease.lease_id,
+                        "launch": launch_id,
+                        "name": lease.secret_name,
+                        "grant": lease.grant,
+                        "ttl": lease.ttl_seconds,
+                        "cap": _ms(lease.cap_at),
+                        "exp": _ms(lease.issued_at + lease.ttl_seconds),
+                        "next": _ms(next_renewal_at),
+                    },
+                )
+        except SQLAlchemyError as exc:
+            raise self._fail(exc, "recording a lease for renewal") from exc
+
+    def due_leases(self, now: float, limit: int) -> list[LeaseRecord]:
+        """Leases of unreleased launches whose renewal time has come and that no replica
+        is renewing, soonest expiry first."""
+        try:
+            with self._engine.connect() as conn:
+                rows = conn.execute(
+                    text(
+                        f"SELECT {_LEASE_COLUMNS} FROM launch_leases l JOIN launch_holdings h "  # noqa: S608
+                        "ON h.launch_id = l.launch_id WHERE h.released_at IS NULL "
+                        "AND l.next_renewal_at IS NOT NULL AND l.next_renewal_at <= :now "
+                        "AND (l.renewing_until IS NULL OR l.renewing_until < :now) "
+                        "ORDER BY l.expires_at LIMIT :n"
+                    ),
+                    {"now": _ms(now), "n": limit},
+                ).all()
+        except SQLAlchemyError as exc:
+            raise self._fail(exc, "listing leases due for renewal") from exc
+        return [_lease(row) for row in rows]
+
+    def next_renewal(self) -> float | None:
+        """The earliest renewal time of any unreleased launch's lease."""
+        try:
+            with self._engine.connect() as conn:
+                found = conn.execute(
+                    text(
+                        "SELECT MIN(l.next_renewal_at) FROM launch_leases l JOIN launch_holdings "
+                        "h ON h.launch_id = l.launch_id WHERE h.released_at IS NULL"
+                    )
+                ).scalar()
+        except SQLAlchemyError as exc:
+            raise self._fail(exc, "reading the next lease renewal") from exc
+        return None if found is None else int(found) / 1000
+
+    def claim_lease(self, lease_id: str, now: float, until: float) -> bool:
+        """Claim one due lease for renewal until ``until`` (compare-and-set in one
+        UPDATE): exactly one replica gets True."""
+        try:
+            with self._write() as conn, conn.begin():
+                result = conn.execute(
+                    text(
+                        "UPDATE launch_leases SET renewing_until = :until WHERE lease_id = :id "
+                        "AND next_renewal_at IS NOT NULL AND next_renewal_at <= :now "
+                        "AND (renewing_until IS NULL OR renewing_until < :now)"
+                    ),
+                    {"id": lease_id, "now": _ms(now), "until": _ms(until)},
+                )
+                return bool(result.rowcount == 1)
+        except SQLAlchemyError as exc:
+            raise self._fail(exc, "claiming a lease for renewal") from exc
+
+    def lease_renewed(
+        self, lease_id: str, *, expires_at: float, next_renewal_at: float | None
+    ) -> None:
+        """The claimed lease now expires at ``expires_at``; renew it again at
+        ``next_renewal_at`` (None: never, it reached its cap). Releases the claim."""
+        try:
+            with self._write() as conn, conn.begin():
+                conn.execute(
+                    text(
+                        "UPDATE launch_leases SET expires_at = :exp, next_renewal_at = :next, "
+                        "renewing_until = NULL, renewals = renewals + 1 WHERE lease_id = :id"
+                    ),
+                    {
+                        "id": lease_id,
+                        "exp": _ms(expires_at),
+                        "next": None if next_renewal_at is None else _ms(next_renewal_at),
+                    },
+                )
+        except SQLAlchemyError as exc:
+            raise self._fail(exc, "recording a lease renewal") from exc
+
+    def lease_retry(self, lease_id: str, *, next_renewal_at: float | None) -> None:
+        """The renewal failed: release the claim and try again at ``next_renewal_at``
+        (None: give up, the lease is gone)."""
+        try:
+            with self._write() as conn, conn.begin():
+                conn.execute(
+                    text(
+                        "UPDATE launch_leases SET next_renewal_at = :next, renewing_until = NULL "
+                        "WHERE lease_id = :id"
+                    ),
+                    {
+                        "id": lease_id,
+                        "next": None if next_renewal_at is None else _ms(next_renewal_at),
+                    },
+                )
+        except SQLAlchemyError as exc:
+            raise self._fail(exc, "rescheduling a lease renewal") from exc
+
+    def leases_of(self, launch_id: str) -> list[LeaseRecord]:
+        """The leases recorded for ``launch_id`` (released or not)."""
+        try:
+            with self._engine.connect() as conn:
+                rows = conn.execute(
+                    text(
+                        f"SELECT {_LEASE_COLUMNS} FROM launch_leases l "  # noqa: S608 (constants)
+                        "WHERE l.launch_id = :id"
+                    ),
+                    {"id": launch_id},
+                ).all()
+        except SQLAlchemyError as exc:
+            raise self._fail(exc, "reading a launch's leases") from exc
+        return [_lease(row) for row in rows]

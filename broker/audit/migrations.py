@@ -84,9 +84,32 @@ def _v2(conn: Connection) -> None:
     )
 
 
+def _v3(conn: Connection) -> None:
+    # Times are epoch milliseconds: compared in SQL (due, claimed) by every replica.
+    big = "BIGINT" if conn.dialect.name == "postgresql" else "INTEGER"
+    conn.execute(
+        text(f"""
+        CREATE TABLE launch_leases (
+            lease_id VARCHAR(512) PRIMARY KEY,
+            launch_id VARCHAR(64) NOT NULL,
+            secret_name VARCHAR(255) NOT NULL,
+            grant_id VARCHAR(255) NOT NULL,
+            ttl_seconds INTEGER NOT NULL,
+            cap_at {big} NOT NULL,
+            expires_at {big} NOT NULL,
+            next_renewal_at {big},
+            renewing_until {big},
+            renewals INTEGER NOT NULL DEFAULT 0
+        )""")
+    )
+    conn.execute(text("CREATE INDEX ix_launch_leases_due ON launch_leases (next_renewal_at)"))
+    conn.execute(text("CREATE INDEX ix_launch_leases_launch ON launch_leases (launch_id)"))
+
+
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(1, "audit_records, audit_head", _v1),
     Migration(2, "launch_holdings: what each launch holds in Vault", _v2),
+    Migration(3, "launch_leases: renewal state of each dynamic lease", _v3),
 )
 LATEST: Final = MIGRATIONS[-1].version
 

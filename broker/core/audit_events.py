@@ -48,6 +48,9 @@ class EventKind(StrEnum):
     RECONCILER_CLEANUP = "reconciler_cleanup"
     POLICY_APPLIED = "policy_applied"
     REQUEST_REFUSED = "request_refused"  # 401/403/413/415/422, counted per caller and reason
+    LEASE_RENEWED = "lease_renewed"  # a running launch's lease renewed (first renewal only)
+    LEASE_CAPPED = "lease_capped"  # renewed up to its grant's max_lease_ttl: expires there
+    SECRET_EXPOSED = "secret_exposed"  # a value issued to a launch appeared in its log
 
 
 # Keys whose presence in ``details`` suggests someone is about to record a value.
@@ -368,7 +371,9 @@ def launch_event(
     ``secret``; pod_created ``namespace``, ``pod``; pod_finished ``phase``,
     ``exit_code``; leases_revoked ``lease_ids``; launch_killed ``reason``, ``by``;
     launch_failed ``error``, ``stage``; reconciler_cleanup ``action``, ``object``;
-    policy_applied ``source``, ``teams``, ``grants``, ``digest``."""
+    policy_applied ``source``, ``teams``, ``grants``, ``digest``; lease_renewed and
+    lease_capped ``lease_id``, ``grant``, ``ttl``, ``expires_at``; secret_exposed
+    ``grant``, ``on_exposure``, ``revoked`` (never the value)."""
     return AuditEvent(
         time=time or utc_now(),
         kind=kind,

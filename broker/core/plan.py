@@ -206,22 +206,32 @@ class VaultRead:
 @dataclass(frozen=True)
 class ChildToken:
     """The one token a launch reads with: only its grants' ACL policies, a TTL and a use
-    count just large enough for its reads."""
+    count just large enough for its reads.
+
+    ``token_type``: ``batch`` when no lease outlives the reads (KV only): Vault does not
+    persist batch tokens, so such a launch writes nothing to Vault's storage (batch
+    tokens have no accessor and no use count; they end with their short TTL).
+    ``service`` for dynamic credentials: their leases live as long as the token, and its
+    accessor lets the broker revoke them all at once."""
 
     policies: tuple[str, ...]
     ttl_seconds: int
     num_uses: int
     metadata: Mapping[str, str]
     display_name: str
+    token_type: Literal["service", "batch"] = "service"
 
 
 @dataclass(frozen=True)
 class SecretLimits:
     """Broker settings that bound child tokens and leases."""
 
-    kv_token_ttl: int = 60
+    kv_token_ttl: int = 30
     default_lease_ttl: int = 3600
     min_dynamic_token_ttl: int = 30
+    max_dynamic_token_ttl: int = 8 * 3600
+    """The token role's explicit max TTL (``vault bootstrap``'s default): no lease lives
+    longer than the token that created it."""
 
 
 @dataclass(frozen=True)
@@ -582,9 +592,12 @@ def complete_plan(
     secret (from the catalog, capped by its grant), the child token's policies, TTL and
     uses, the teams whose grants matched, and the keys known before reading.
 
-    Token TTL: ``kv_token_ttl`` when only KV is read, else the smallest lease cap
-    (leases die with the token that created them). Uses: one per read, plus one with
-    dynamic credentials (Vault revokes leases created with a token's last use)."""
+    Token: a batch token for ``kv_token_ttl`` when only KV is read (nothing outlives
+    the reads). Otherwise a service token living as long as the largest lease cap
+    (leases die with the token that created them, so renewing a lease up to its cap
+    needs the token alive that long; each lease is still renewed only up to its own
+    cap), bounded by ``max_dynamic_token_ttl``. Uses: one per read, plus one with dynamic
+    credentials (Vault revokes leases created with a token's last use)."""
     decision.raise_for_denial()
     reads: list[VaultRead] = []
     expected: dict[str, tuple[str, ...]] | None = {}
@@ -618,12 +631,16 @@ def complete_plan(
         else:
             expected = None
     caps = [read.lease_cap for read in reads if read.lease_cap is not None]
-    ttl = max(min(caps), limits.min_dynamic_token_ttl) if caps else limits.kv_token_ttl
+    if caps:
+        ttl = min(max(max(caps), limits.min_dynamic_token_ttl), limits.max_dynamic_token_ttl)
+    else:
+        ttl = limits.kv_token_ttl
     task = plan.task
     token = ChildToken(
         policies=tuple(decision.grant_policies),
         ttl_seconds=ttl,
-        num_uses=len(reads) + (1 if caps else 0),
+        num_uses=len(reads) + 1 if caps else 0,
+        token_type="service" if caps else "batch",
         metadata={
             "dag_id": task.dag_id,
             "task_id": task.task_id,

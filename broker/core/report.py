@@ -175,6 +175,18 @@ class Totals(_Model):
     requests_refused: int = 0
 
 
+class Exposure(_Model):
+    """A value of ``secret`` showed in a launch's log stream (masked there)."""
+
+    time: datetime
+    secret: str
+    dag_id: str | None
+    task_id: str | None
+    launch_id: str | None
+    on_exposure: str | None
+    revoked: bool | None
+
+
 class UsageReport(_Model):
     window_start: datetime | None
     window_end: datetime | None
@@ -189,6 +201,7 @@ class UsageReport(_Model):
     matrix: dict[str, dict[str, int]] = Field(
         description="dag_id -> secret -> uses in the window (the DAG x secret matrix)"
     )
+    exposures: list[Exposure] = Field(default_factory=list)
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -594,4 +607,19 @@ def compute_report(
         first_time_uses=first_uses,
         timeline=_timeline(uses, window_start, window_end),
         matrix=matrix_plain,
+        exposures=[
+            Exposure(
+                time=e.time,
+                secret=name,
+                dag_id=e.dag_id,
+                task_id=e.task_id,
+                launch_id=e.launch_id,
+                on_exposure=e.details.get("on_exposure"),
+                revoked=e.details.get("revoked"),
+            )
+            for e in windowed
+            if e.kind == EventKind.SECRET_EXPOSED and e.dag_id is not None and scope.event_ok(e)
+            for name in e.secret_names
+            if scope.secret_ok(name)
+        ],
     )

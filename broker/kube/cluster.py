@@ -3,6 +3,7 @@ kubernetes-client exception is translated into broker.errors on the way out."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import time
@@ -15,6 +16,8 @@ from kubernetes.client.exceptions import ApiException
 
 from broker.core import podmeta
 from broker.core.objects import ContainerStatus, PodInfo, PodRef, ReviewedToken, SecretMeta
+from broker.core.plan import secret_name_for
+from broker.core.secret_value import SecretValue
 from broker.errors import (
     BrokerError,
     ConflictError,
@@ -223,6 +226,34 @@ class KubeCluster:
         except NotFoundError:
             return False
         return True
+
+    def read_launch_secret_values(
+        self, namespace: str, launch_id: str
+    ) -> dict[str, SecretValue] | None:
+        """GET secrets/podbroker-LAUNCH_ID with its data: the one read of values the
+        broker makes, for the leak guard of that launch's log stream (it must know what to
+        mask, and the values live nowhere else). Only a broker-managed Secret of that
+        launch is read; values stay wrapped and in memory for the stream's lifetime.
+        None when the Secret is gone (the launch ended)."""
+        name = secret_name_for(launch_id)
+        try:
+            response = self._call(
+                "read_secret_values",
+                lambda: self.core.read_namespaced_secret(
+                    name, namespace, _request_timeout=self.timeout, _preload_content=False
+                ),
+                what=f"read secret {namespace}/{name}",
+            )
+        except NotFoundError:
+            return None
+        body = json.loads(response.data)
+        labels = (body.get("metadata") or {}).get("labels") or {}
+        if labels.get(podmeta.LAUNCH_ID_LABEL) != launch_id:
+            return None
+        return {
+            key: SecretValue(base64.b64decode(value).decode("utf-8", "replace"))
+            for key, value in (body.get("data") or {}).items()
+        }
 
     def secret_exists(self, namespace: str, name: str) -> bool:
         """GET secrets/NAME as metadata only: does it exist."""

@@ -36,6 +36,7 @@ from broker.metrics import DENIALS, LAUNCH_LATENCY, LAUNCHES, LIVE_SECRETS, VAUL
 from broker.service.auth import authorize_dag
 from broker.service.cleanup import Cleanup
 from broker.service.ports import AuditSink, BundleLike, Cluster, PolicySource, SecretStore
+from broker.service.renewal import LeaseRenewer
 from broker.service.verification import TaskVerifier, VerificationResult
 
 log = logging.getLogger("podbroker.launch")
@@ -58,6 +59,7 @@ class LaunchExecutor:
         verifier: TaskVerifier | None = None,
         limits: SecretLimits | None = None,
         workers: int = 16,
+        renewals: LeaseRenewer | None = None,
     ) -> None:
         self.cluster = cluster
         self.policies = policies
@@ -67,6 +69,7 @@ class LaunchExecutor:
         self.plan_policy = plan_policy
         self.verifier = verifier or TaskVerifier(None, "off")
         self.limits = limits or SecretLimits()
+        self.renewals = renewals
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="launch")
 
     def close(self) -> None:
@@ -248,7 +251,10 @@ class LaunchExecutor:
                 )
 
         with VAULT_LATENCY.labels("resolve").time():
-            return self.secrets.resolve(plan.secrets, launch_id=plan.launch_id, on_issue=record)
+            bundle = self.secrets.resolve(plan.secrets, launch_id=plan.launch_id, on_issue=record)
+        if self.renewals is not None and bundle.lease_ids:
+            self.renewals.track(plan.launch_id, bundle)
+        return bundle
 
     def _await_bundle(
         self, future: Future[BundleLike], plan: LaunchPlan, caller: Caller, *, pod_created: bool

@@ -4,18 +4,30 @@ authorized by the DAG the launch belongs to."""
 from __future__ import annotations
 
 import contextlib
+import logging
+import re
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from queue import Empty, Full, Queue
 
 from broker.core import audit_events as ev
 from broker.core.api_models import LaunchView
+from broker.core.leakguard import LogMasker
 from broker.core.models import Caller
 from broker.core.objects import CONTAINER_NAME, PodInfo, launch_view
-from broker.errors import NotFoundError
+from broker.core.secret_value import SecretValue
+from broker.errors import BrokerError, NotFoundError
+from broker.metrics import SECRET_EXPOSURES
 from broker.service.auth import authorize_dag
 from broker.service.cleanup import Cleanup
-from broker.service.ports import AuditSink, Cluster
+from broker.service.ports import AuditSink, Cluster, LeaseLedger, PolicySource
+
+log = logging.getLogger("podbroker.leakguard")
+
+# Secret data keys are ``s{index}.{key}``: index into the pod's requested secret names.
+_DATA_KEY = re.compile(r"^s(\d+)\.")
+_EXPOSURES_REMEMBERED = 4096
 
 
 class LaunchLookup:
@@ -26,11 +38,19 @@ class LaunchLookup:
         audit: AuditSink,
         cleanup: Cleanup,
         namespaces: Sequence[str],
+        policies: PolicySource | None = None,
+        leases: LeaseLedger | None = None,
     ) -> None:
         self.cluster = cluster
         self.audit = audit
         self.cleanup = cleanup
         self.namespaces = tuple(namespaces)
+        self.policies = policies
+        self.leases = leases
+        # (launch, secret) exposures already recorded: a re-followed stream is not a
+        # new exposure. Bounded; forgetting one only records it again.
+        self._exposed: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._exposed_lock = threading.Lock()
 
     def find(self, caller: Caller, launch_id: str) -> PodInfo:
         """The launch's pod, if ``caller`` may see launches of its DAG (404 otherwise
@@ -54,8 +74,14 @@ class LaunchLookup:
         timestamps: bool,
     ) -> Iterator[bytes]:
         """The pod's log. With ``follow`` the stream ends once the pod has finished and
-        its log has gone quiet, even where the node keeps the stream open (kwok does)."""
+        its log has gone quiet, even where the node keeps the stream open (kwok does).
+
+        Leak guard: every value issued to the launch (read back from its own Secret as
+        the stream starts, held only by this stream) is masked, in its common encodings
+        too; each exposed secret is audited (``secret_exposed``) and, where its grant
+        says ``on_exposure: revoke``, its dynamic credential is revoked at once."""
         pod = self.find(caller, launch_id)
+        masker = self._masker(pod)
         chunks = self.cluster.pod_logs(
             pod.namespace,
             pod.name,
@@ -64,9 +90,101 @@ class LaunchLookup:
             since_seconds=since_seconds,
             timestamps=timestamps,
         )
-        if not follow:
-            return chunks
-        return self._follow(chunks, pod.namespace, pod.name)
+        stream = self._follow(chunks, pod.namespace, pod.name) if follow else chunks
+        if masker is None:
+            return stream
+        return self._masked(stream, masker, pod)
+
+    def _masker(self, pod: PodInfo) -> LogMasker | None:
+        if not pod.secret_names or pod.launch_id is None:
+            return None
+        data = self.cluster.read_launch_secret_values(pod.namespace, pod.launch_id)
+        if not data:
+            return None  # the launch ended: its values are gone (and revoked, if dynamic)
+        values: dict[str, list[SecretValue]] = {}
+        for key, value in data.items():
+            match = _DATA_KEY.match(key)
+            index = int(match.group(1)) if match else -1
+            name = pod.secret_names[index] if 0 <= index < len(pod.secret_names) else "?"
+            values.setdefault(name, []).append(value)
+        masker = LogMasker(values)
+        return masker if masker.active else None
+
+    def _masked(self, stream: Iterator[bytes], masker: LogMasker, pod: PodInfo) -> Iterator[bytes]:
+        reported: set[str] = set()
+        try:
+            for chunk in stream:
+                out = masker.feed(chunk)
+                self._report(masker, reported, pod)
+                if out:
+                    yield out
+            out = masker.flush()
+            self._report(masker, reported, pod)
+            if out:
+                yield out
+        finally:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    close()
+
+    def _report(self, masker: LogMasker, reported: set[str], pod: PodInfo) -> None:
+        for name in sorted(masker.exposed - reported):
+            reported.add(name)
+            launch_id = str(pod.launch_id)
+            with self._exposed_lock:
+                if (launch_id, name) in self._exposed:
+                    continue
+                self._exposed[(launch_id, name)] = None
+                while len(self._exposed) > _EXPOSURES_REMEMBERED:
+                    self._exposed.popitem(last=False)
+            try:
+                self._exposure(pod, launch_id, name)
+            except Exception:  # the stream goes on masked whatever happens here
+                log.exception("handling an exposure of %r in launch %s failed", name, launch_id)
+
+    def _exposure(self, pod: PodInfo, launch_id: str, name: str) -> None:
+        """Record that a value of secret ``name`` showed in the log (masked), and revoke
+        its dynamic credential when its grant says ``on_exposure: revoke``."""
+        leases = []
+        if self.leases is not None:
+            with contextlib.suppress(BrokerError):
+                leases = [r for r in self.leases.leases_of(launch_id) if r.secret_name == name]
+        grant = leases[0].grant if leases else None
+        action = "mask"
+        if grant is not None and self.policies is not None:
+            with contextlib.suppress(BrokerError):
+                found = dict(self.policies.current().grants()).get(grant)
+                if found is not None:
+                    action = found.on_exposure
+        revoked: bool | None = None
+        if action == "revoke" and leases:
+            ids = [r.lease_id for r in leases]
+            try:
+                self.cleanup.secrets.revoke(ids)
+                revoked = True
+            except BrokerError as exc:
+                revoked = False
+                log.warning("revoking exposed %r of %s failed: %s", name, launch_id, exc.reason)
+            if self.leases is not None:
+                for lease_id in ids:
+                    with contextlib.suppress(BrokerError):
+                        self.leases.lease_retry(lease_id, next_renewal_at=None)
+        SECRET_EXPOSURES.labels("revoked" if revoked else "masked").inc()
+        log.warning("a value of secret %r showed in the log of launch %s: masked", name, launch_id)
+        self.cleanup.record_quietly(
+            ev.launch_event(
+                ev.EventKind.SECRET_EXPOSED,
+                launch_id=launch_id,
+                task=pod.task,
+                secret_names=[name],
+                namespace=pod.namespace,
+                pod=pod.name,
+                grant=grant,
+                on_exposure=action,
+                revoked=revoked,
+            )
+        )
 
     def _follow(self, chunks: Iterator[bytes], namespace: str, name: str) -> Iterator[bytes]:
         queue: Queue[bytes | None] = Queue(maxsize=256)

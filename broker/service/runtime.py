@@ -23,6 +23,7 @@ from broker.service.cleanup import Cleanup
 from broker.service.launching import LaunchExecutor
 from broker.service.lookup import LaunchLookup
 from broker.service.reconciler import Reconciler
+from broker.service.renewal import LeaseRenewer
 from broker.service.verification import TaskVerifier
 from broker.settings import BrokerSettings, VaultAuthSettings
 from broker.vault.client import VaultAuth, VaultSession
@@ -65,6 +66,7 @@ class Runtime:
     launches: LaunchExecutor
     lookup: LaunchLookup
     reconciler: Reconciler
+    renewals: LeaseRenewer
     _closed: bool = field(default=False, init=False)
 
     def check_ready(self) -> None:
@@ -86,12 +88,14 @@ class Runtime:
 
     def start_background(self) -> None:
         self.reconciler.start(self.settings.kubernetes.reconcile_interval_seconds)
+        self.renewals.start()
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         self.reconciler.stop()
+        self.renewals.stop()
         self.launches.close()
         self.audit.close()
         self.kube.api.close()
@@ -159,7 +163,9 @@ def build_runtime(settings: BrokerSettings, *, dev_generate_key: bool = False) -
         cache_seconds=settings.airflow.cache_seconds,
     )
     namespaces = plan_policy.namespaces
-    cleanup = Cleanup(cluster=kube, secrets=resolver, audit=audit, ledger=audit.holdings())
+    ledger = audit.holdings()
+    cleanup = Cleanup(cluster=kube, secrets=resolver, audit=audit, ledger=ledger)
+    renewals = LeaseRenewer(ledger=ledger, secrets=resolver, audit=audit)
     launches = LaunchExecutor(
         cluster=kube,
         policies=policies,
@@ -169,8 +175,16 @@ def build_runtime(settings: BrokerSettings, *, dev_generate_key: bool = False) -
         plan_policy=plan_policy,
         verifier=verifier,
         limits=SecretLimits(),
+        renewals=renewals,
     )
-    lookup = LaunchLookup(cluster=kube, audit=audit, cleanup=cleanup, namespaces=namespaces)
+    lookup = LaunchLookup(
+        cluster=kube,
+        audit=audit,
+        cleanup=cleanup,
+        namespaces=namespaces,
+        policies=policies,
+        leases=ledger,
+    )
     reconciler = Reconciler(
         cluster=kube,
         cleanup=cleanup,
@@ -191,4 +205,5 @@ def build_runtime(settings: BrokerSettings, *, dev_generate_key: bool = False) -
         launches,
         lookup,
         reconciler,
+        renewals,
     )

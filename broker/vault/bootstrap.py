@@ -218,7 +218,9 @@ def bootstrap(client: hvac.Client, options: BootstrapOptions) -> list[str]:
         # own login token, which a restart or re-login replaces within its TTL.
         "orphan": True,
         "renewable": False,
-        "token_type": "service",
+        # Service tokens by default; a KV-only launch asks for a batch token (not
+        # persisted: no Vault storage write per launch).
+        "token_type": "default-service",
         "token_explicit_max_ttl": options.child_token_max_ttl,
         "token_no_default_policy": True,
         "token_num_uses": options.child_token_max_uses,

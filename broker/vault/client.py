@@ -28,11 +28,38 @@ from broker.errors import (
     NotFoundError,
     VaultUnavailableError,
 )
+from broker.metrics import VAULT_REQUESTS
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_SERVICE_ACCOUNT_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+
+# (path part, operation) in the order they are tried: the metric's label values.
+_OPERATIONS: tuple[tuple[str, str], ...] = (
+    ("/v1/auth/token/create", "token_create"),
+    ("/v1/auth/token/revoke-accessor", "token_revoke"),
+    ("/v1/auth/token/renew-self", "token_renew_self"),
+    ("/v1/auth/token/lookup-self", "token_lookup_self"),
+    ("/v1/sys/leases/renew", "lease_renew"),
+    ("/v1/sys/leases/revoke", "lease_revoke"),
+    ("/login", "login"),
+    ("/data/", "kv_read"),
+    ("/creds/", "creds_read"),
+)
+
+
+def vault_operation(path: str) -> str:
+    """The operation a Vault request path stands for (a bounded label, never the path)."""
+    for part, operation in _OPERATIONS:
+        if part in path:
+            return operation
+    return "other"
+
+
+def _count_request(response: requests.Response, *args: Any, **kwargs: Any) -> None:
+    """requests response hook: one count per HTTP request sent to Vault."""
+    VAULT_REQUESTS.labels(vault_operation(response.request.path_url or "")).inc()
 
 
 @dataclass(frozen=True)
@@ -134,6 +161,9 @@ class VaultSession:
     _http: requests.Session = field(default_factory=requests.Session, init=False, repr=False)
     _state: _TokenState = field(default_factory=_TokenState, init=False, repr=False)
     _lock: threading.RLock = field(default_factory=threading.RLock, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._http.hooks["response"].append(_count_request)
 
     @classmethod
     def connect(

@@ -46,6 +46,9 @@ class ResolvedSecret:
     version: int | None = None
     lease_id: str | None = None
     lease_ttl: int | None = None
+    lease_cap: int | None = None
+    """Seconds from issue the lease may be renewed up to (its grant's cap, bounded by
+    the child token's TTL, which takes the lease along when it ends)."""
     grant: str = ""
     kind: str = "kv"
 
@@ -145,7 +148,8 @@ class SecretResolver:
         child_token, accessor = self._mint(plan.token)
         if on_issue is not None:
             try:
-                on_issue(accessor, ())
+                # A batch token has no accessor: nothing to record or revoke, it just ends.
+                on_issue(accessor or None, ())
             except BaseException:
                 self._cleanup([], accessor)
                 raise
@@ -190,20 +194,26 @@ class SecretResolver:
         if not spec.policies:
             raise DeniedError("no grant policy to read secrets with")
 
+        body: dict[str, Any] = {
+            "policies": list(spec.policies),
+            "meta": dict(spec.metadata),
+            "ttl": f"{spec.ttl_seconds}s",
+            "renewable": False,
+            "display_name": spec.display_name,
+            "type": spec.token_type,
+        }
+        if spec.token_type == "service":
+            body["num_uses"] = spec.num_uses  # batch tokens take no use count
+
         def create(client: hvac.Client) -> Any:
-            return client.auth.token.create(
-                role_name=self.layout.token_role,
-                policies=list(spec.policies),
-                meta=dict(spec.metadata),
-                ttl=f"{spec.ttl_seconds}s",
-                num_uses=spec.num_uses,
-                renewable=False,
-                display_name=spec.display_name,
+            # POST auth/token/create/{role}: hvac's helper cannot ask for a token type.
+            return client.adapter.post(
+                f"/v1/auth/token/create/{quote(self.layout.token_role, safe='')}", json=body
             )
 
         response = self.session.call(f"mint a child token via {self.layout.token_role}", create)
         auth = response["auth"]
-        return str(auth["client_token"]), str(auth["accessor"])
+        return str(auth["client_token"]), str(auth.get("accessor") or "")
 
     def _read_kv(self, child: hvac.Client, item: VaultRead) -> ResolvedSecret:
         name, where = item.name, item.where
@@ -273,6 +283,7 @@ class SecretResolver:
             vault_path=path,
             lease_id=lease_id or None,
             lease_ttl=lease_ttl,
+            lease_cap=min(cap, token_ttl),
             grant=item.grant,
             kind="database",
         )
@@ -295,6 +306,16 @@ class SecretResolver:
                 failure = failure or exc
         if failure is not None:
             raise failure
+
+    def renew(self, lease_id: str, increment: int) -> int:
+        """Renew a lease by ``increment`` seconds from now (``sys/leases/renew/
+        {lease_id}``, the path form the broker's policy scopes to the dynamic engines);
+        returns the TTL Vault granted, which its own max TTLs may make shorter.
+        :class:`NotFoundError`/:class:`InvalidRequestError` when the lease is gone."""
+        renewed = self.session.call(
+            f"renew lease {lease_id}", lambda c: _renew_lease(c, lease_id, increment)
+        )
+        return int(renewed.get("lease_duration") or 0)
 
     def _revoke_one(self, lease_id: str) -> None:
         self.session.call(f"revoke lease {lease_id}", lambda c: _revoke_lease(c, lease_id))

@@ -108,6 +108,8 @@ class StoredSecret:
     meta: SecretMeta
     owner_uid: str | None
     data_keys: tuple[str, ...]
+    values: Mapping[str, str] = field(default_factory=dict, repr=False)
+    """Kept only for the leak guard's one read of a launch's own Secret."""
 
 
 class FakeCluster:
@@ -120,6 +122,8 @@ class FakeCluster:
         self.secrets: dict[Key, StoredSecret] = {}
         self.deleted_pods: list[Key] = []
         self.deleted_secrets: list[Key] = []
+        self.logs: dict[Key, list[bytes]] = {}
+        """Chunks pod_logs serves for a pod (namespace, name)."""
         self._failures = _Failures()
         self._hooks: dict[str, list[Callable[[], object]]] = defaultdict(list)
         self._versions = itertools.count(1)
@@ -326,7 +330,7 @@ class FakeCluster:
             )
             data = {**manifest.get("data", {}), **manifest.get("stringData", {})}
             data_keys = tuple(sorted(data))
-            self.secrets[key] = StoredSecret(meta, owners[0].get("uid"), data_keys)
+            self.secrets[key] = StoredSecret(meta, owners[0].get("uid"), data_keys, dict(data))
 
     def delete_secret(self, namespace: str, name: str) -> bool:
         self._enter("delete_secret")
@@ -346,6 +350,16 @@ class FakeCluster:
         with self._lock:
             stored = self.secrets.get((namespace, name))
             return stored.meta if stored else None
+
+    def read_launch_secret_values(
+        self, namespace: str, launch_id: str
+    ) -> dict[str, SecretValue] | None:
+        self._enter("read_launch_secret_values")
+        with self._lock:
+            stored = self.secrets.get((namespace, secret_name_for(launch_id)))
+            if stored is None:
+                return None
+            return {key: SecretValue(value) for key, value in stored.values.items()}
 
     def list_managed_pods(
         self,
@@ -381,7 +395,7 @@ class FakeCluster:
         timestamps: bool = False,
     ) -> Iterator[bytes]:
         self._enter("pod_logs")
-        return iter(())
+        return iter(list(self.logs.get((namespace, name), [])))
 
     def watch_managed_pods(
         self,
@@ -423,6 +437,9 @@ class FakeResolved:
     vault_path: str
     version: int | None = None
     lease_id: str | None = None
+    lease_ttl: int | None = None
+    lease_cap: int | None = None
+    grant: str = ""
 
 
 @dataclass(frozen=True)
@@ -447,6 +464,10 @@ class FakeSecretStore:
     revoked_accessors: list[str] = field(default_factory=list)
     gate: threading.Event | None = None
     """When set, resolve waits for it: the test decides when Vault answers."""
+    lease_ttl: int = 600
+    renewals: list[tuple[str, int]] = field(default_factory=list)
+    max_ttl: int | None = None
+    """Vault's own cap on a renewal's TTL (the database role's max_ttl), if any."""
 
     def __post_init__(self) -> None:
         self._failures = _Failures()
@@ -488,7 +509,16 @@ class FakeSecretStore:
             if read.kind == "database":
                 values = {key: f"{read.name}-{key}-{serial}" for key in DATABASE_KEYS}
                 lease = f"{read.mount}/creds/{read.path}/lease-{serial}"
-                resolved = FakeResolved(read.name, _masked(values), read.vault_path, None, lease)
+                resolved = FakeResolved(
+                    read.name,
+                    _masked(values),
+                    read.vault_path,
+                    None,
+                    lease,
+                    lease_ttl=self.lease_ttl,
+                    lease_cap=read.lease_cap,
+                    grant=read.grant,
+                )
                 secrets.append(resolved)
             else:
                 values = self.kv_values.get(read.name) or {
@@ -509,6 +539,14 @@ class FakeSecretStore:
         self._failures.enter("revoke")
         with self._lock:
             self.revoked_leases.extend(lease_ids)
+
+    def renew(self, lease_id: str, increment: int) -> int:
+        self._failures.enter("renew")
+        with self._lock:
+            if lease_id in self.revoked_leases:
+                raise NotFoundError("lease not found")
+            self.renewals.append((lease_id, increment))
+        return increment if self.max_ttl is None else min(increment, self.max_ttl)
 
     def revoke_token(self, accessor: str) -> None:
         self._failures.enter("revoke_token")

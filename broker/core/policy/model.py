@@ -119,6 +119,9 @@ class Grant(StrictModel):
     require_verified_task: bool = False
     """Launches receiving these secrets must be confirmed with Airflow (the task instance
     exists, runs this try, on the calling pod) whatever the broker's verification mode."""
+    on_exposure: Literal["mask", "revoke"] = "mask"
+    """When a value of these secrets shows in a launch's log stream: it is always masked
+    and audited; ``revoke`` also revokes a dynamic credential's lease at once."""
     description: str = ""
 
     def matches(self, identity: TaskIdentity) -> bool:

@@ -1,0 +1,309 @@
+"""Long tasks and leaked values on the real stack (issue 14 items 1 and 2): a dedicated
+broker in its own Vault layout and task namespace, with a database role whose leases
+last 3 s and grants capped at 20 s. A launch running three times its lease keeps a
+working PostgreSQL login and loses it past the cap; a pod printing its password (raw,
+base64, split over two writes) has it masked in the broker's log stream, the exposure
+audited and its login revoked. Vault's lease lookups and PostgreSQL logins judge."""
+
+from __future__ import annotations
+
+import base64
+import sqlite3
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import hvac
+import psycopg
+import pytest
+from hvac.exceptions import InvalidRequest
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from broker.core.policy import Constraints, DatabaseSecret, Grant, KvSecret, PolicySet, Team
+from broker.vault.bootstrap import BootstrapOptions, bootstrap
+from podbroker_devstack.broker_env import BrokerHandle, start_broker
+from podbroker_devstack.kube import RUN_DURATION_ANNOTATION, ControlPlane
+from podbroker_devstack.openbao import OpenBao
+from podbroker_devstack.postgres import Postgres
+from podbroker_devstack.sources import SourceTree
+from tests.helpers import eventually
+from tests.integration.vault_policy_env import PolicyEnv, make_env
+
+pytestmark = pytest.mark.stack
+
+LEASE_TTL = 3
+CAP = 20
+KV_PASSWORD = "kv-PLANTED-" + uuid.uuid4().hex
+
+
+@pytest.fixture
+def lease_env(
+    vault: OpenBao, vault_root: hvac.Client, postgres: Postgres, unique: str
+) -> PolicyEnv:
+    env = make_env(vault, vault_root, unique)
+    mount = f"db-{unique}"
+    vault_root.sys.enable_secrets_engine("database", path=mount)
+    vault_root.write_data(
+        f"{mount}/config/pg",
+        data={
+            "plugin_name": "postgresql-database-plugin",
+            "allowed_roles": "*",
+            "connection_url": f"postgresql://{{{{username}}}}:{{{{password}}}}@{postgres.host}:"
+            f"{postgres.port}/postgres",
+            "username": postgres.superuser,
+            "password": postgres.password,
+        },
+    )
+    vault_root.write_data(
+        f"{mount}/roles/short",
+        data={
+            "db_name": "pg",
+            "creation_statements": [
+                "CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' "
+                "VALID UNTIL '{{expiration}}';"
+            ],
+            "default_ttl": f"{LEASE_TTL}s",
+            "max_ttl": "1h",
+        },
+    )
+    vault_root.secrets.kv.v2.create_or_update_secret(
+        "team/app", {"password": KV_PASSWORD}, mount_point=env.kv_mount
+    )
+    catalog: dict[str, KvSecret | DatabaseSecret] = {
+        "short-db": DatabaseSecret(mount=mount, role="short"),
+        "app": KvSecret(mount=env.kv_mount, path="team/app", keys=("password",)),
+    }
+    capped = Constraints(max_lease_ttl=CAP)
+    env.apply(
+        PolicySet(
+            catalog=catalog,
+            teams={
+                "data": Team(
+                    grants=(
+                        Grant(
+                            id="long", dags="lease_long*", secrets=("short-db",), constraints=capped
+                        ),
+                        Grant(
+                            id="leaky",
+                            dags="lease_leak*",
+                            secrets=("short-db", "app"),
+                            constraints=Constraints(max_lease_ttl=600),
+                            on_exposure="revoke",
+                        ),
+                    )
+                )
+            },
+        )
+    )
+    # The broker may renew and revoke the leases of this mount (from the catalog).
+    bootstrap(vault_root, BootstrapOptions(layout=env.layout, dynamic_mounts=(mount,)))
+    return env
+
+
+@pytest.fixture
+def lease_broker(
+    tmp_path: Path,
+    kube: ControlPlane,
+    vault: OpenBao,
+    postgres: Postgres,
+    sources: SourceTree,
+    unique: str,
+    lease_env: PolicyEnv,
+    kube_api: client.ApiClient,
+) -> Iterator[BrokerHandle]:
+    layout = lease_env.layout
+    handle = start_broker(
+        tmp_path / "broker",
+        kube,
+        vault,
+        postgres,
+        sources,
+        task_namespace=f"lease-{unique}",
+        extra_settings={
+            "vault": {
+                "auth": {"method": "token", "token": lease_env.broker_token},
+                "config_mount": layout.config_mount,
+                "grant_policy_prefix": layout.policy_prefix,
+                "token_role": layout.token_role,
+            }
+        },
+    )
+    # Each test pod prints its own log (a namespaced kwok Logs object per pod).
+    objects = client.CustomObjectsApi(kube_api)
+    objects.delete_cluster_custom_object(
+        "kwok.x-k8s.io", "v1alpha1", "clusterlogs", f"logs-{handle.namespace}"
+    )
+    yield handle
+    handle.stop()
+
+
+def launch(broker: BrokerHandle, dag_id: str, secrets: list[Any]) -> dict[str, Any]:
+    response = httpx.post(
+        f"{broker.url}/v1/launches",
+        json={
+            "task": {
+                "dag_id": dag_id,
+                "task_id": "long_query",
+                "run_id": f"manual__{uuid.uuid4().hex[:8]}",
+                "try_number": 1,
+            },
+            "container": {"image": "python:3.12-slim"},
+            "secrets": secrets,
+            "namespace": broker.namespace,
+            "scheduling": {"annotations": {RUN_DURATION_ANNOTATION: "300s"}},
+        },
+        headers=broker.headers(),
+        timeout=30,
+    )
+    assert response.status_code == 201, response.text
+    return dict(response.json())
+
+
+def secret_data(kube_api: client.ApiClient, namespace: str, launch_id: str) -> dict[str, str]:
+    secret = client.CoreV1Api(kube_api).read_namespaced_secret(f"podbroker-{launch_id}", namespace)
+    return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+
+
+def db_login(data: dict[str, str]) -> tuple[str, str]:
+    user = next(v for k, v in data.items() if k.endswith(".username"))
+    password = next(v for k, v in data.items() if k.endswith(".password") and v != KV_PASSWORD)
+    return user, password
+
+
+def can_login(postgres: Postgres, username: str, password: str) -> bool:
+    try:
+        with psycopg.connect(
+            host=postgres.host,
+            port=postgres.port,
+            user=username,
+            password=password,
+            dbname="postgres",
+            connect_timeout=5,
+        ) as conn:
+            return conn.execute("select 1").fetchone() == (1,)
+    except psycopg.OperationalError:
+        return False
+
+
+def lease_ttl(vault_root: hvac.Client, lease_id: str) -> int | None:
+    try:
+        return int(vault_root.sys.read_lease(lease_id)["data"]["ttl"])
+    except InvalidRequest:
+        return None
+
+
+def audit_kinds(broker: BrokerHandle, launch_id: str) -> list[tuple[str, str]]:
+    with sqlite3.connect(broker.audit_url.removeprefix("sqlite:///")) as db:
+        return list(
+            db.execute(
+                "SELECT kind, event_json FROM audit_records WHERE launch_id = ? ORDER BY position",
+                (launch_id,),
+            ).fetchall()
+        )
+
+
+def leases_of(broker: BrokerHandle, launch_id: str) -> list[str]:
+    with sqlite3.connect(broker.audit_url.removeprefix("sqlite:///")) as db:
+        rows = db.execute("SELECT lease_id FROM launch_leases WHERE launch_id = ?", (launch_id,))
+        return [r[0] for r in rows.fetchall()]
+
+
+def test_a_task_running_three_leases_keeps_its_login_and_loses_it_at_the_cap(
+    lease_broker: BrokerHandle,
+    kube_api: client.ApiClient,
+    vault_root: hvac.Client,
+    postgres: Postgres,
+) -> None:
+    view = launch(lease_broker, f"lease_long_{uuid.uuid4().hex[:6]}", ["short-db"])
+    started = time.monotonic()
+    user, password = db_login(secret_data(kube_api, lease_broker.namespace, view["launch_id"]))
+    (lease_id,) = leases_of(lease_broker, view["launch_id"])
+    assert lease_ttl(vault_root, lease_id) is not None
+    # Three lease lifetimes later the login still works and Vault still knows the lease.
+    time.sleep(max(0.0, 3 * LEASE_TTL + 1 - (time.monotonic() - started)))
+    assert can_login(postgres, user, password)
+    ttl = lease_ttl(vault_root, lease_id)
+    assert ttl is not None and 0 < ttl <= LEASE_TTL
+    # Past the grant's cap: the lease is gone and so is the login.
+    assert eventually(lambda: lease_ttl(vault_root, lease_id) is None, timeout=CAP + 10)
+    assert time.monotonic() - started >= CAP - 2
+    assert not can_login(postgres, user, password)
+    kinds = [kind for kind, _ in audit_kinds(lease_broker, view["launch_id"])]
+    assert kinds.count("lease_renewed") == 1
+    assert kinds.count("lease_capped") == 1
+
+
+def test_values_printed_by_the_pod_are_masked_audited_and_revoked(
+    lease_broker: BrokerHandle,
+    kube: ControlPlane,
+    kube_api: client.ApiClient,
+    vault_root: hvac.Client,
+    postgres: Postgres,
+    tmp_path: Path,
+) -> None:
+    view = launch(
+        lease_broker,
+        f"lease_leak_{uuid.uuid4().hex[:6]}",
+        ["short-db", "app"],
+    )
+    namespace, launch_id = lease_broker.namespace, view["launch_id"]
+    user, password = db_login(secret_data(kube_api, namespace, launch_id))
+    (lease_id,) = leases_of(lease_broker, launch_id)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+    encoded = base64.b64encode(KV_PASSWORD.encode()).decode()
+    lines = [
+        ("F", "task: connecting"),
+        ("F", f"debug: PGPASSWORD={password}"),
+        ("F", f"debug: token={encoded}"),
+        ("P", f"half: {KV_PASSWORD[:10]}"),
+        ("F", f"{KV_PASSWORD[10:]} (two writes)"),
+        ("F", "task: done"),
+    ]
+    log_file = tmp_path / "pod.log"
+    log_file.write_text(
+        "".join(f"{stamp}.{i:09d}Z stdout {tag} {text}\n" for i, (tag, text) in enumerate(lines))
+    )
+    client.CustomObjectsApi(kube_api).create_namespaced_custom_object(
+        "kwok.x-k8s.io",
+        "v1alpha1",
+        namespace,
+        "logs",
+        {
+            "apiVersion": "kwok.x-k8s.io/v1alpha1",
+            "kind": "Logs",
+            "metadata": {"name": view["pod_name"], "namespace": namespace},
+            "spec": {"logs": [{"containers": ["base"], "logsFile": str(log_file)}]},
+        },
+    )
+
+    def relayed() -> str:
+        response = httpx.get(
+            f"{lease_broker.url}/v1/launches/{launch_id}/logs",
+            headers=lease_broker.headers(),
+            timeout=30,
+        )
+        return response.text if response.status_code == 200 else ""
+
+    assert eventually(lambda: "task: done" in relayed(), timeout=30)
+    text = relayed()
+    assert "task: connecting" in text
+    for value in (password, KV_PASSWORD, encoded, KV_PASSWORD[10:]):
+        assert value not in text
+    assert "***" in text
+    events = [(k, e) for k, e in audit_kinds(lease_broker, launch_id) if k == "secret_exposed"]
+    assert {e.split('"secret_names":[')[1].split("]")[0] for _, e in events} == {
+        '"short-db"',
+        '"app"',
+    }
+    assert all(password not in e and KV_PASSWORD not in e for _, e in events)
+    assert eventually(lambda: lease_ttl(vault_root, lease_id) is None, timeout=10)
+    assert not can_login(postgres, user, password)
+    metrics = httpx.get(f"{lease_broker.url}/metrics", timeout=10).text
+    assert 'podbroker_secret_exposures_total{action="revoked"}' in metrics
+    with pytest.raises(ApiException):
+        client.CoreV1Api(kube_api).read_namespaced_secret("no-such", namespace)
+    assert user not in Path(lease_broker.log_path).read_text()
