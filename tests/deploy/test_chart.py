@@ -227,6 +227,8 @@ def test_rendered_config_loads_in_broker_settings(
         f"system:serviceaccount:podbroker:{name}-test",  # the helm test pod, one fake DAG
     ]
     assert settings.auth.callers[-1].dag_ids == ["podbroker-helm-test"]
+    # Airflow's API server reads the report (Secret usage page) and launches nothing.
+    assert settings.auth.report_readers == ["system:serviceaccount:airflow:airflow-api-server"]
     assert settings.server.metrics_port == 9090
     assert {p["name"]: p["containerPort"] for p in container["ports"]}["metrics"] == 9090
     assert settings.audit.signing_key_file == Path("/etc/podbroker/audit-key/signing.key")
