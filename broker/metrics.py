@@ -59,3 +59,20 @@ SECRET_EXPOSURES = Counter(
     "Issued values found (and masked) in a launch's log stream, by action taken",
     ["action"],
 )
+DEPENDENCY_UP = Gauge(
+    "podbroker_dependency_up",
+    "1 when the last readiness check reached the dependency (vault, kubernetes, audit), else 0",
+    ["dependency"],
+)
+SWEEP_FINDINGS = Counter(
+    "podbroker_sweep_findings_total",
+    "What the periodic sweep found and cleaned up (kind: the SweepResult field)",
+    ["kind"],
+)
+SWEEP_ERRORS = Counter(
+    "podbroker_sweep_errors_total", "Sweep steps that failed (retried on the next sweep)"
+)
+CLEANUP_BACKLOG = Gauge(
+    "podbroker_cleanup_backlog",
+    "Launches whose pod is gone but whose Vault holdings are not yet revoked (last sweep)",
+)

@@ -133,6 +133,10 @@ class InFlightCaps(_Section):
 class ServerSettings(_Section):
     host: str = "127.0.0.1"
     port: int = 8080
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    """A second listener on ``host`` serving only ``GET /metrics``, in plain HTTP (the
+    metrics name no secret, DAG or caller), so scrapers need not reach the launch API;
+    the chart can put an authorizing TLS proxy in front. None: /metrics on ``port`` only."""
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     max_in_flight: InFlightCaps = Field(default_factory=InFlightCaps)
@@ -141,6 +145,8 @@ class ServerSettings(_Section):
     def _tls_pair(self) -> ServerSettings:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("tls_cert_file and tls_key_file go together")
+        if self.metrics_port is not None and self.metrics_port == self.port:
+            raise ValueError("metrics_port must differ from port")
         return self
 
 

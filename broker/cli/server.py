@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from broker.cli.tls import ReloadingTLSContext
 from broker.errors import BrokerError
 from broker.logs import LogFormat, configure_logging
+
+if TYPE_CHECKING:
+    import uvicorn
 
 ConfigOption = Annotated[
     Path | None,
@@ -63,19 +68,47 @@ def serve(
         raise typer.Exit(1) from exc
     runtime.start_background()
     server = settings.server
+    metrics_server = _start_metrics_listener(server.host, server.metrics_port)
     try:
-        uvicorn.run(
+        api = uvicorn.Config(
             create_app(runtime),
             host=server.host,
             port=server.port,
             log_level="info",
             log_config=None,  # uvicorn's loggers go through configure_logging's handler
-            ssl_certfile=str(server.tls_cert_file) if server.tls_cert_file else None,
-            ssl_keyfile=str(server.tls_key_file) if server.tls_key_file else None,
             access_log=True,
         )
+        api.load()
+        if server.tls_cert_file and server.tls_key_file:
+            # Re-reads the certificate when its files change (cert-manager rotation).
+            api.ssl = ReloadingTLSContext(server.tls_cert_file, server.tls_key_file).context
+        uvicorn.Server(api).run()
     finally:
+        if metrics_server is not None:
+            metrics_server.should_exit = True
         runtime.close()
+
+
+def _start_metrics_listener(host: str, port: int | None) -> uvicorn.Server | None:
+    """``server.metrics_port``: a plain-HTTP listener serving only ``GET /metrics``, in a
+    daemon thread (uvicorn handles signals only in the main thread, i.e. the API's)."""
+    if port is None:
+        return None
+    import uvicorn
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    def metrics(_: Request) -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    app = Starlette(routes=[Route("/metrics", metrics, methods=["GET"])])
+    config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False)
+    metrics_server = uvicorn.Server(config)
+    threading.Thread(target=metrics_server.run, name="metrics-listener", daemon=True).start()
+    return metrics_server
 
 
 def gc(config: ConfigOption = None) -> None:

@@ -14,7 +14,7 @@ from broker.core.objects import PodInfo
 from broker.core.plan import secret_name_for
 from broker.core.verification import ended_reason
 from broker.errors import BrokerError
-from broker.metrics import LIVE_SECRETS
+from broker.metrics import CLEANUP_BACKLOG, LIVE_SECRETS, SWEEP_ERRORS, SWEEP_FINDINGS
 from broker.service.cleanup import Cleanup
 from broker.service.ports import Cluster
 from broker.service.verification import TaskVerifier
@@ -31,6 +31,15 @@ class SweepResult:
     ended_task_pods_killed: int = 0
     orphan_holdings_revoked: int = 0
     errors: list[str] = field(default_factory=list)
+
+
+def _count_findings(result: SweepResult) -> None:
+    """Export one sweep's findings (podbroker_sweep_findings_total by kind)."""
+    for kind, count in vars(result).items():
+        if isinstance(count, int) and count:
+            SWEEP_FINDINGS.labels(kind).inc(count)
+    if result.errors:
+        SWEEP_ERRORS.inc(len(result.errors))
 
 
 class Reconciler:
@@ -102,6 +111,7 @@ class Reconciler:
             self._give_back_orphan_holdings(running, now, result)
         except BrokerError as exc:
             result.errors.append(f"holdings: {exc.reason}")
+        _count_findings(result)
         return result
 
     def _give_back_orphan_holdings(
@@ -114,8 +124,11 @@ class Reconciler:
         if ledger is None:
             return
         alive = {pod.launch_id for pod in running}
-        for held in ledger.unreleased():
-            if held.namespace not in self.namespaces or held.launch_id in alive:
+        unreleased = ledger.unreleased()
+        mine = [h for h in unreleased if h.namespace in self.namespaces]
+        CLEANUP_BACKLOG.set(sum(1 for held in mine if held.launch_id not in alive))
+        for held in mine:
+            if held.launch_id in alive:
                 continue
             if held.age_seconds(now) <= self.grace_seconds:
                 continue  # its launch may still be creating the pod

@@ -16,8 +16,9 @@ from broker.audit.reporting import build_report, grant_refs_from_policy
 from broker.audit.store import AuditStore, open_audit_store
 from broker.core.plan import PlanPolicy, SecretLimits
 from broker.core.report import ReportFilters
-from broker.errors import ConfigurationError
+from broker.errors import BrokerError, ConfigurationError
 from broker.kube.cluster import KubeCluster, load_api_client
+from broker.metrics import DEPENDENCY_UP
 from broker.service.auth import Authenticator
 from broker.service.cleanup import Cleanup
 from broker.service.launching import LaunchExecutor
@@ -70,9 +71,23 @@ class Runtime:
     _closed: bool = field(default=False, init=False)
 
     def check_ready(self) -> None:
-        self.vault.ping()
-        self.kube.ping()
-        self.audit.ping()
+        """Ping every dependency (each one's result goes to podbroker_dependency_up);
+        raise the first failure."""
+        failure: BrokerError | None = None
+        for name, ping in (
+            ("vault", self.vault.ping),
+            ("kubernetes", self.kube.ping),
+            ("audit", self.audit.ping),
+        ):
+            try:
+                ping()
+            except BrokerError as exc:
+                DEPENDENCY_UP.labels(name).set(0)
+                failure = failure or exc
+            else:
+                DEPENDENCY_UP.labels(name).set(1)
+        if failure is not None:
+            raise failure
 
     def render_report(
         self,

@@ -40,19 +40,34 @@ class Helm:
         )
 
     def template(
-        self, release: str, namespace: str, values: dict[str, Any], tmp: Path
+        self,
+        release: str,
+        namespace: str,
+        values: dict[str, Any],
+        tmp: Path,
+        *,
+        api_versions: tuple[str, ...] = (),
     ) -> subprocess.CompletedProcess[str]:
-        """`helm template` with ``values`` written to a file (so lists and dicts stay typed)."""
+        """`helm template` with ``values`` written to a file (so lists and dicts stay typed);
+        ``api_versions`` are what the chart's `.Capabilities.APIVersions` should report."""
         values_file = tmp / f"values-{release}-{len(list(tmp.iterdir()))}.yaml"
         values_file.write_text(yaml.safe_dump(values))
+        extra = [arg for version in api_versions for arg in ("--api-versions", version)]
         return self.run(
-            "template", release, str(CHART), "--namespace", namespace, "--values", str(values_file)
-        )
+            "template", release, str(CHART), "--namespace", namespace,
+            "--values", str(values_file), *extra,
+        )  # fmt: skip
 
     def render(
-        self, release: str, namespace: str, values: dict[str, Any], tmp: Path
+        self,
+        release: str,
+        namespace: str,
+        values: dict[str, Any],
+        tmp: Path,
+        *,
+        api_versions: tuple[str, ...] = (),
     ) -> list[dict[str, Any]]:
-        result = self.template(release, namespace, values, tmp)
+        result = self.template(release, namespace, values, tmp, api_versions=api_versions)
         assert result.returncode == 0, result.stderr
         return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 

@@ -24,10 +24,10 @@ def _airflow_values() -> dict[str, Any]:
     return loaded
 
 
-def test_workers_and_triggerer_get_the_podbroker_token() -> None:
+def test_workers_triggerer_and_api_server_get_the_podbroker_token() -> None:
     values = _airflow_values()
     chart_defaults = yaml.safe_load((CHART / "values.yaml").read_text())
-    for component in ("workers", "triggerer"):
+    for component in ("workers", "triggerer", "apiServer"):
         (volume,) = values[component]["extraVolumes"]
         (mount,) = values[component]["extraVolumeMounts"]
         assert mount["name"] == volume["name"] and mount["readOnly"] is True
@@ -38,6 +38,10 @@ def test_workers_and_triggerer_get_the_podbroker_token() -> None:
         token_path = Path(mount["mountPath"]) / token["serviceAccountToken"]["path"]
         assert token_path == DEFAULT_TOKEN_FILE
     assert values["allowPodLaunching"] is False
+    # The API server's own identity reads the report and launches nothing.
+    api_server = "system:serviceaccount:airflow:airflow-api-server"
+    assert api_server in chart_defaults["reportReaders"]
+    assert api_server not in [c["identity"] for c in chart_defaults["callers"]]
 
 
 def test_connection_env_points_at_the_chart_service(helm: Helm, tmp_path: Path) -> None:

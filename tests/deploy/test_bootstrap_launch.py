@@ -173,6 +173,7 @@ def test_bootstrapped_broker_logs_in_as_its_service_account_and_launches(
     dev_token = "dev-" + uuid.uuid4().hex
     values = release.values(
         replicaCount=1,
+        tests={"enabled": False},  # only the broker's own ServiceAccount below
         tls={"enabled": False},
         audit={"store": "sqlite"},
         vault={"address": fresh_vault.url},

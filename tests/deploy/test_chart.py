@@ -3,6 +3,8 @@ the broker's own settings, and the API server accepts every object (server-side 
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,71 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "vault": {"auth": {"kubernetes": {"audience": "vault"}}},
         "metrics": {"scrapeNamespaceSelector": {"matchLabels": {"team": "monitoring"}}},
     },
+    # Every optional part on (the CRD-backed kinds are checked apart: the test control
+    # plane serves no cert-manager or Prometheus Operator CRDs).
+    "everything-on": {
+        "nameOverride": "broker",
+        "commonLabels": {"team": "platform"},
+        "serviceAccount": {"create": False},
+        # OpenShift: null drops the chart's fixed ids so the SCC assigns them.
+        "podSecurityContext": {"runAsUser": None, "runAsGroup": None, "fsGroup": None},
+        "probes": {"readiness": {"periodSeconds": 7}},
+        "terminationGracePeriodSeconds": 45,
+        "priorityClassName": "system-cluster-critical",
+        "topologySpreadConstraints": [
+            {
+                "maxSkew": 1,
+                "topologyKey": "topology.kubernetes.io/zone",
+                "whenUnsatisfiable": "ScheduleAnyway",
+            }
+        ],
+        "extraVolumes": [{"name": "scratch", "emptyDir": {}}],
+        "extraVolumeMounts": [{"name": "scratch", "mountPath": "/scratch"}],
+        "extraContainers": [{"name": "sidecar", "image": "busybox:1.37", "args": ["sleep", "1d"]}],
+        "extraObjects": [
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": "{{ .Release.Name }}-extra"},
+                "data": {"release": "{{ .Release.Name }}"},
+            }
+        ],
+        "tls": {"certManager": {"enabled": True, "issuerRef": {"name": "internal-ca"}}},
+        "podTemplates": {
+            "small": {"resources": {"requests": {"cpu": "100m"}}, "node_selector": {"a": "b"}}
+        },
+        "config": {"airflow": {"api_url": "http://airflow-api-server.airflow.svc:8080"}},
+        "metrics": {
+            "authProxy": {"enabled": True},
+            "scrapeNamespaceSelector": {"matchLabels": {"team": "monitoring"}},
+            "serviceMonitor": {
+                "enabled": True,
+                "relabelings": [{"action": "labeldrop", "regex": "pod_template_hash"}],
+            },
+            "prometheusRule": {"enabled": True},
+            "grafanaDashboard": {"enabled": True},
+        },
+        "networkPolicy": {
+            "egress": {
+                "enabled": True,
+                "apiServer": {"cidrs": ["10.0.0.1/32"]},
+                "vault": {
+                    "to": [
+                        {
+                            "namespaceSelector": {
+                                "matchLabels": {"kubernetes.io/metadata.name": "vault"}
+                            }
+                        }
+                    ]
+                },
+                "auditDatabase": {"to": [{"ipBlock": {"cidr": "10.1.2.3/32"}}]},
+            }
+        },
+    },
 }
+# Kinds whose CRDs the test API server does not serve (rendered only where asked).
+CRD_KINDS = {"Certificate", "ServiceMonitor", "PrometheusRule"}
+MONITORING = ("monitoring.coreos.com/v1/ServiceMonitor", "monitoring.coreos.com/v1/PrometheusRule")
 
 
 def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -75,6 +141,12 @@ def test_lint_passes(helm: Helm, variant: str, tmp_path: Path) -> None:
         ({"tokenAudience": ""}, "/tokenAudience"),
         ({"admissionPolicy": {"validationActions": ["Allow"]}}, "/admissionPolicy"),
         ({"replicas": 3}, "replicas"),  # a typo of replicaCount is an error, not ignored
+        # podTemplates and config are typed by the broker's own settings model.
+        ({"podTemplates": {"small": {"nodeSelector": {"a": "b"}}}}, "/podTemplates/small"),
+        ({"podTemplates": {"small": {"tolerations": "all"}}}, "/podTemplates/small"),
+        ({"config": {"server": {"prot": 8080}}}, "/config"),
+        ({"config": {"airflow": {"verification": "always"}}}, "/config"),
+        ({"metrics": {"serviceMonitor": {"scrapeTimeout": "ten"}}}, "scrapeTimeout"),
     ],
 )
 def test_schema_rejects_bad_values(
@@ -86,6 +158,22 @@ def test_schema_rejects_bad_values(
     assert complaint in result.stderr
 
 
+def test_schema_accepts_the_keys_helm_injects_into_a_subchart(helm: Helm, tmp_path: Path) -> None:
+    """As a dependency the chart receives `global` and its condition key `enabled`."""
+    values = {"global": {"imageRegistry": "mirror.example"}, "enabled": True}
+    result = helm.template("pb", "podbroker", _deep_merge(_values("default"), values), tmp_path)
+    assert result.returncode == 0, result.stderr
+
+
+def test_committed_schema_is_generated_from_the_settings_model() -> None:
+    from podbroker_devstack.chart_schema import CHART_SCHEMA, generate, render
+
+    committed = CHART_SCHEMA.read_text()
+    assert committed == render(generate(json.loads(committed))), (
+        "run: python -m podbroker_devstack.chart_schema"
+    )
+
+
 @pytest.mark.parametrize(
     ("values", "namespace", "complaint"),
     [
@@ -94,6 +182,14 @@ def test_schema_rejects_bad_values(
         ({"taskNamespaces": ["airflow"]}, "podbroker", "Airflow namespace"),
         ({"vault": {"auth": {"method": "approle"}}}, "podbroker", "approle needs"),
         ({"tls": {"enabled": True, "secretName": ""}}, "podbroker", "schema"),
+        (
+            {"tls": {"enabled": False}, "metrics": {"authProxy": {"enabled": True}}},
+            "podbroker",
+            "needs tls.enabled",
+        ),
+        ({"tls": {"certManager": {"enabled": True}}}, "podbroker", "issuerRef.name"),
+        ({"networkPolicy": {"egress": {"enabled": True}}}, "podbroker", "apiServer.cidrs"),
+        ({"metrics": {"port": 8443}}, "podbroker", "metrics.port must differ"),
     ],
 )
 def test_inconsistent_values_fail_with_a_reason(
@@ -109,7 +205,8 @@ def test_rendered_config_loads_in_broker_settings(
     helm: Helm, variant: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     docs = helm.render("pb", "podbroker", _values(variant), tmp_path)
-    (configmap,) = find(docs, "ConfigMap", "pb-podbroker-config")
+    name = "pb-broker" if variant == "everything-on" else "pb-podbroker"
+    (configmap,) = find(docs, "ConfigMap", f"{name}-config")
     config_file = tmp_path / "config.yaml"
     config_file.write_text(configmap["data"]["config.yaml"])
     (deployment,) = find(docs, "Deployment")
@@ -127,11 +224,20 @@ def test_rendered_config_loads_in_broker_settings(
     assert [c.identity for c in settings.auth.callers] == [
         "system:serviceaccount:airflow:airflow-worker",
         "system:serviceaccount:airflow:airflow-triggerer",
+        f"system:serviceaccount:podbroker:{name}-test",  # the helm test pod, one fake DAG
     ]
+    assert settings.auth.callers[-1].dag_ids == ["podbroker-helm-test"]
+    # Airflow's API server reads the report (Secret usage page) and launches nothing.
+    assert settings.auth.report_readers == ["system:serviceaccount:airflow:airflow-api-server"]
+    assert settings.server.metrics_port == 9090
+    assert {p["name"]: p["containerPort"] for p in container["ports"]}["metrics"] == 9090
     assert settings.audit.signing_key_file == Path("/etc/podbroker/audit-key/signing.key")
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert "/etc/podbroker/audit-key" in mounts
     port = container["ports"][0]["containerPort"]
+    if variant == "everything-on":
+        assert settings.pod_templates["small"].node_selector == {"a": "b"}
+        assert settings.airflow.api_url == "http://airflow-api-server.airflow.svc:8080"
     assert settings.server.port == port
     if variant == "approle-plain-http":
         assert port == 8080 and settings.server.tls_cert_file is None
@@ -195,13 +301,46 @@ def test_network_policy_admits_only_airflow_pods_not_broker_pods(
     docs = helm.render("pb", "podbroker", _values("default"), tmp_path)
     (policy,) = find(docs, "NetworkPolicy")
     assert policy["spec"]["policyTypes"] == ["Ingress"]
-    (rule,) = policy["spec"]["ingress"]
-    (peer,) = rule["from"]  # nothing else, no metrics scrapers unless configured
-    assert peer["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "airflow"}}
-    assert peer["podSelector"]["matchExpressions"] == [
+    (rule,) = policy["spec"]["ingress"]  # no metrics scrapers unless configured
+    airflow, helm_test = rule["from"]  # nothing else
+    assert airflow["namespaceSelector"] == {
+        "matchLabels": {"kubernetes.io/metadata.name": "airflow"}
+    }
+    assert airflow["podSelector"]["matchExpressions"] == [
         {"key": MANAGED_BY_LABEL, "operator": "DoesNotExist"}
     ]
+    assert helm_test == {
+        "podSelector": {
+            "matchLabels": {
+                "app.kubernetes.io/instance": "pb",
+                "app.kubernetes.io/component": "test",
+            }
+        }
+    }
     assert rule["ports"] == [{"port": "api", "protocol": "TCP"}]
+    assert "egress" not in policy["spec"]
+
+
+def test_scrapers_reach_the_metrics_port_only_and_egress_is_limited(
+    helm: Helm, tmp_path: Path
+) -> None:
+    docs = helm.render("pb", "podbroker", _values("everything-on"), tmp_path)
+    (policy,) = find(docs, "NetworkPolicy")
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    api, scrape = policy["spec"]["ingress"]
+    assert api["ports"] == [{"port": "api", "protocol": "TCP"}]
+    assert scrape["ports"] == [{"port": "metrics-https", "protocol": "TCP"}]
+    assert scrape["from"][0]["namespaceSelector"] == {"matchLabels": {"team": "monitoring"}}
+    dns, api_server, vault, database, airflow = policy["spec"]["egress"]
+    assert {p["port"] for p in dns["ports"]} == {53}
+    assert api_server == {
+        "to": [{"ipBlock": {"cidr": "10.0.0.1/32"}}],
+        "ports": [{"port": 6443, "protocol": "TCP"}],
+    }
+    assert vault["ports"] == [{"port": 8200, "protocol": "TCP"}]
+    assert database["to"] == [{"ipBlock": {"cidr": "10.1.2.3/32"}}]
+    assert airflow["to"][0]["podSelector"] == {"matchLabels": {"component": "api-server"}}
+    assert airflow["ports"] == [{"port": 8080, "protocol": "TCP"}]
 
 
 def test_admission_policy_uses_the_broker_secret_prefix(helm: Helm, tmp_path: Path) -> None:
@@ -224,7 +363,11 @@ def test_api_server_accepts_rendered_manifests(
     helm: Helm, release: Release, variant: str, tmp_path: Path
 ) -> None:
     values = _deep_merge(_values(variant), release.values())
-    docs = helm.render("pb", release.namespace, values, tmp_path)
+    rendered = helm.render("pb", release.namespace, values, tmp_path, api_versions=MONITORING)
+    docs = [d for d in rendered if d["kind"] not in CRD_KINDS]
+    # `helm test` creates its ServiceAccount first (hook weight -1); admission wants it.
+    hooks = [d for d in docs if "helm.sh/hook" in d["metadata"].get("annotations", {})]
+    release.apply([d for d in hooks if d["kind"] == "ServiceAccount"])
     result = release.kube.kubectl(
         "apply", "--dry-run=server", "-f", "-", input_text=yaml.safe_dump_all(docs)
     )
@@ -232,28 +375,147 @@ def test_api_server_accepts_rendered_manifests(
     for doc in docs:
         assert f"{doc['kind'].lower()}" in result.stdout.lower()
     assert result.stdout.count("(server dry run)") == len(docs)
+    if variant == "everything-on":
+        assert {d["kind"] for d in rendered} >= CRD_KINDS
 
 
 @pytest.mark.stack
-def test_service_monitor_renders_but_needs_the_operator_crd(
+def test_service_monitor_only_where_the_cluster_serves_its_crd(
     helm: Helm, release: Release, tmp_path: Path
 ) -> None:
-    """ServiceMonitor is off by default: the test API server (like many clusters) has no
-    Prometheus Operator CRD, so the server rejects that one object and accepts the rest."""
-    values = release.values(metrics={"serviceMonitor": {"enabled": True}})
-    docs = helm.render("pb", release.namespace, values, tmp_path)
+    """The test API server (like many clusters) has no Prometheus Operator CRDs: `helm
+    install` there skips the ServiceMonitor and PrometheusRule instead of failing."""
+    values = release.values(
+        metrics={"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}}
+    )
+    assert not find(helm.render("pb", release.namespace, values, tmp_path), "ServiceMonitor")
+    docs = helm.render("pb", release.namespace, values, tmp_path, api_versions=MONITORING)
     (monitor,) = find(docs, "ServiceMonitor")
-    assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["path"] == "/metrics"
+    assert endpoint["port"] == "metrics" and endpoint["scheme"] == "http"
+    assert endpoint["scrapeTimeout"] == "10s"
+    assert find(docs, "PrometheusRule")
     rejected = release.kube.kubectl(
         "apply", "--dry-run=server", "-f", "-", input_text=yaml.safe_dump(monitor)
     )
     assert rejected.returncode != 0
     assert "ServiceMonitor" in rejected.stderr
-    rest = [d for d in docs if d["kind"] != "ServiceMonitor"]
-    accepted = release.kube.kubectl(
-        "apply", "--dry-run=server", "-f", "-", input_text=yaml.safe_dump_all(rest)
+
+
+def test_metrics_behind_the_authorizing_proxy(helm: Helm, tmp_path: Path) -> None:
+    docs = helm.render(
+        "pb", "podbroker", _values("everything-on"), tmp_path, api_versions=MONITORING
     )
-    assert accepted.returncode == 0, accepted.stderr
+    (deployment,) = find(docs, "Deployment")
+    containers = {c["name"]: c for c in deployment["spec"]["template"]["spec"]["containers"]}
+    proxy = containers["metrics-proxy"]
+    assert "--upstream=http://127.0.0.1:9090/" in proxy["args"]
+    assert "--allow-paths=/metrics" in proxy["args"]
+    (service,) = find(docs, "Service")
+    ports = {p["name"]: p for p in service["spec"]["ports"]}
+    assert set(ports) == {"https", "metrics-https"}  # the plain metrics port is not exposed
+    (monitor,) = find(docs, "ServiceMonitor")
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["scheme"] == "https"
+    assert endpoint["tlsConfig"]["ca"] == {"secret": {"name": "podbroker-tls", "key": "ca.crt"}}
+    assert endpoint["tlsConfig"]["serverName"] == "pb-broker.podbroker.svc"
+    assert endpoint["relabelings"] == [{"action": "labeldrop", "regex": "pod_template_hash"}]
+    (reader,) = [
+        r for r in find(docs, "ClusterRole") if r["metadata"]["name"].endswith("-metrics-reader")
+    ]
+    assert reader["rules"] == [{"nonResourceURLs": ["/metrics"], "verbs": ["get"]}]
+    (tokenreview,) = [
+        r for r in find(docs, "ClusterRole") if r["metadata"]["name"].endswith("-tokenreview")
+    ]
+    assert {r["resources"][0] for r in tokenreview["rules"]} == {
+        "tokenreviews",
+        "subjectaccessreviews",
+    }
+
+
+def test_the_values_people_expect(helm: Helm, tmp_path: Path) -> None:
+    docs = helm.render("pb", "podbroker", _values("everything-on"), tmp_path)
+    assert not find(docs, "ServiceAccount", "podbroker")  # serviceAccount.create=false
+    for doc in docs:
+        if doc["metadata"]["name"] == "pb-extra":  # extraObjects are passed through
+            continue
+        assert doc["metadata"]["labels"]["team"] == "platform", doc["kind"]
+    (deployment,) = find(docs, "Deployment", "pb-broker")
+    assert deployment["spec"]["revisionHistoryLimit"] == 5
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 45
+    assert pod["priorityClassName"] == "system-cluster-critical"
+    assert pod["securityContext"] == {
+        "runAsNonRoot": True,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }  # OpenShift: no fixed UIDs
+    (spread,) = pod["topologySpreadConstraints"]
+    assert spread["labelSelector"]["matchLabels"]["app.kubernetes.io/name"] == "broker"
+    broker = pod["containers"][0]
+    assert broker["readinessProbe"]["periodSeconds"] == 7
+    assert broker["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert {"name": "scratch", "mountPath": "/scratch"} in broker["volumeMounts"]
+    assert {"broker", "metrics-proxy", "sidecar"} == {c["name"] for c in pod["containers"]}
+    assert {"name": "scratch", "emptyDir": {}} in pod["volumes"]
+    (extra,) = find(docs, "ConfigMap", "pb-extra")
+    assert extra["data"] == {"release": "pb"}
+    (certificate,) = find(docs, "Certificate")
+    assert certificate["spec"]["secretName"] == "podbroker-tls"
+    assert "pb-broker.podbroker.svc" in certificate["spec"]["dnsNames"]
+    assert certificate["spec"]["issuerRef"]["name"] == "internal-ca"
+    result = helm.template(
+        "pb", "podbroker", _deep_merge(_values("default"), {"fullnameOverride": "pb"}), tmp_path
+    )
+    assert "name: pb-config" in result.stdout
+
+
+def test_rbac_is_what_the_kubernetes_adapter_calls(helm: Helm, tmp_path: Path) -> None:
+    """Every verb is one broker/kube/cluster.py uses (or reading Events for pending
+    reasons); rbac.create=false leaves RBAC to the cluster admin."""
+    docs = helm.render("pb", "podbroker", _values("default"), tmp_path)
+    role = find(docs, "Role")[0]
+    rules = {tuple(r["resources"]): r["verbs"] for r in role["rules"]}
+    assert rules == {
+        ("secrets",): ["create", "get", "list", "delete"],
+        ("pods",): ["create", "get", "list", "watch", "patch", "delete"],
+        ("pods/log",): ["get"],
+        ("events",): ["list", "watch"],
+    }
+    values = _deep_merge(_values("default"), {"rbac": {"create": False}})
+    docs = helm.render("pb", "podbroker", values, tmp_path)
+    assert not {"Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"} & {
+        d["kind"] for d in docs
+    }
+
+
+def test_helm_test_hook_checks_readiness_and_one_authenticated_read(
+    helm: Helm, tmp_path: Path
+) -> None:
+    docs = helm.render("pb", "podbroker", _values("default"), tmp_path)
+    (pod,) = find(docs, "Pod")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert pod["spec"]["serviceAccountName"] == "pb-podbroker-test"
+    script = pod["spec"]["containers"][0]["args"][0]
+    assert "https://pb-podbroker.podbroker.svc:443/readyz" in script
+    assert "/v1/launches/00000000000000000000" in script
+    (projected,) = [v for v in pod["spec"]["volumes"] if "projected" in v]
+    token = projected["projected"]["sources"][0]["serviceAccountToken"]
+    assert token["audience"] == "podbroker"
+    off = helm.render(
+        "pb", "podbroker", _deep_merge(_values("default"), {"tests": {"enabled": False}}), tmp_path
+    )
+    assert not find(off, "Pod")
+    (configmap,) = find(off, "ConfigMap")
+    assert "podbroker-helm-test" not in configmap["data"]["config.yaml"]
+
+
+def test_notes_name_files_that_exist() -> None:
+    notes = (CHART / "templates" / "NOTES.txt").read_text()
+    mentioned = set(re.findall(r"\b((?:docs|deploy)/[\w./-]+\.(?:md|yaml))", notes))
+    assert mentioned
+    for path in mentioned:
+        assert (REPO_ROOT / path).is_file(), path
 
 
 def test_standalone_admission_policy_manifest_matches_the_chart(helm: Helm) -> None:

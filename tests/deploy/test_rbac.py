@@ -71,10 +71,11 @@ def test_broker_handles_secrets_only_in_task_namespaces(
 ) -> None:
     broker = installed.broker_user
     for namespace in installed.tasks:
-        for verb in ("create", "get", "list", "watch", "delete"):
+        for verb in ("create", "get", "list", "delete"):
             assert allowed(kube_api, broker, verb, "secrets", namespace), (verb, namespace)
-        # Broker Secrets are immutable: no update/patch, not even in task namespaces.
-        for verb in ("update", "patch", "deletecollection"):
+        # Broker Secrets are immutable: no update/patch, not even in task namespaces; the
+        # broker never watches them either.
+        for verb in ("update", "patch", "deletecollection", "watch"):
             assert not allowed(kube_api, broker, verb, "secrets", namespace), (verb, namespace)
     elsewhere = [installed.namespace, installed.airflow, installed.other, "default", "kube-system"]
     for namespace in elsewhere:
@@ -92,7 +93,9 @@ def test_broker_pod_verbs_are_the_launchers_and_nothing_more(
     for verb in ("create", "get", "list", "watch", "patch", "delete"):
         assert allowed(kube_api, broker, verb, "pods", task), verb
     assert allowed(kube_api, broker, "get", "pods/log", task)
-    assert allowed(kube_api, broker, "create", "events", task)
+    for verb in ("list", "watch"):  # pending reasons
+        assert allowed(kube_api, broker, verb, "events", task), verb
+    assert not allowed(kube_api, broker, "create", "events", task)
     denied_in_task = [
         ("create", "pods/exec"),
         ("create", "pods/attach"),
