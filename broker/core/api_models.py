@@ -112,7 +112,10 @@ class Toleration(Strict):
     operator: Literal["Exists", "Equal"] = "Equal"
     value: LabelValue | None = None
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    toleration_seconds: Annotated[int, Field(strict=True, ge=0, le=10 * 365 * 86400)] | None = None
+    # A JSON integer (3 or 3.0), never a boolean or a string, like every other count.
+    toleration_seconds: Annotated[int, Field(ge=0, le=10 * 365 * 86400), NO_LAX_INTEGER] | None = (
+        None
+    )
 
 
 # -- volumes ---------------------------------------------------------------------------
