@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from broker.core.plan import PodTemplate
+from broker.core.plan import NamespaceRules, PodTemplate
 from broker.errors import InvalidRequestError
 from broker.vault import names
 
@@ -61,6 +61,24 @@ class KubernetesSettings(_Section):
     reconcile_interval_seconds: int = 30
     request_timeout_seconds: float = 10.0
     run_as_non_root: bool = False
+    require_template: bool = False
+    """Every launch must name a ``pod_template`` (per namespace: ``namespace_rules``)."""
+    allowed_labels: list[str] = Field(default_factory=list)
+    """Globs over the pod label keys a request may set (none by default; keys the broker
+    reserves never pass). Templates' own labels are not bound by this."""
+    allowed_annotations: list[str] = Field(default_factory=list)
+    """Globs over the pod annotation keys a request may set (none by default; AppArmor
+    and seccomp keys and the broker's own never pass)."""
+    namespace_rules: dict[str, NamespaceRules] = Field(default_factory=dict)
+    """Per task namespace: require_template, and the claims, ConfigMaps, image pull
+    Secrets, runtime and priority classes requests may name (globs)."""
+
+    @model_validator(mode="after")
+    def _rules_for_task_namespaces(self) -> KubernetesSettings:
+        stray = sorted(set(self.namespace_rules) - set(self.task_namespaces))
+        if stray:
+            raise ValueError(f"namespace_rules for non-task namespaces: {', '.join(stray)}")
+        return self
 
 
 class CallerRule(_Section):

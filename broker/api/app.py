@@ -34,7 +34,7 @@ from broker.api.guard import (
     wire_of,
 )
 from broker.api.limits import InFlightLimiter
-from broker.core.api_models import ErrorBody, LaunchRequest, LaunchView
+from broker.core.api_models import ErrorBody, LaunchDryRun, LaunchRequest, LaunchView
 from broker.core.models import AIRFLOW_KEY_PATTERN, PRINTABLE_PATTERN, Caller
 from broker.core.report import ReportFilters, UsageReport
 from broker.errors import (
@@ -151,7 +151,11 @@ _BY_ID: Final[dict[int | str, dict[str, Any]]] = {
 }
 _LAUNCH: Final[dict[int | str, dict[str, Any]]] = {
     **_BY_ID,
-    200: {"model": LaunchView, "description": "this task try was launched before: that launch"},
+    200: {
+        "model": LaunchView | LaunchDryRun,
+        "description": "this task try was launched before: that launch; or, with "
+        "dry_run=true, the plan and the decision",
+    },
     404: {**_ERROR, "description": "a requested secret is not in the catalog"},
     409: {**_ERROR, "description": "conflicts with existing state"},
     415: {**_ERROR, "description": "the body is not application/json"},
@@ -244,10 +248,28 @@ def create_app(runtime: Runtime, *, refusals: RefusalRecorder | None = None) -> 
         body = ErrorBody(error="internal", reason="internal error")
         return JSONResponse(body.model_dump(), status_code=500)
 
-    @app.post("/v1/launches", response_model=LaunchView, status_code=201, responses=_LAUNCH)
-    def launch(body: LaunchRequest, who: CallerDep, response: Response) -> LaunchView:
+    @app.post(
+        "/v1/launches",
+        response_model=LaunchView | LaunchDryRun,
+        status_code=201,
+        responses=_LAUNCH,
+    )
+    def launch(
+        body: LaunchRequest,
+        who: CallerDep,
+        response: Response,
+        dry_run: Annotated[
+            StrictBool,
+            Query(description="plan and decide only: nothing created, nothing read from Vault"),
+        ] = False,
+    ) -> LaunchView | LaunchDryRun:
         """Launch (or reattach to) the pod of one task try: 201 when launched now, 200
-        when this try was launched before (that launch is returned)."""
+        when this try was launched before (that launch is returned). With
+        ``dry_run=true``: 200 with the launch plan and the policy decision (a denial is
+        a decision, not an error); nothing is created and no secret is read."""
+        if dry_run:
+            response.status_code = 200
+            return runtime.launches.dry_run(who, body)
         view = runtime.launches.launch(who, body)
         if not view.created:
             response.status_code = 200

@@ -45,6 +45,7 @@ class EventKind(StrEnum):
     POD_DELETED = "pod_deleted"  # a finished launch's pod removed by its caller
     LAUNCH_REATTACHED = "launch_reattached"  # the same try asked again: its existing pod
     LAUNCH_FAILED = "launch_failed"
+    LAUNCH_DRY_RUN = "launch_dry_run"  # POST /v1/launches?dry_run=true: planned, nothing done
     RECONCILER_CLEANUP = "reconciler_cleanup"
     POLICY_APPLIED = "policy_applied"
     REQUEST_REFUSED = "request_refused"  # 401/403/413/415/422, counted per caller and reason

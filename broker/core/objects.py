@@ -59,6 +59,10 @@ class PodInfo:
     created_at: dt.datetime | None = None
     deleting: bool = False
     active_deadline_seconds: int | None = None
+    scheduled: bool = False
+    """The pod's PodScheduled condition is True (it has a node)."""
+    unschedulable: str | None = None
+    """The scheduler's message while PodScheduled is False with reason Unschedulable."""
 
     @property
     def launch_id(self) -> str | None:

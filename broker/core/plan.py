@@ -11,15 +11,35 @@ import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, cast
+from fnmatch import fnmatchcase
+from typing import Annotated, Any, Literal, cast
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from broker.core import podmeta
-from broker.core.api_models import LaunchRequest, Toleration
-from broker.core.models import EnvDelivery, SecretRequest, TaskIdentity
+from broker.core.api_models import (
+    Affinity,
+    DnsLabel,
+    DnsName,
+    LaunchRequest,
+    NodeSelectorTerm,
+    PodSecurity,
+    Toleration,
+    TopologySpreadConstraint,
+    Volume,
+    VolumeMount,
+)
+from broker.core.models import (
+    ENV_VAR_PATTERN,
+    PRINTABLE_PATTERN,
+    EnvDelivery,
+    FileDelivery,
+    SecretRequest,
+    TaskIdentity,
+)
 from broker.core.objects import CONTAINER_NAME
 from broker.core.policy import DatabaseSecret, Decision, KvSecret, PolicySet
+from broker.core.quantity import parse_quantity
 from broker.core.secret_value import SecretValue
 from broker.errors import InvalidRequestError
 
@@ -28,7 +48,7 @@ SECRETS_VOLUME = "podbroker-secrets"
 
 # Fields of a pod spec a caller might try to sneak in, and why each is refused.
 _FORBIDDEN_OVERRIDES: Mapping[str, str] = {
-    "volumes": "volumes are created by the broker only",
+    "volumes": "use the volumes and volume_mounts fields",
     "envFrom": "envFrom could read other Secrets or ConfigMaps",
     "env_from": "envFrom could read other Secrets or ConfigMaps",
     "secretKeyRef": "secretKeyRef could read other Secrets",
@@ -49,18 +69,81 @@ _FORBIDDEN_OVERRIDES: Mapping[str, str] = {
 }
 
 
+class SidecarSpec(BaseModel):
+    """A native sidecar (an init container with ``restartPolicy: Always``) that only a
+    platform template can define: hardened like the task container, no Secret refs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: DnsLabel
+    image: Annotated[str, Field(min_length=1, max_length=500, pattern=PRINTABLE_PATTERN)]
+    command: list[str] = Field(default_factory=list)
+    args: list[str] = Field(default_factory=list)
+    env: dict[Annotated[str, Field(pattern=ENV_VAR_PATTERN)], str] = Field(default_factory=dict)
+    resources: dict[Literal["requests", "limits"], dict[str, str]] = Field(default_factory=dict)
+    volume_mounts: list[VolumeMount] = Field(default_factory=list)
+
+
 class PodTemplate(BaseModel):
-    """A platform-defined template a request may name (``pod_template``)."""
+    """A platform-defined template a request may name (``pod_template``). It binds:
+    ``resources`` are defaults and ceilings (a request may ask less, never more);
+    ``service_account``, ``node_selector``, ``tolerations``, ``runtime_class_name``,
+    ``priority_class_name``, ``affinity``, ``topology_spread_constraints`` and
+    ``security_context`` are fixed when set (a request may repeat them, not change
+    them); ``volumes`` and ``image_pull_secrets`` are added to every pod;
+    ``persistent_volume_claims`` / ``config_maps`` (globs) widen what a request may
+    mount; ``sidecars`` run beside the task container."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     labels: dict[str, str] = Field(default_factory=dict)
     annotations: dict[str, str] = Field(default_factory=dict)
-    node_selector: dict[str, str] = Field(default_factory=dict)
-    tolerations: list[Toleration] = Field(default_factory=list)
-    resources: dict[str, dict[str, str]] = Field(default_factory=dict)
+    node_selector: dict[str, str] | None = None
+    tolerations: list[Toleration] | None = None
+    resources: dict[Literal["requests", "limits"], dict[str, str]] = Field(default_factory=dict)
     service_account: str | None = None
     priority_class_name: str | None = None
+    runtime_class_name: str | None = None
+    affinity: Affinity | None = None
+    topology_spread_constraints: list[TopologySpreadConstraint] | None = None
+    security_context: PodSecurity | None = None
+    image_pull_secrets: list[DnsName] = Field(default_factory=list)
+    volumes: list[Volume] = Field(default_factory=list)
+    persistent_volume_claims: list[str] = Field(default_factory=list)
+    config_maps: list[str] = Field(default_factory=list)
+    sidecars: list[SidecarSpec] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _valid(self) -> PodTemplate:
+        for section, values in self.resources.items():
+            for key, text in values.items():
+                try:
+                    parse_quantity(text)
+                except ValueError as exc:
+                    raise ValueError(f"resources.{section}.{key}: {exc}") from None
+        names = [v.name for v in self.volumes]
+        if len(set(names)) != len(names) or any(n.startswith(SECRET_NAME_PREFIX) for n in names):
+            raise ValueError("volume names must be unique and not start with 'podbroker-'")
+        sidecars = [c.name for c in self.sidecars]
+        if len(set(sidecars)) != len(sidecars) or CONTAINER_NAME in sidecars:
+            raise ValueError(f"sidecar names must be unique and not {CONTAINER_NAME!r}")
+        return self
+
+
+class NamespaceRules(BaseModel):
+    """What requests may name in one task namespace (globs, fnmatch, case-sensitive):
+    claims, ConfigMaps, image pull Secrets, runtime and priority classes. Templates may
+    widen the first two and fix the rest."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    require_template: bool | None = None
+    """Launches here must name a pod_template (None: ``kubernetes.require_template``)."""
+    persistent_volume_claims: list[str] = Field(default_factory=list)
+    config_maps: list[str] = Field(default_factory=list)
+    image_pull_secrets: list[str] = Field(default_factory=list)
+    runtime_classes: list[str] = Field(default_factory=list)
+    priority_classes: list[str] = Field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -71,6 +154,15 @@ class PlanPolicy:
     allowed_service_accounts: Sequence[str] = ("default",)
     templates: Mapping[str, PodTemplate] = field(default_factory=dict)
     run_as_non_root: bool = False
+    require_template: bool = False
+    namespace_rules: Mapping[str, NamespaceRules] = field(default_factory=dict)
+    allowed_labels: Sequence[str] = ()
+    """Globs over the label keys a request may set (reserved keys never pass)."""
+    allowed_annotations: Sequence[str] = ()
+    """Globs over the annotation keys a request may set (confinement ones never pass)."""
+
+    def rules_for(self, namespace: str) -> NamespaceRules:
+        return self.namespace_rules.get(namespace) or NamespaceRules()
 
 
 def _find_forbidden(value: Any, path: str, found: list[str]) -> None:
@@ -394,7 +486,7 @@ class LaunchPlan:
             )
         files = [slot for slot in slots if slot.mount_path is not None]
         if files:
-            pod["spec"]["volumes"] = [
+            pod["spec"].setdefault("volumes", []).append(
                 {
                     "name": SECRETS_VOLUME,
                     "secret": {
@@ -406,7 +498,7 @@ class LaunchPlan:
                         ],
                     },
                 }
-            ]
+            )
             mounts = []
             for slot in files:
                 assert slot.mount_path is not None and slot.file_name is not None
@@ -418,7 +510,7 @@ class LaunchPlan:
                         "subPath": slot.data_key,
                     }
                 )
-            container["volumeMounts"] = mounts
+            container.setdefault("volumeMounts", []).extend(mounts)
         return pod
 
 
@@ -432,21 +524,46 @@ def _merge(base: Mapping[str, str], extra: Mapping[str, str]) -> dict[str, str]:
 # one into securityContext.appArmorProfile), and placement onto control-plane nodes.
 _UNSAFE_ANNOTATION_PARTS = ("apparmor", "seccomp")
 _CONTROL_PLANE_PREFIX = "node-role.kubernetes.io/"
+# Where a mount could reach the node's or the API's credentials.
+_RESERVED_MOUNT_PATHS = ("/var/run/secrets", "/run/secrets")
 
 
-def _reject_unsafe_scheduling(request: LaunchRequest) -> None:
+def _matches_any(name: str, globs: Sequence[str]) -> bool:
+    return any(fnmatchcase(name, glob) for glob in globs)
+
+
+def _check_metadata_keys(request: LaunchRequest, policy: PlanPolicy) -> None:
+    """Request labels and annotations pass the settings' allow-lists; reserved and
+    confinement keys never pass, whatever the allow-list says."""
+    for key in request.scheduling.labels:
+        if podmeta.is_reserved(key):
+            raise InvalidRequestError(f"label {key!r} is reserved for the broker")
+        if not _matches_any(key, policy.allowed_labels):
+            raise InvalidRequestError(
+                f"scheduling.labels: {key!r} is not allowed (kubernetes.allowed_labels)"
+            )
     for key in request.scheduling.annotations:
+        if podmeta.is_reserved(key):
+            raise InvalidRequestError(f"annotation {key!r} is reserved for the broker")
         if any(part in key.lower() for part in _UNSAFE_ANNOTATION_PARTS):
             raise InvalidRequestError(
                 f"annotation {key!r} would change the container's confinement; the broker "
                 "sets seccomp (and AppArmor comes from the node's runtime default)"
             )
-    for key in request.scheduling.node_selector:
+        if not _matches_any(key, policy.allowed_annotations):
+            raise InvalidRequestError(
+                f"scheduling.annotations: {key!r} is not allowed (kubernetes.allowed_annotations)"
+            )
+
+
+def _check_placement(request: LaunchRequest) -> None:
+    scheduling = request.scheduling
+    for key in scheduling.node_selector:
         if key.startswith(_CONTROL_PLANE_PREFIX):
             raise InvalidRequestError(
                 f"node_selector {key!r}: task pods never run on control-plane nodes"
             )
-    for toleration in request.scheduling.tolerations:
+    for toleration in scheduling.tolerations:
         if not toleration.key:
             raise InvalidRequestError(
                 "a toleration without a key tolerates every taint; name the taint"
@@ -455,6 +572,263 @@ def _reject_unsafe_scheduling(request: LaunchRequest) -> None:
             raise InvalidRequestError(
                 f"toleration {toleration.key!r}: task pods never run on control-plane nodes"
             )
+    node = scheduling.affinity.node_affinity if scheduling.affinity else None
+    if node is None:
+        return
+    required = node.required_during_scheduling_ignored_during_execution
+    terms: list[NodeSelectorTerm] = [
+        *(required.node_selector_terms if required else []),
+        *(p.preference for p in node.preferred_during_scheduling_ignored_during_execution),
+    ]
+    for term in terms:
+        for expression in term.match_expressions:
+            attracted = expression.operator in ("In", "Exists")
+            if attracted and expression.key.startswith(_CONTROL_PLANE_PREFIX):
+                raise InvalidRequestError(
+                    f"scheduling.affinity {expression.key!r}: task pods never run on "
+                    "control-plane nodes"
+                )
+
+
+def _fixed(field_name: str, fixed: object, asked: object, *, unset: object = None) -> None:
+    """A template's fixed value: the request may leave it out or repeat it."""
+    if fixed is not None and asked != unset and asked != fixed:
+        raise InvalidRequestError(
+            f"{field_name} is fixed by the pod template; the request may not change it"
+        )
+
+
+def _resources(request: LaunchRequest, template: PodTemplate) -> dict[str, dict[str, str]]:
+    """The template's resources are defaults and ceilings: a request may ask less,
+    never more (a request also never exceeds the template's limit of the same kind)."""
+    asked = {
+        "requests": request.container.resources.requests,
+        "limits": request.container.resources.limits,
+    }
+    limits = template.resources.get("limits", {})
+    ceilings = {
+        "requests": {**limits, **template.resources.get("requests", {})},
+        "limits": limits,
+    }
+    for section, values in asked.items():
+        for key, text in values.items():
+            try:
+                value = parse_quantity(text)
+            except ValueError as exc:
+                raise InvalidRequestError(f"container.resources.{section}.{key}: {exc}") from None
+            ceiling = ceilings[section].get(key)
+            if ceiling is not None and value > parse_quantity(ceiling):
+                raise InvalidRequestError(
+                    f"container.resources.{section}.{key}: {text} is over the pod "
+                    f"template's ceiling {ceiling}"
+                )
+    return {
+        "requests": _merge(template.resources.get("requests", {}), asked["requests"]),
+        "limits": _merge(limits, asked["limits"]),
+    }
+
+
+def _volumes(
+    request: LaunchRequest,
+    template: PodTemplate,
+    rules: NamespaceRules,
+    namespace: str,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The pod's non-secret volumes (template's, then the request's) and the task
+    container's mounts. Claims and ConfigMaps must be allowed for the namespace or by
+    the template; mounts may not cover the secret files or the token paths."""
+    names = {v.name for v in template.volumes}
+    for volume in request.volumes:
+        if volume.name in names or volume.name.startswith(SECRET_NAME_PREFIX):
+            raise InvalidRequestError(
+                f"volumes: {volume.name!r} is used twice or reserved for the broker"
+            )
+        names.add(volume.name)
+        claim = volume.persistent_volume_claim
+        if claim is not None and not _matches_any(
+            claim.claim_name, [*rules.persistent_volume_claims, *template.persistent_volume_claims]
+        ):
+            raise InvalidRequestError(
+                f"volumes: persistent volume claim {claim.claim_name!r} is not allowed in "
+                f"namespace {namespace!r} (kubernetes.namespace_rules or the pod template)"
+            )
+        config_map = volume.config_map
+        if config_map is not None and not _matches_any(
+            config_map.name, [*rules.config_maps, *template.config_maps]
+        ):
+            raise InvalidRequestError(
+                f"volumes: ConfigMap {config_map.name!r} is not allowed in namespace "
+                f"{namespace!r} (kubernetes.namespace_rules or the pod template)"
+            )
+    secret_dirs = [
+        s.delivery.mount_path.rstrip("/") or "/"
+        for s in request.secrets
+        if isinstance(s.delivery, FileDelivery)
+    ]
+    mounts: list[dict[str, Any]] = []
+    paths: set[str] = set()
+    for mount in request.volume_mounts:
+        if mount.name not in names:
+            raise InvalidRequestError(f"volume_mounts: no volume named {mount.name!r}")
+        path = mount.mount_path.rstrip("/") or "/"
+        if path in paths:
+            raise InvalidRequestError(f"volume_mounts: {path!r} is mounted twice")
+        paths.add(path)
+        for reserved in [*_RESERVED_MOUNT_PATHS, *secret_dirs]:
+            if _overlaps(path, reserved):
+                raise InvalidRequestError(
+                    f"volume_mounts: {path!r} would cover or sit inside {reserved!r}, "
+                    "where the broker mounts secrets"
+                )
+        mounts.append(mount.manifest())
+    volumes = [v.manifest() for v in (*template.volumes, *request.volumes)]
+    return volumes, mounts
+
+
+def _overlaps(path: str, other: str) -> bool:
+    """Is one of two absolute paths the other or inside it."""
+    a, b = path.rstrip("/") + "/", other.rstrip("/") + "/"
+    return a.startswith(b) or b.startswith(a)
+
+
+def _hardened_security() -> dict[str, Any]:
+    return {
+        "allowPrivilegeEscalation": False,
+        "privileged": False,
+        "capabilities": {"drop": ["ALL"]},
+        "readOnlyRootFilesystem": False,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _sidecar(spec: SidecarSpec) -> dict[str, Any]:
+    container: dict[str, Any] = {
+        "name": spec.name,
+        "image": spec.image,
+        "restartPolicy": "Always",  # a native sidecar: it ends when the task container ends
+        "env": [{"name": k, "value": v} for k, v in spec.env.items()],
+        "resources": {k: dict(v) for k, v in spec.resources.items() if v},
+        "securityContext": _hardened_security(),
+    }
+    if spec.command:
+        container["command"] = list(spec.command)
+    if spec.args:
+        container["args"] = list(spec.args)
+    if spec.volume_mounts:
+        container["volumeMounts"] = [m.manifest() for m in spec.volume_mounts]
+    return container
+
+
+def _pod_security(
+    request: LaunchRequest, template: PodTemplate, policy: PlanPolicy
+) -> dict[str, Any]:
+    _fixed(
+        "security_context",
+        template.security_context,
+        request.security_context,
+    )
+    chosen = template.security_context or request.security_context or PodSecurity()
+    security: dict[str, Any] = {"seccompProfile": {"type": "RuntimeDefault"}, **chosen.manifest()}
+    if policy.run_as_non_root:
+        if chosen.run_as_non_root is False:
+            raise InvalidRequestError("security_context.run_as_non_root: the broker requires true")
+        if chosen.run_as_user == 0:
+            raise InvalidRequestError(
+                "security_context.run_as_user: 0 is root, and the broker requires run_as_non_root"
+            )
+        security["runAsNonRoot"] = True
+    return security
+
+
+def _template_for(request: LaunchRequest, policy: PlanPolicy, namespace: str) -> PodTemplate:
+    rules = policy.rules_for(namespace)
+    required = rules.require_template
+    if required is None:
+        required = policy.require_template
+    if request.pod_template is None:
+        if required:
+            raise InvalidRequestError(
+                f"pod_template: namespace {namespace!r} requires one "
+                f"(defined: {', '.join(sorted(policy.templates)) or 'none'})"
+            )
+        return PodTemplate()
+    if request.pod_template not in policy.templates:
+        raise InvalidRequestError(
+            f"unknown pod_template {request.pod_template!r} "
+            f"(defined: {', '.join(sorted(policy.templates)) or 'none'})"
+        )
+    return policy.templates[request.pod_template]
+
+
+def _scheduling(
+    request: LaunchRequest, template: PodTemplate, rules: NamespaceRules, namespace: str
+) -> dict[str, Any]:
+    """The pod's placement: the template's fixed values, else the request's, each
+    request-chosen class and pull Secret checked against the namespace's rules."""
+    asked = request.scheduling
+    _fixed("scheduling.node_selector", template.node_selector, asked.node_selector, unset={})
+    _fixed(
+        "scheduling.tolerations",
+        template.tolerations,
+        list(asked.tolerations),
+        unset=[],
+    )
+    _fixed("scheduling.runtime_class_name", template.runtime_class_name, asked.runtime_class_name)
+    _fixed(
+        "scheduling.priority_class_name", template.priority_class_name, asked.priority_class_name
+    )
+    _fixed("scheduling.affinity", template.affinity, asked.affinity)
+    _fixed(
+        "scheduling.topology_spread_constraints",
+        template.topology_spread_constraints,
+        list(asked.topology_spread_constraints),
+        unset=[],
+    )
+    for value, allowed, what in (
+        (asked.runtime_class_name, rules.runtime_classes, "runtime_class_name"),
+        (asked.priority_class_name, rules.priority_classes, "priority_class_name"),
+    ):
+        fixed_by_template = getattr(template, what) is not None
+        if value is not None and not fixed_by_template and not _matches_any(value, allowed):
+            raise InvalidRequestError(
+                f"scheduling.{what}: {value!r} is not allowed in namespace {namespace!r} "
+                "(kubernetes.namespace_rules)"
+            )
+    for name in request.image_pull_secrets:
+        if name not in template.image_pull_secrets and not _matches_any(
+            name, rules.image_pull_secrets
+        ):
+            raise InvalidRequestError(
+                f"image_pull_secrets: {name!r} is not allowed in namespace {namespace!r} "
+                "(kubernetes.namespace_rules or the pod template)"
+            )
+    node_selector = (
+        template.node_selector if template.node_selector is not None else asked.node_selector
+    )
+    tolerations = template.tolerations if template.tolerations is not None else asked.tolerations
+    spec: dict[str, Any] = {
+        "nodeSelector": dict(node_selector),
+        "tolerations": [t.model_dump(exclude_none=True, mode="json") for t in tolerations],
+    }
+    for toleration in spec["tolerations"]:
+        if "toleration_seconds" in toleration:
+            toleration["tolerationSeconds"] = toleration.pop("toleration_seconds")
+    affinity = template.affinity or asked.affinity
+    if affinity is not None:
+        spec["affinity"] = affinity.manifest()
+    spread = template.topology_spread_constraints or asked.topology_spread_constraints
+    if spread:
+        spec["topologySpreadConstraints"] = [c.manifest() for c in spread]
+    runtime_class = template.runtime_class_name or asked.runtime_class_name
+    if runtime_class:
+        spec["runtimeClassName"] = runtime_class
+    priority_class = template.priority_class_name or asked.priority_class_name
+    if priority_class:
+        spec["priorityClassName"] = priority_class
+    pull_secrets = list(dict.fromkeys([*template.image_pull_secrets, *request.image_pull_secrets]))
+    if pull_secrets:
+        spec["imagePullSecrets"] = [{"name": name} for name in pull_secrets]
+    return spec
 
 
 def build_plan(request: LaunchRequest, policy: PlanPolicy, caller_identity: str) -> LaunchPlan:
@@ -467,15 +841,10 @@ def build_plan(request: LaunchRequest, policy: PlanPolicy, caller_identity: str)
             f"namespace {namespace!r} is not a task namespace of this broker "
             f"(allowed: {', '.join(policy.namespaces)})"
         )
-    template = PodTemplate()
-    if request.pod_template is not None:
-        if request.pod_template not in policy.templates:
-            raise InvalidRequestError(
-                f"unknown pod_template {request.pod_template!r} "
-                f"(defined: {', '.join(sorted(policy.templates)) or 'none'})"
-            )
-        template = policy.templates[request.pod_template]
-    service_account = request.service_account or template.service_account or "default"
+    template = _template_for(request, policy, namespace)
+    rules = policy.rules_for(namespace)
+    _fixed("service_account", template.service_account, request.service_account)
+    service_account = template.service_account or request.service_account or "default"
     if service_account not in policy.allowed_service_accounts:
         raise InvalidRequestError(
             f"service_account {service_account!r} is not allowed for task pods "
@@ -485,13 +854,12 @@ def build_plan(request: LaunchRequest, policy: PlanPolicy, caller_identity: str)
     duplicates = sorted(name for name, n in Counter(names).items() if n > 1)
     if duplicates:
         raise InvalidRequestError(f"secrets requested more than once: {', '.join(duplicates)}")
-    for key in request.scheduling.labels:
-        if podmeta.is_reserved(key):
-            raise InvalidRequestError(f"label {key!r} is reserved for the broker")
-    for key in request.scheduling.annotations:
-        if podmeta.is_reserved(key):
-            raise InvalidRequestError(f"annotation {key!r} is reserved for the broker")
-    _reject_unsafe_scheduling(request)
+    _check_metadata_keys(request, policy)
+    _check_placement(request)
+    placement = _scheduling(request, template, rules, namespace)
+    volumes, mounts = _volumes(request, template, rules, namespace)
+    resources = _resources(request, template)
+    pod_security = _pod_security(request, template, policy)
 
     task = request.task
     launch_id = launch_id_for(task, namespace)
@@ -509,24 +877,12 @@ def build_plan(request: LaunchRequest, policy: PlanPolicy, caller_identity: str)
     annotations.update(
         podmeta.pod_annotations(names, caller_identity, task, request_digest(request))
     )
-    resources = {
-        "requests": _merge(
-            template.resources.get("requests", {}), request.container.resources.requests
-        ),
-        "limits": _merge(template.resources.get("limits", {}), request.container.resources.limits),
-    }
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
         "image": request.container.image,
         "env": [{"name": k, "value": v} for k, v in request.container.env.items()],
         "resources": {k: v for k, v in resources.items() if v},
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "privileged": False,
-            "capabilities": {"drop": ["ALL"]},
-            "readOnlyRootFilesystem": False,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": _hardened_security(),
     }
     if request.container.command:
         container["command"] = list(request.container.command)
@@ -534,10 +890,10 @@ def build_plan(request: LaunchRequest, policy: PlanPolicy, caller_identity: str)
         container["args"] = list(request.container.args)
     if request.container.working_dir:
         container["workingDir"] = request.container.working_dir
-    pod_security: dict[str, Any] = {"seccompProfile": {"type": "RuntimeDefault"}}
-    if policy.run_as_non_root:
-        pod_security["runAsNonRoot"] = True
-    tolerations = [*template.tolerations, *request.scheduling.tolerations]
+    if request.container.image_pull_policy:
+        container["imagePullPolicy"] = request.container.image_pull_policy
+    if mounts:
+        container["volumeMounts"] = mounts
     spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "serviceAccountName": service_account,
@@ -546,16 +902,12 @@ def build_plan(request: LaunchRequest, policy: PlanPolicy, caller_identity: str)
         "activeDeadlineSeconds": request.timeout_seconds,
         "securityContext": pod_security,
         "containers": [container],
-        "nodeSelector": _merge(request.scheduling.node_selector, template.node_selector),
-        "tolerations": [
-            t.model_dump(by_alias=True, exclude_none=True, mode="json") for t in tolerations
-        ],
+        **placement,
     }
-    if template.priority_class_name:
-        spec["priorityClassName"] = template.priority_class_name
-    for toleration in spec["tolerations"]:
-        if "toleration_seconds" in toleration:
-            toleration["tolerationSeconds"] = toleration.pop("toleration_seconds")
+    if template.sidecars:
+        spec["initContainers"] = [_sidecar(sidecar) for sidecar in template.sidecars]
+    if volumes:
+        spec["volumes"] = volumes
     pod = {
         "apiVersion": "v1",
         "kind": "Pod",

@@ -15,7 +15,9 @@ from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
 from broker.core import podmeta
+from broker.core.api_models import PodEvent
 from broker.core.objects import ContainerStatus, PodInfo, PodRef, ReviewedToken, SecretMeta
+from broker.core.pending import pod_event, recent_events
 from broker.core.plan import secret_name_for
 from broker.core.secret_value import SecretValue
 from broker.errors import (
@@ -50,6 +52,10 @@ def _container_status(item: Any) -> ContainerStatus:
 def pod_info(pod: client.V1Pod) -> PodInfo:
     """The broker's view of a pod from the client's object."""
     meta, status, spec = pod.metadata, pod.status, pod.spec
+    scheduled = next(
+        (c for c in ((status.conditions or []) if status else []) if c.type == "PodScheduled"),
+        None,
+    )
     return PodInfo(
         namespace=meta.namespace,
         name=meta.name,
@@ -66,6 +72,28 @@ def pod_info(pod: client.V1Pod) -> PodInfo:
         created_at=meta.creation_timestamp,
         deleting=meta.deletion_timestamp is not None,
         active_deadline_seconds=spec.active_deadline_seconds if spec else None,
+        scheduled=scheduled is not None and scheduled.status == "True",
+        unschedulable=(
+            scheduled.message or "unschedulable"
+            if scheduled is not None
+            and scheduled.status == "False"
+            and scheduled.reason == "Unschedulable"
+            else None
+        ),
+    )
+
+
+def _event(item: client.CoreV1Event) -> PodEvent:
+    series = item.series
+    return pod_event(
+        type=item.type,
+        reason=item.reason,
+        message=item.message,
+        count=item.count or (series.count if series else None),
+        last_seen=item.last_timestamp
+        or (series.last_observed_time if series else None)
+        or item.event_time
+        or item.first_timestamp,
     )
 
 
@@ -277,6 +305,22 @@ class KubeCluster:
             what=f"list pods in {namespace}",
         )
         return [pod_info(pod) for pod in result.items]
+
+    def pod_events(self, namespace: str, name: str, uid: str = "") -> list[PodEvent]:
+        """LIST events whose involvedObject is this pod (by name, and uid when known):
+        the scheduler's, the kubelet's (image pulls, config errors) and quota's, most
+        recent first, at most MAX_EVENTS, each cut to a bounded length."""
+        selector = f"involvedObject.kind=Pod,involvedObject.name={name}"
+        if uid:
+            selector += f",involvedObject.uid={uid}"
+        result = self._call(
+            "list_events",
+            lambda: self.core.list_namespaced_event(
+                namespace, field_selector=selector, limit=100, _request_timeout=self.timeout
+            ),
+            what=f"list events of {namespace}/{name}",
+        )
+        return recent_events([_event(item) for item in result.items])
 
     def read_secret_metadata(self, namespace: str, name: str) -> SecretMeta | None:
         """GET secrets/NAME as a PartialObjectMetadata: the API server sends metadata

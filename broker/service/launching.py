@@ -18,7 +18,14 @@ from typing import Any
 
 from broker.core import audit_events as ev
 from broker.core import podmeta
-from broker.core.api_models import LaunchRequest, LaunchView
+from broker.core.api_models import (
+    LaunchDryRun,
+    LaunchRequest,
+    LaunchView,
+    PlannedDecision,
+    PlannedRead,
+    PlannedToken,
+)
 from broker.core.models import Caller
 from broker.core.objects import PodInfo, launch_view
 from broker.core.plan import (
@@ -89,6 +96,78 @@ class LaunchExecutor:
         LAUNCH_LATENCY.observe(time.perf_counter() - started)
         return view
 
+    def dry_run(self, caller: Caller, request: LaunchRequest) -> LaunchDryRun:
+        """The plan and the policy decision for ``request``, audited as a dry run.
+        Creates nothing, reads no secret from Vault and mints no token (the grants are
+        read, as for any decision); Airflow is not asked about the task instance."""
+        authorize_dag(caller, request.task.dag_id)
+        plan = build_plan(request, self.plan_policy, caller.identity)
+        with VAULT_LATENCY.labels("decide").time():
+            policy = self.policies.current()
+        decision = decide(
+            policy,
+            request.task,
+            request.secrets,
+            image=request.container.image,
+            pod_template=request.pod_template,
+        )
+        pod: dict[str, Any] | None = plan.pod
+        if decision.allowed:
+            plan = complete_plan(plan, policy, decision, self.limits)
+            pod = plan.initial_pod()
+        secrets = plan.secrets
+        self.audit.append(
+            ev.launch_event(
+                ev.EventKind.LAUNCH_DRY_RUN,
+                launch_id=plan.launch_id,
+                task=request.task,
+                caller=caller,
+                secret_names=plan.secret_names,
+                teams=teams_of(decision.matched_grants),
+                namespace=plan.namespace,
+                allowed=decision.allowed,
+                denied=[*decision.denied, *decision.unknown],
+                reasons=list(decision.reasons),
+            )
+        )
+        return LaunchDryRun(
+            launch_id=plan.launch_id,
+            namespace=plan.namespace,
+            pod_name=plan.pod_name,
+            secret_name=plan.secret_name,
+            decision=PlannedDecision(
+                allowed=decision.allowed,
+                matched_grants=decision.matched_grants,
+                denied=decision.denied,
+                unknown=decision.unknown,
+                reasons=decision.reasons,
+                requires_verified_task=decision.requires_verified_task,
+            ),
+            pod=pod if pod is not None else plan.pod,
+            secret_keys_known=pod is not None,
+            vault_reads=[
+                PlannedRead(
+                    name=read.name,
+                    kind=read.kind,
+                    path=read.vault_path,
+                    grant=read.grant,
+                    version=read.version,
+                    keys=list(read.keys) if read.keys is not None else None,
+                    lease_cap_seconds=read.lease_cap,
+                )
+                for read in (secrets.reads if secrets else ())
+            ],
+            token=(
+                PlannedToken(
+                    policies=list(secrets.token.policies),
+                    ttl_seconds=secrets.token.ttl_seconds,
+                    num_uses=secrets.token.num_uses,
+                )
+                if secrets is not None and secrets.reads
+                else None
+            ),
+        )
+
     def _launch(self, caller: Caller, request: LaunchRequest) -> LaunchView:
         task = request.task
         authorize_dag(caller, task.dag_id)
@@ -108,7 +187,13 @@ class LaunchExecutor:
         try:
             with VAULT_LATENCY.labels("decide").time():
                 policy = self.policies.current()
-            decision = decide(policy, task, request.secrets, image=request.container.image)
+            decision = decide(
+                policy,
+                task,
+                request.secrets,
+                image=request.container.image,
+                pod_template=request.pod_template,
+            )
             verified = self.verifier.verify(
                 caller,
                 task,

@@ -12,10 +12,11 @@ from collections.abc import Iterator, Sequence
 from queue import Empty, Full, Queue
 
 from broker.core import audit_events as ev
-from broker.core.api_models import LaunchView
+from broker.core.api_models import LaunchView, PodEvent
 from broker.core.leakguard import LogMasker
 from broker.core.models import Caller
 from broker.core.objects import CONTAINER_NAME, PodInfo, launch_view
+from broker.core.pending import diagnose_pending
 from broker.core.secret_value import SecretValue
 from broker.errors import BrokerError, NotFoundError
 from broker.metrics import SECRET_EXPOSURES
@@ -62,7 +63,17 @@ class LaunchLookup:
         raise NotFoundError(f"no launch {launch_id!r}")
 
     def status(self, caller: Caller, launch_id: str) -> LaunchView:
-        return launch_view(self.find(caller, launch_id))
+        """The launch as it is now; while its pod is Pending, with the pod's recent
+        Events and what keeps it from starting (``pending``)."""
+        pod = self.find(caller, launch_id)
+        view = launch_view(pod)
+        if view.phase != "Pending":
+            return view
+        events: list[PodEvent] = []
+        # Events explain, they do not decide: without them the status is still right.
+        with contextlib.suppress(BrokerError):
+            events = self.cluster.pod_events(pod.namespace, pod.name, pod.uid)
+        return view.model_copy(update={"events": events, "pending": diagnose_pending(pod, events)})
 
     def logs(
         self,

@@ -171,6 +171,10 @@ def build_runtime(settings: BrokerSettings, *, dev_generate_key: bool = False) -
         allowed_service_accounts=tuple(settings.kubernetes.allowed_service_accounts),
         templates=dict(settings.pod_templates),
         run_as_non_root=settings.kubernetes.run_as_non_root,
+        require_template=settings.kubernetes.require_template,
+        namespace_rules=dict(settings.kubernetes.namespace_rules),
+        allowed_labels=tuple(settings.kubernetes.allowed_labels),
+        allowed_annotations=tuple(settings.kubernetes.allowed_annotations),
     )
     verifier = TaskVerifier(
         _airflow_source(settings),

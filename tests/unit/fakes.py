@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from broker.core import podmeta
-from broker.core.api_models import ContainerSpec, LaunchRequest, LaunchView
+from broker.core.api_models import ContainerSpec, LaunchRequest, LaunchView, PodEvent
 from broker.core.audit_events import AuditEvent, EventKind
 from broker.core.models import Caller, SecretRequest, TaskIdentity
 from broker.core.objects import ContainerStatus, HeldByLaunch, PodInfo, PodRef, SecretMeta
@@ -120,6 +120,7 @@ class FakeCluster:
         self.pods: dict[Key, PodInfo] = {}
         self.pod_manifests: dict[Key, dict[str, Any]] = {}
         self.secrets: dict[Key, StoredSecret] = {}
+        self.events: dict[Key, list[PodEvent]] = {}
         self.deleted_pods: list[Key] = []
         self.deleted_secrets: list[Key] = []
         self.logs: dict[Key, list[bytes]] = {}
@@ -287,6 +288,11 @@ class FakeCluster:
         self._enter("read_pod")
         with self._lock:
             return self.pods.get((namespace, name))
+
+    def pod_events(self, namespace: str, name: str, uid: str = "") -> list[PodEvent]:
+        self._enter("pod_events")
+        with self._lock:
+            return list(self.events.get((namespace, name), []))
 
     def delete_pod(self, namespace: str, name: str, *, grace_seconds: int = 0) -> bool:
         self._enter("delete_pod")

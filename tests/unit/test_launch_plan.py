@@ -226,23 +226,28 @@ def test_scheduling_fields_cannot_loosen_confinement_or_placement(
         build_plan(request(scheduling=scheduling), POLICY, "x")
 
 
-def test_the_template_wins_over_the_request() -> None:
+def test_template_labels_win_and_its_node_selector_is_fixed() -> None:
     policy = PlanPolicy(
         namespaces=("tasks",),
         templates={"pool": PodTemplate(labels={"tier": "batch"}, node_selector={"pool": "tasks"})},
+        allowed_labels=("tier",),
     )
     pod = build_plan(
-        request(
-            pod_template="pool",
-            scheduling=Scheduling(
-                labels={"tier": "system"}, node_selector={"pool": "system", "zone": "a"}
-            ),
-        ),
+        request(pod_template="pool", scheduling=Scheduling(labels={"tier": "system"})),
         policy,
         "x",
     ).pod
     assert pod["metadata"]["labels"]["tier"] == "batch"
-    assert pod["spec"]["nodeSelector"] == {"pool": "tasks", "zone": "a"}
+    assert pod["spec"]["nodeSelector"] == {"pool": "tasks"}
+    with pytest.raises(InvalidRequestError, match="node_selector is fixed"):
+        build_plan(
+            request(
+                pod_template="pool",
+                scheduling=Scheduling(node_selector={"pool": "tasks", "zone": "a"}),
+            ),
+            policy,
+            "x",
+        )
 
 
 def test_same_try_in_another_namespace_is_another_launch() -> None:

@@ -58,11 +58,13 @@ def decide(
     requests: Sequence[SecretRequest],
     *,
     image: str | None = None,
+    pod_template: str | None = None,
 ) -> Decision:
     """Default deny. For each requested name: unknown if not in the catalog; allowed by
     the first grant (teams sorted, grants in file order) that matches the task, names the
     secret, accepts the requested delivery and, when it lists images, the pod's
-    ``image``; denied otherwise. Repeated names are decided once."""
+    ``image`` and, when it lists pod templates, the request's ``pod_template``; denied
+    otherwise. Repeated names are decided once."""
     grants = policy.grants()
     unknown: list[str] = []
     denied: list[str] = []
@@ -84,7 +86,8 @@ def decide(
             for gid, g in naming
             if g.constraints.delivery is None or g.constraints.delivery == request.delivery.type
         ]
-        fitting = [(gid, g) for gid, g in delivering if g.allows_image(image)]
+        imaged = [(gid, g) for gid, g in delivering if g.allows_image(image)]
+        fitting = [(gid, g) for gid, g in imaged if g.allows_template(pod_template)]
         if fitting:
             gid, grant = fitting[0]
             chosen[name] = SecretDecision(
@@ -96,7 +99,14 @@ def decide(
             )
             continue
         denied.append(name)
-        if delivering:
+        if imaged:
+            templates = sorted({t for _, g in imaged for t in g.pod_templates or ()})
+            reasons.append(
+                f"secret {name!r}: grant(s) {', '.join(gid for gid, _ in imaged)} allow only "
+                f"pod templates {', '.join(templates)}, not "
+                f"{repr(pod_template) if pod_template else 'no template'}"
+            )
+        elif delivering:
             images = sorted({i for _, g in delivering for i in g.images or ()})
             reasons.append(
                 f"secret {name!r}: grant(s) {', '.join(gid for gid, _ in delivering)} allow "

@@ -116,6 +116,9 @@ class Grant(StrictModel):
     images: tuple[Annotated[str, Field(pattern=IMAGE_GLOB_PATTERN)], ...] | None = None
     """Globs over the full image reference the pod runs (``None``: any image). Pin
     digests (``registry/etl@sha256:...``) for sensitive secrets: tags can move."""
+    pod_templates: tuple[Annotated[str, Field(min_length=1, max_length=253)], ...] | None = None
+    """The platform pod templates launches receiving these secrets must run under
+    (``None``: any template, or none)."""
     require_verified_task: bool = False
     """Launches receiving these secrets must be confirmed with Airflow (the task instance
     exists, runs this try, on the calling pod) whatever the broker's verification mode."""
@@ -128,6 +131,10 @@ class Grant(StrictModel):
         if not fnmatch.fnmatchcase(identity.dag_id, self.dags):
             return False
         return self.tasks is None or fnmatch.fnmatchcase(identity.task_id, self.tasks)
+
+    def allows_template(self, pod_template: str | None) -> bool:
+        """True when the grant names no templates, or ``pod_template`` is one of them."""
+        return self.pod_templates is None or pod_template in self.pod_templates
 
     def allows_image(self, image: str | None) -> bool:
         """True when the grant has no image list, or ``image`` matches one of its globs.

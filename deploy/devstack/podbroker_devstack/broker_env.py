@@ -300,6 +300,9 @@ def start_broker(
             "orphan_grace_seconds": 5,
             "reconcile_interval_seconds": 5,
             "pod_retention_seconds": 600,
+            # What the tests' and example DAGs' requests set (kwok's run duration).
+            "allowed_labels": ["team", "app.kubernetes.io/*"],
+            "allowed_annotations": ["kwok.podbroker.dev/*"],
         },
         "auth": {
             "token_audience": TOKEN_AUDIENCE,
