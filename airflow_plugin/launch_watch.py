@@ -188,8 +188,8 @@ class StartupWatch:
         if self.scheduled_at is None and now - self.started_at > self.schedule_timeout:
             return StartupFailure(
                 "schedule_timeout",
-                f"pod {view.pod_name} still Pending: not scheduled after {self.schedule_timeout:.0f}s "
-                f"(schedule_timeout_seconds){self._why(view)}",
+                f"pod {view.pod_name} still Pending: not scheduled after "
+                f"{self.schedule_timeout:.0f}s (schedule_timeout_seconds){self._why(view)}",
             )
         if self.scheduled_at is not None and now - self.scheduled_at > self.startup_timeout:
             return StartupFailure(
