@@ -15,8 +15,9 @@ import math
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from airflow_plugin.client import TERMINAL_PHASES
 from airflow_plugin.retry import Outage
@@ -109,6 +110,148 @@ def _polling_failed(log: TaskLog, launch_id: str, reason: str, delay: float) -> 
     log.warning("polling launch %s failed (%s); retrying in %.1fs", launch_id, reason, delay)
 
 
+StartupFailureKind = Literal["pending_permanent", "schedule_timeout", "startup_timeout"]
+
+
+@dataclass(frozen=True)
+class StartupFailure:
+    """Why a Pending pod will not be waited for any longer; ``kind`` is also the reason
+    sent with the DELETE (audit trail)."""
+
+    kind: StartupFailureKind
+    message: str
+
+
+class StartupFailedError(Exception):
+    """The pod never started: a permanent pending error, or a timeout (see StartupWatch)."""
+
+    def __init__(self, failure: StartupFailure) -> None:
+        super().__init__(failure.message)
+        self.failure = failure
+
+
+def _pending(view: LaunchView) -> Any:
+    """The broker's ``pending`` object ({kind, reason, message, permanent}), or None.
+    Read with getattr: brokers older than the field do not send it."""
+    return getattr(view, "pending", None)
+
+
+def _is_scheduled(view: LaunchView) -> bool:
+    """A Pending pod counts as scheduled once the kubelet reports container states (it
+    does so only for a pod bound to its node) and the broker does not call it
+    unschedulable."""
+    pending = _pending(view)
+    if pending is not None and getattr(pending, "kind", None) == "unschedulable":
+        return False
+    return bool(view.containers)
+
+
+class StartupWatch:
+    """Bookkeeping while a launch is Pending, shared by the operator and the trigger.
+
+    Shows in the task log, as they change, the container waiting reasons, the broker's
+    ``pending`` diagnosis and the pod's events (``ErrImagePull``, ``FailedScheduling``,
+    quota). Gives up, like KubernetesPodOperator, when the pod is not scheduled within
+    ``schedule_timeout`` of ``started_at``, or has not started ``startup_timeout`` after
+    it was scheduled; and at once when the broker marks the pending state permanent
+    (an invalid image name, a config error that will not heal)."""
+
+    def __init__(
+        self,
+        *,
+        started_at: float,
+        schedule_timeout: float,
+        startup_timeout: float,
+        log: TaskLog | None = None,
+    ) -> None:
+        self.started_at = started_at
+        self.schedule_timeout = schedule_timeout
+        self.startup_timeout = startup_timeout
+        self.scheduled_at: float | None = None
+        self._log: TaskLog = log or _log
+        self._shown: set[tuple[Any, ...]] = set()
+
+    def check(self, view: LaunchView, now: float) -> StartupFailure | None:
+        """Report what is new in ``view``; a failure once waiting is pointless."""
+        self._report(view)
+        pending = _pending(view)
+        if pending is not None and getattr(pending, "permanent", False):
+            what = getattr(pending, "reason", None) or getattr(pending, "kind", "pending")
+            detail = getattr(pending, "message", None) or "no message"
+            return StartupFailure(
+                "pending_permanent",
+                f"pod {view.pod_name} cannot start: {what}: {detail} (permanent, not waiting "
+                "for the startup timeout)",
+            )
+        if self.scheduled_at is None and _is_scheduled(view):
+            self.scheduled_at = now
+        if self.scheduled_at is None and now - self.started_at > self.schedule_timeout:
+            return StartupFailure(
+                "schedule_timeout",
+                f"pod {view.pod_name} still Pending: not scheduled after "
+                f"{self.schedule_timeout:.0f}s (schedule_timeout_seconds){self._why(view)}",
+            )
+        if self.scheduled_at is not None and now - self.scheduled_at > self.startup_timeout:
+            return StartupFailure(
+                "startup_timeout",
+                f"pod {view.pod_name} still Pending: scheduled but not started after "
+                f"{self.startup_timeout:.0f}s (startup_timeout_seconds){self._why(view)}",
+            )
+        return None
+
+    @staticmethod
+    def _why(view: LaunchView) -> str:
+        reasons = [c.reason for c in view.containers if c.state == "waiting" and c.reason]
+        pending = _pending(view)
+        if pending is not None and getattr(pending, "reason", None):
+            reasons.insert(0, str(pending.reason))
+        if view.reason:
+            reasons.append(view.reason)
+        return f": {', '.join(dict.fromkeys(reasons))}" if reasons else ""
+
+    def _show(self, key: tuple[Any, ...], event: str, *args: Any) -> None:
+        if key not in self._shown:
+            self._shown.add(key)
+            self._log.info(event, *args)
+
+    def _report(self, view: LaunchView) -> None:
+        for container in view.containers:
+            if container.state == "waiting" and container.reason:
+                self._show(
+                    ("waiting", container.name, container.reason, container.message),
+                    "pod %s: container %s waiting: %s%s",
+                    view.pod_name,
+                    container.name,
+                    container.reason,
+                    f": {container.message}" if container.message else "",
+                )
+        pending = _pending(view)
+        if pending is not None:
+            kind = getattr(pending, "kind", None)
+            reason = getattr(pending, "reason", None)
+            message = getattr(pending, "message", None)
+            self._show(
+                ("pending", kind, reason, message),
+                "pod %s pending (%s): %s%s",
+                view.pod_name,
+                kind,
+                reason,
+                f": {message}" if message else "",
+            )
+        for event in getattr(view, "events", None) or ():
+            reason = getattr(event, "reason", None)
+            message = getattr(event, "message", None)
+            count = getattr(event, "count", None)
+            self._show(
+                ("event", reason, message, count),
+                "pod %s event %s%s: %s",
+                view.pod_name,
+                reason,
+                f" (x{count})" if count and count > 1 else "",
+                message,
+            )
+
+
 class LaunchWatcher:
     """Blocking watcher (the operator): ``GET /v1/launches/{id}`` and its ``/logs``.
 
@@ -147,11 +290,27 @@ class LaunchWatcher:
                 _polling_failed(self._log, launch_id, exc.reason, delay)
                 self._sleep(delay)
 
-    def wait_for_start(self, view: LaunchView, timeout_seconds: float) -> LaunchView:
-        """Poll while the pod is Pending. Returns the first other view, or the still
-        Pending one once ``timeout_seconds`` passed (the caller decides what then)."""
-        deadline = self._clock() + timeout_seconds
-        while view.phase == "Pending" and self._clock() <= deadline:
+    def wait_for_start(
+        self,
+        view: LaunchView,
+        *,
+        startup_timeout: float,
+        schedule_timeout: float | None = None,
+    ) -> LaunchView:
+        """Poll while the pod is Pending, showing why it waits (:class:`StartupWatch`).
+        Returns the first other view; raises StartupFailedError when the pod is not
+        scheduled within ``schedule_timeout`` (default: ``startup_timeout``), has not
+        started ``startup_timeout`` after scheduling, or cannot start at all."""
+        startup = StartupWatch(
+            started_at=self._clock(),
+            schedule_timeout=startup_timeout if schedule_timeout is None else schedule_timeout,
+            startup_timeout=startup_timeout,
+            log=self._log,
+        )
+        while view.phase == "Pending":
+            failure = startup.check(view, self._clock())
+            if failure is not None:
+                raise StartupFailedError(failure)
             self._sleep(self.poll_interval)
             view = self.status(view.launch_id)
         return view
@@ -197,6 +356,16 @@ class LaunchWatcher:
                         self._log.warning("cannot read the end of the pod log: %s", exc.reason)
                 return
             self._sleep(pause)
+
+    def read_new_logs(self, view: LaunchView) -> None:
+        """One non-follow read of the lines after ``last_log_ns`` (all of them when
+        None): a deferred task's periodic log fetch (``logging_interval``). Best effort."""
+        if view.phase == "Deleted":
+            return
+        try:
+            self._read_logs(view.launch_id, follow=False)
+        except BrokerError as exc:
+            self._log.warning("cannot read the pod log: %s", exc.reason)
 
     def copy_logs(self, view: LaunchView) -> None:
         """Read the whole log of an ended pod once (after deferral); best effort."""
@@ -269,14 +438,37 @@ class AsyncLaunchWatcher:
                 await self._sleep(delay)
 
     async def wait_for_end(
-        self, launch_id: str, *, started_at: float, startup_timeout_seconds: float
+        self,
+        launch_id: str,
+        *,
+        started_at: float,
+        startup_timeout_seconds: float,
+        schedule_timeout_seconds: float | None = None,
+        running_until: float | None = None,
     ) -> LaunchView:
-        """Poll until the launch reaches a terminal phase; returns early with the Pending
-        view once ``startup_timeout_seconds`` have passed since ``started_at``."""
+        """Poll until the launch reaches a terminal phase, showing why a Pending pod
+        waits; raises StartupFailedError as :meth:`LaunchWatcher.wait_for_start` does
+        (clocks from ``started_at``). With ``running_until`` (wall-clock), returns a
+        Running view once that time has passed (``logging_interval``)."""
+        startup = StartupWatch(
+            started_at=started_at,
+            schedule_timeout=(
+                startup_timeout_seconds
+                if schedule_timeout_seconds is None
+                else schedule_timeout_seconds
+            ),
+            startup_timeout=startup_timeout_seconds,
+            log=self._log,
+        )
         while True:
             view = await self.status(launch_id)
             if view.phase in TERMINAL_PHASES:
                 return view
-            if view.phase == "Pending" and self._clock() - started_at > startup_timeout_seconds:
+            now = self._clock()
+            if view.phase == "Pending":
+                failure = startup.check(view, now)
+                if failure is not None:
+                    raise StartupFailedError(failure)
+            elif running_until is not None and now >= running_until:
                 return view
             await self._sleep(self.poll_interval)

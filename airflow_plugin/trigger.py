@@ -1,21 +1,29 @@
 """Async trigger for deferrable BrokerPodOperator tasks: only polls
 GET /v1/launches/{id} until the pod ends (with airflow_plugin.launch_watch, as the
-blocking operator does); the operator fetches logs on resume. When a
-user marks the deferred task failed / succeeded or clears it, ``on_kill`` sends
-DELETE /v1/launches/{id}?reason=on_kill so its pod and Secret go too."""
+blocking operator does); the operator fetches logs on resume, and every
+``logging_interval`` seconds while the pod runs (the trigger fires, the operator reads the
+new lines and defers again, as KubernetesPodOperator does). When a user marks the deferred
+task failed / succeeded or clears it, ``on_kill`` sends DELETE
+/v1/launches/{id}?reason=on_kill so its pod and Secret go too (``on_kill_action="keep_pod"``
+leaves them to the broker's launch timeout). ``BaseTrigger.on_kill`` exists from Airflow
+3.3: on older versions a killed deferred task's pod runs until its launch timeout."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from airflow_plugin.client import TERMINAL_PHASES
 from airflow_plugin.hook import BrokerHook
-from airflow_plugin.launch_watch import AsyncLaunchWatcher, OutageTimeoutError
+from airflow_plugin.launch_watch import (
+    AsyncLaunchWatcher,
+    OutageTimeoutError,
+    StartupFailedError,
+)
 from airflow_plugin.retry import DEFAULT_UNAVAILABLE_TIMEOUT_SECONDS
 from airflow_plugin.settings import DEFAULT_CONN_ID, ConnectionConfigError
 from broker.errors import BrokerError, TemporaryError
@@ -25,17 +33,23 @@ from broker.errors import BrokerError, TemporaryError
 KILL_ATTEMPTS = 3
 KILL_RETRY_SECONDS = 1.0
 
+OnKillAction = Literal["delete_pod", "keep_pod"]
+ON_KILL_ACTIONS: tuple[OnKillAction, ...] = ("delete_pod", "keep_pod")
+
 
 class BrokerLaunchTrigger(BaseTrigger):
-    """Fires once: ``{"status": "done", "launch_id", "phase"}`` when the pod ended,
-    ``{"status": "startup_timeout", ...}`` if it stayed Pending too long, or
-    ``{"status": "error", "message", "retryable"}`` (retryable once the broker stayed
-    unavailable for ``broker_unavailable_timeout_seconds``; the operator then deletes
-    the launch before failing the try).
+    """Fires once: ``{"status": "done", "launch_id", "phase"}`` when the pod ended;
+    ``{"status": "running", ...}`` after ``logging_interval`` seconds while the pod runs
+    (the operator fetches the new log lines and defers again); ``{"status":
+    "startup_failed", "kind", "message"}`` when the pod was not scheduled or started in
+    time or cannot start at all (see launch_watch.StartupWatch); or ``{"status":
+    "error", "message", "retryable"}`` (retryable once the broker stayed unavailable for
+    ``broker_unavailable_timeout_seconds``; the operator then deletes the launch before
+    failing the try). Every event echoes ``last_log_ns``, where the log read resumes.
 
-    ``started_at`` is the wall-clock time of deferral, so a triggerer restart does not
-    restart the startup clock. Serialized kwargs hold no credentials: the connection is
-    looked up by id in the triggerer."""
+    ``started_at`` is the wall-clock time of the first deferral, so neither a triggerer
+    restart nor a ``logging_interval`` round trip restarts the startup clock. Serialized
+    kwargs hold no credentials: the connection is looked up by id in the triggerer."""
 
     def __init__(
         self,
@@ -45,6 +59,10 @@ class BrokerLaunchTrigger(BaseTrigger):
         startup_timeout_seconds: int = 120,
         started_at: float | None = None,
         broker_unavailable_timeout_seconds: float = DEFAULT_UNAVAILABLE_TIMEOUT_SECONDS,
+        schedule_timeout_seconds: int | None = None,
+        logging_interval: int | None = None,
+        last_log_ns: int | None = None,
+        on_kill_action: OnKillAction = "delete_pod",
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.launch_id = launch_id
@@ -53,6 +71,10 @@ class BrokerLaunchTrigger(BaseTrigger):
         self.startup_timeout_seconds = startup_timeout_seconds
         self.started_at = started_at if started_at is not None else time.time()
         self.broker_unavailable_timeout_seconds = broker_unavailable_timeout_seconds
+        self.schedule_timeout_seconds = schedule_timeout_seconds
+        self.logging_interval = logging_interval
+        self.last_log_ns = last_log_ns
+        self.on_kill_action: OnKillAction = on_kill_action
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -64,11 +86,20 @@ class BrokerLaunchTrigger(BaseTrigger):
                 "startup_timeout_seconds": self.startup_timeout_seconds,
                 "started_at": self.started_at,
                 "broker_unavailable_timeout_seconds": self.broker_unavailable_timeout_seconds,
+                "schedule_timeout_seconds": self.schedule_timeout_seconds,
+                "logging_interval": self.logging_interval,
+                "last_log_ns": self.last_log_ns,
+                "on_kill_action": self.on_kill_action,
             },
         )
 
     def _event(self, status: str, **fields: Any) -> TriggerEvent:
-        payload = {"status": status, "launch_id": self.launch_id, **fields}
+        payload = {
+            "status": status,
+            "launch_id": self.launch_id,
+            "last_log_ns": self.last_log_ns,
+            **fields,
+        }
         return TriggerEvent(payload)  # type: ignore[no-untyped-call]
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
@@ -83,11 +114,20 @@ class BrokerLaunchTrigger(BaseTrigger):
             unavailable_timeout=self.broker_unavailable_timeout_seconds,
             log=self.log,
         )
+        running_until = (
+            time.time() + self.logging_interval if self.logging_interval is not None else None
+        )
         try:
             view = await watcher.wait_for_end(
                 self.launch_id,
                 started_at=self.started_at,
                 startup_timeout_seconds=self.startup_timeout_seconds,
+                schedule_timeout_seconds=self.schedule_timeout_seconds,
+                running_until=running_until,
+            )
+        except StartupFailedError as exc:
+            event = self._event(
+                "startup_failed", kind=exc.failure.kind, message=exc.failure.message
             )
         except OutageTimeoutError as exc:
             event = self._event("error", message=str(exc), retryable=True)
@@ -97,7 +137,9 @@ class BrokerLaunchTrigger(BaseTrigger):
             if view.phase in TERMINAL_PHASES:
                 event = self._event("done", phase=view.phase, pod_name=view.pod_name)
             else:
-                event = self._event("startup_timeout", pod_name=view.pod_name)
+                event = self._event(
+                    "running", phase=view.phase, pod_name=view.pod_name, started_at=self.started_at
+                )
         finally:
             await client.aclose()
         yield event
@@ -107,7 +149,10 @@ class BrokerLaunchTrigger(BaseTrigger):
         /v1/launches/{id}?reason=on_kill so the broker deletes the pod and its Secret and
         revokes its leases. Not called on triggerer restarts or redistribution (the pod
         must keep running then). Failures are logged; the broker's reconciler deletes
-        the pod at its launch timeout anyway."""
+        the pod at its launch timeout anyway. ``on_kill_action="keep_pod"``: nothing."""
+        if self.on_kill_action == "keep_pod":
+            self.log.info("task killed: keeping launch %s (on_kill_action)", self.launch_id)
+            return
         try:
             client = await BrokerHook(self.podbroker_conn_id).aget_conn()
         except ConnectionConfigError as exc:

@@ -335,7 +335,13 @@ def test_trigger_polls_until_the_pod_ends(monkeypatch, conn_settings) -> None:  
 
     monkeypatch.setattr(BrokerHook, "aget_conn", aget_conn)
     event = run_trigger(BrokerLaunchTrigger("L1", poll_interval=0.01))
-    assert event == {"status": "done", "launch_id": "L1", "phase": "Succeeded", "pod_name": "d-t-1"}
+    assert event == {
+        "status": "done",
+        "launch_id": "L1",
+        "phase": "Succeeded",
+        "pod_name": "d-t-1",
+        "last_log_ns": None,
+    }
     assert len(broker.requests) == 3
 
 
@@ -348,7 +354,8 @@ def test_trigger_reports_startup_timeout_and_permanent_errors(monkeypatch, conn_
     monkeypatch.setattr(BrokerHook, "aget_conn", aget_conn)
     responses["now"] = responses["pending"]
     event = run_trigger(BrokerLaunchTrigger("L1", startup_timeout_seconds=1, started_at=0.0))
-    assert event["status"] == "startup_timeout"
+    assert event["status"] == "startup_failed"
+    assert event["kind"] == "schedule_timeout"  # no container state yet: not scheduled
     responses["now"] = lambda r: httpx.Response(404, json={"error": "nf", "reason": "no launch"})  # type: ignore[assignment]
     event = run_trigger(BrokerLaunchTrigger("L1"))
     assert event["status"] == "error"

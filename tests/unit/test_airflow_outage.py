@@ -189,7 +189,7 @@ def test_startup_timeout_deletes_once(wire) -> None:  # type: ignore[no-untyped-
     op = operator(get_logs=False, startup_timeout_seconds=1, poll_interval=0.2)
     with pytest.raises(AirflowException, match="still Pending"):
         op.execute(context())
-    assert broker.deletes() == ["startup_timeout"]
+    assert broker.deletes() == ["schedule_timeout"]  # never scheduled (no container states)
 
 
 def test_log_reconnects_back_off_then_give_up_on_the_log_only(wire, clock, capsys) -> None:  # type: ignore[no-untyped-def]

@@ -15,6 +15,7 @@ from airflow_plugin.launch_watch import (
     AsyncLaunchWatcher,
     LaunchWatcher,
     OutageTimeoutError,
+    StartupFailedError,
     split_timestamp,
 )
 from broker.core.api_models import LaunchView, Phase
@@ -199,15 +200,16 @@ def test_permanent_errors_are_not_ridden_out(clock: Clock) -> None:
 
 def test_wait_for_start_returns_the_first_non_pending_view(clock: Clock) -> None:
     client = FakeClient([view("Pending"), view("Running")], [])
-    started = watcher(client, clock, Log()).wait_for_start(view("Pending"), 60)
+    started = watcher(client, clock, Log()).wait_for_start(view("Pending"), startup_timeout=60)
     assert started.phase == "Running"
     assert clock.sleeps == [2.0, 2.0]
 
 
-def test_wait_for_start_stops_at_the_startup_timeout(clock: Clock) -> None:
+def test_wait_for_start_stops_at_the_schedule_timeout(clock: Clock) -> None:
     client = FakeClient([view("Pending")], [])
-    still = watcher(client, clock, Log()).wait_for_start(view("Pending"), 10)
-    assert still.phase == "Pending"
+    with pytest.raises(StartupFailedError, match="not scheduled after 10s") as failed:
+        watcher(client, clock, Log()).wait_for_start(view("Pending"), startup_timeout=10)
+    assert failed.value.failure.kind == "schedule_timeout"
     assert sum(clock.sleeps) == pytest.approx(12)  # the first poll past the deadline
 
 
@@ -290,14 +292,15 @@ def test_async_wait_rides_out_an_outage_until_the_end(clock: Clock) -> None:
     assert clock.sleeps == [2.0, 2.0]  # one poll interval, one back-off
 
 
-def test_async_wait_returns_pending_at_the_startup_timeout(clock: Clock) -> None:
+def test_async_wait_fails_at_the_schedule_timeout(clock: Clock) -> None:
     client = AsyncFakeClient([view("Pending")], [])
-    still = asyncio.run(
-        async_watcher(client, clock, Log()).wait_for_end(
-            "L1", started_at=clock.now - 100, startup_timeout_seconds=60
+    with pytest.raises(StartupFailedError) as failed:
+        asyncio.run(
+            async_watcher(client, clock, Log()).wait_for_end(
+                "L1", started_at=clock.now - 100, startup_timeout_seconds=60
+            )
         )
-    )
-    assert still.phase == "Pending"
+    assert failed.value.failure.kind == "schedule_timeout"
     assert client.status_reads == 1
 
 

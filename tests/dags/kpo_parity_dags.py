@@ -1,0 +1,45 @@
+"""DAGs of tests/e2e/test_airflow_kpo_parity.py (issue 13): KubernetesPodOperator
+features on the real broker. kwok ends pods as the annotations say (exit code, run time);
+it runs no container, so no task ever writes a termination message here."""
+
+from __future__ import annotations
+
+import pendulum
+from airflow.sdk import DAG
+
+from airflow_plugin.operator import BrokerPodOperator
+from airflow_plugin.secrets import file_secret
+
+START = pendulum.datetime(2026, 1, 1, tz="UTC")
+EXIT_CODE = "kwok.podbroker.dev/exit-code"
+RUN_DURATION = "kwok.podbroker.dev/run-duration"
+
+with DAG("analytics_etl_e2e_skip", schedule=None, start_date=START, catchup=False):
+    BrokerPodOperator(
+        task_id="nothing_to_load",
+        image="python:3.12-slim",
+        secrets=["warehouse-readonly"],
+        annotations={EXIT_CODE: "3"},
+        skip_on_exit_code=[3, 4],
+        poll_interval=0.5,
+    )
+
+with DAG("analytics_etl_e2e_no_result", schedule=None, start_date=START, catchup=False):
+    BrokerPodOperator(
+        task_id="count_rows",
+        image="python:3.12-slim",
+        secrets=["warehouse-readonly"],
+        do_xcom_push=True,
+        poll_interval=0.5,
+    )
+
+with DAG("ml_score_e2e_logging_interval", schedule=None, start_date=START, catchup=False):
+    BrokerPodOperator(
+        task_id="score_slowly",
+        image="python:3.12-slim",
+        secrets=[file_secret("feature-store", mount_path="/var/run/secrets/features")],
+        annotations={RUN_DURATION: "6s"},
+        deferrable=True,
+        logging_interval=2,
+        poll_interval=0.5,
+    )
