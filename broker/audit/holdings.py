@@ -23,6 +23,18 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat()
 
 
+def open_launch(conn: Connection, launch_id: str, namespace: str) -> None:
+    """Open a launch's row (holding nothing yet) inside the caller's transaction; an
+    existing row (a reattach) is left as it is."""
+    conn.execute(
+        text(
+            "INSERT INTO launch_holdings (launch_id, namespace, lease_ids, token_accessor, "
+            "created_at) VALUES (:id, :ns, '[]', NULL, :t) ON CONFLICT (launch_id) DO NOTHING"
+        ),
+        {"id": launch_id, "ns": namespace, "t": _now()},
+    )
+
+
 def _ms(seconds: float) -> int:
     return int(seconds * 1000)
 

@@ -40,7 +40,7 @@ from broker.audit.chain import (
     sign_head,
     verify_rows,
 )
-from broker.audit.holdings import HoldingsLedger
+from broker.audit.holdings import HoldingsLedger, open_launch
 from broker.audit.keys import key_id
 from broker.core.audit_events import AuditEvent, AuditEventError
 from broker.errors import AuditUnavailableError, InvalidRequestError
@@ -161,9 +161,14 @@ class AuditStore:
         """INSERT the next record and UPDATE the chain head in one committed transaction."""
         return self.append_many([event])[0]
 
-    def append_many(self, events: Sequence[AuditEvent]) -> list[AuditRecord]:
+    def append_many(
+        self, events: Sequence[AuditEvent], *, opens: tuple[str, str] | None = None
+    ) -> list[AuditRecord]:
         """Append several events, chained in order, in ONE committed transaction: all are
-        durable or none is. Saves a commit per event on a launch's critical path."""
+        durable or none is. Saves a commit per event on a launch's critical path.
+        ``opens=(launch_id, namespace)`` also opens the launch's row in the holdings
+        ledger in the same transaction: a launch whose intent is recorded is always found
+        by the sweep, whatever happens to the broker next."""
         if self._key is None:
             raise AuditUnavailableError(
                 f"audit store {self.url} was opened without a signing key; it cannot record events"
@@ -207,6 +212,8 @@ class AuditStore:
                         "k": last.key_id,
                     },
                 )
+                if opens is not None:
+                    open_launch(conn, *opens)
                 if abandoned.is_set():
                     raise _AbandonedError  # the caller already answered "unavailable"
             return rows

@@ -6,7 +6,14 @@ from __future__ import annotations
 import datetime as dt
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasGenerator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    AliasGenerator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 from broker.core.models import (
@@ -65,14 +72,21 @@ Weight = Annotated[int, Field(ge=1, le=100), NO_LAX_INTEGER]
 LinuxId = Annotated[int, Field(ge=0, le=2**31 - 1), NO_LAX_INTEGER]
 
 
+def _snake_or_camel(name: str) -> AliasChoices:
+    return AliasChoices(name, to_camel(name))
+
+
 class KubeShaped(Strict):
     """A Kubernetes object part: snake_case on the wire (as the Python client names
-    fields), camelCase in the manifest (``model_dump(by_alias=True)``)."""
+    fields; the Kubernetes camelCase spelling KubernetesPodOperator users pass is accepted
+    too), camelCase in the manifest (``model_dump(by_alias=True)``)."""
 
     model_config = ConfigDict(
         extra="forbid",
         frozen=True,
-        alias_generator=AliasGenerator(serialization_alias=to_camel),
+        alias_generator=AliasGenerator(
+            serialization_alias=to_camel, validation_alias=_snake_or_camel
+        ),
     )
 
     def manifest(self) -> dict[str, Any]:

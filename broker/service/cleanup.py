@@ -126,9 +126,7 @@ class Cleanup:
             return
         meta = self.cluster.read_secret_metadata(pod.namespace, secret_name_for(launch_id))
         if meta is None:
-            held = self.holdings_of(launch_id, podmeta.VaultHoldings())
-            if held:
-                self.revoke(held, launch_id=launch_id, task=task or pod.task)
+            self.settle(launch_id, podmeta.VaultHoldings(), task=task or pod.task)
             return
         self.release_secret(meta, reason=reason, task=task, secret_names=pod.secret_names)
 
@@ -156,9 +154,30 @@ class Cleanup:
                 reason=reason,
             )
         )
-        holdings = self.holdings_of(meta.launch_id, meta.holdings)
+        if meta.launch_id is not None:
+            self.settle(meta.launch_id, meta.holdings, task=task)
+        elif meta.holdings:
+            self.revoke(meta.holdings, launch_id=None, task=task)
+
+    def settle(
+        self,
+        launch_id: str,
+        known: podmeta.VaultHoldings,
+        *,
+        task: TaskIdentity | None = None,
+        caller: Caller | None = None,
+    ) -> None:
+        """Give back everything ``launch_id`` holds (``known`` and what the ledger
+        recorded) and close its ledger row, also when it held nothing."""
+        holdings = self.holdings_of(launch_id, known)
         if holdings:
-            self.revoke(holdings, launch_id=meta.launch_id, task=task)
+            self.revoke(holdings, launch_id=launch_id, task=task, caller=caller)
+            return
+        if self.ledger is not None:
+            try:
+                self.ledger.released(launch_id)
+            except BrokerError as exc:
+                log.warning("could not close the ledger row of %s (%s)", launch_id, exc.reason)
 
     def holdings_of(
         self, launch_id: str | None, annotated: podmeta.VaultHoldings

@@ -231,8 +231,9 @@ class LaunchExecutor:
             namespace=plan.namespace,
             pod=plan.pod_name,
         )
-        # One commit before any side effect: if it fails, nothing has happened.
-        self.audit.append_many([requested, decided, intent])
+        # One commit before any side effect: if it fails, nothing has happened. It also
+        # opens the launch in the holdings ledger, so a crash from here on is swept.
+        self.audit.append_many([requested, decided, intent], opens=(plan.launch_id, plan.namespace))
         view = self._execute(plan, caller, pod_manifest)
         if view.created and plan.task.try_number > 1:
             self._pool.submit(self._end_earlier_tries, plan)
@@ -462,9 +463,7 @@ class LaunchExecutor:
         """Revoke what the launch holds in Vault: ``holdings`` as this process knows
         them, together with what the ledger recorded (the ledger knows the token as soon
         as it was minted, even when its reads then failed)."""
-        held = self.cleanup.holdings_of(plan.launch_id, holdings)
-        if held:
-            self.cleanup.revoke(held, launch_id=plan.launch_id, task=plan.task, caller=caller)
+        self.cleanup.settle(plan.launch_id, holdings, task=plan.task, caller=caller)
 
     def _rollback(
         self,

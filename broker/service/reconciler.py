@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from broker.core import audit_events as ev
 from broker.core.objects import PodInfo
 from broker.core.plan import secret_name_for
 from broker.core.verification import ended_reason
@@ -30,6 +31,7 @@ class SweepResult:
     expired_pods_deleted: int = 0
     ended_task_pods_killed: int = 0
     orphan_holdings_revoked: int = 0
+    interrupted_launches_closed: int = 0
     errors: list[str] = field(default_factory=list)
 
 
@@ -132,9 +134,22 @@ class Reconciler:
                 continue
             if held.age_seconds(now) <= self.grace_seconds:
                 continue  # its launch may still be creating the pod
-            self._step(held.namespace, held.launch_id, "revoke orphan holdings", held.launch_id)
-            self.cleanup.revoke(held.holdings, launch_id=held.launch_id)
-            result.orphan_holdings_revoked += 1
+            if held.holdings:
+                self._step(held.namespace, held.launch_id, "revoke orphan holdings", held.launch_id)
+                self.cleanup.revoke(held.holdings, launch_id=held.launch_id)
+                result.orphan_holdings_revoked += 1
+            else:
+                # Recorded, then the broker stopped before its pod (or anything in Vault).
+                self.cleanup.record_quietly(
+                    ev.launch_event(
+                        ev.EventKind.LAUNCH_FAILED,
+                        launch_id=held.launch_id,
+                        stage="interrupted",
+                        error="no pod after the grace: the broker stopped mid-launch",
+                    )
+                )
+                self.cleanup.settle(held.launch_id, held.holdings)
+                result.interrupted_launches_closed += 1
 
     def _end_pods_of_ended_tasks(self, running: list[PodInfo], result: SweepResult) -> None:
         """Secrets live no longer than their task instance: ask Airflow (one batched

@@ -637,6 +637,7 @@ class FakeAudit:
     def __init__(self) -> None:
         self.events: list[AuditEvent] = []
         self.down = False
+        self.ledger: FakeLedger | None = None  # opened launches land here, as in the store
         self._lock = threading.Lock()
 
     def _check(self) -> None:
@@ -649,10 +650,14 @@ class FakeAudit:
             self.events.append(event)
         return event
 
-    def append_many(self, events: Sequence[AuditEvent]) -> object:
+    def append_many(
+        self, events: Sequence[AuditEvent], *, opens: tuple[str, str] | None = None
+    ) -> object:
         self._check()
         with self._lock:
             self.events.extend(events)
+        if opens is not None and self.ledger is not None and self.ledger.held(opens[0]) is None:
+            self.ledger.hold(*opens)
         return list(events)
 
     def ping(self) -> None:
@@ -793,6 +798,7 @@ def make_services(
     store = FakeSecretStore()
     audit = FakeAudit()
     ledger = FakeLedger()
+    audit.ledger = ledger
     cleanup = Cleanup(cluster=cluster, secrets=store, audit=audit, ledger=ledger)
     launches = LaunchExecutor(
         cluster=cluster,

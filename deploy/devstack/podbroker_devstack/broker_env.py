@@ -51,6 +51,11 @@ def _planted(label: str) -> str:
     return f"PLANTED-{label}-{secrets.token_hex(8)}"
 
 
+# One set of planted values per OpenBao: a second broker started on the same server must
+# not re-seed it with new values behind the first broker's (and its tests') back.
+_PLANTED_BY_VAULT: dict[str, dict[str, dict[str, str]]] = {}
+
+
 def example_secret_values() -> dict[str, dict[str, str]]:
     """Values for every KV secret of the example catalog (random, marked PLANTED-)."""
     return {
@@ -260,7 +265,7 @@ def start_broker(
         _apply(api, dev_namespaces([task_namespace]))
         _apply(api, broker_rbac(sources, [task_namespace], folder))
     kube.simulate_logs(task_namespace, DEMO_POD_LOG)
-    planted = example_secret_values()
+    planted = _PLANTED_BY_VAULT.setdefault(vault.url, example_secret_values())
     seed_vault(vault, postgres, planted)
 
     jwt_file = folder / "broker-sa.token"
