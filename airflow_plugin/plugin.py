@@ -14,6 +14,7 @@ permission).
 from __future__ import annotations
 
 import html
+from datetime import UTC, datetime
 from typing import Annotated, overload
 
 from airflow.api_fastapi.app import get_auth_manager
@@ -104,14 +105,14 @@ _TI_CSS = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;max-width:70em}
 table{border-collapse:collapse;margin:.5em 0 1.2em;width:100%}
 th,td{border:1px solid #ccc;padding:.25em .5em;text-align:left;vertical-align:top;
-overflow-wrap:anywhere}
-th{background:#f3f3f3} .muted{color:#777} .ok{color:#2a7d2a} .bad{color:#b42318}
+overflow-wrap:break-word}
+th{background:#f3f3f3;white-space:nowrap} .muted{color:#777} .ok{color:#2a7d2a} .bad{color:#b42318}
 .finding{background:#fff4e5;border-left:4px solid #f79009;padding:.4em .7em;margin:.3em 0}
 """
 
 
-def _when(value: object) -> str:
-    return "-" if value is None else html.escape(str(value)).replace("+00:00", "Z")
+def _when(value: datetime | None) -> str:
+    return "-" if value is None else value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def _launch_html(launch: LaunchTimeline) -> str:

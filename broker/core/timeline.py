@@ -12,8 +12,9 @@ Definitions:
   **removed** (that Secret deleted) and, for dynamic secrets, **revoked** (the leases).
 - **Exposure** is how long the values lived outside Vault: from delivery until the
   Secret was deleted (still running: open). Findings flag what deserves a look: a
-  Secret never deleted, leases never revoked or a failed revocation, values that
-  outlived their pod, and orphans the reconciler had to clean up.
+  running launch still holding values, an ended one whose Secret was never deleted,
+  leases never revoked or a failed revocation, values that outlived their pod, and
+  orphans the reconciler had to clean up.
 
 Only names leave this module: secret names, grant ids, object names, reasons. Lease ids,
 token accessors and Vault paths stay in the audit trail.
@@ -49,6 +50,16 @@ SHOWN_DETAILS: Final = (
     "action",
     "object",
 )
+ENDINGS: Final = frozenset(
+    {
+        EventKind.POD_FINISHED,
+        EventKind.LAUNCH_KILLED,
+        EventKind.POD_DELETED,
+        EventKind.LAUNCH_FAILED,
+        EventKind.SECRET_DELETED,
+    }
+)
+"""Events that say a launch is over (its values should be gone)."""
 LONG_AFTER_POD_SECONDS: Final = 60.0
 """Values still in the cluster this long after their pod ended are a finding."""
 
@@ -217,13 +228,15 @@ def _launch(launch_id: str, events: Sequence[AuditEvent]) -> LaunchTimeline:
             )
         )
 
+    ended = any(e.kind in ENDINGS for e in events)
     findings: list[str] = []
     if created is not None and deleted is None:
         findings.append(
-            "the pod's Secret was never deleted: its values are still in the cluster "
-            "(or the launch is still running)"
+            "the launch ended but its Secret was never deleted: the values are still in the cluster"
+            if ended
+            else "still running: its Secret holds the values until the pod ends"
         )
-    if any(f.dynamic for f in fates) and revoked_ok is None:
+    if any(f.dynamic for f in fates) and revoked_ok is None and (ended or deleted is not None):
         findings.append("dynamic credentials were never revoked: they live until their lease ends")
     if any(e.details.get("revoked") is False for e in revocations):
         findings.append(
