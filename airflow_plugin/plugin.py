@@ -26,6 +26,7 @@ from airflow.api_fastapi.auth.managers.models.resource_details import (
 from airflow.api_fastapi.core_api.security import GetUserDep, requires_access_view
 from airflow.plugins_manager import AirflowPlugin
 from airflow.sdk import conf
+from airflow.sdk.exceptions import AirflowNotFoundException
 from fastapi import Depends, FastAPI, Query
 from fastapi.responses import HTMLResponse
 
@@ -57,6 +58,13 @@ def _error_page(status: int, message: str, title: str = "Secret usage") -> HTMLR
         f"{html.escape(message)}</p></body></html>"
     )
     return HTMLResponse(body, status_code=status)
+
+
+def _missing_connection() -> str:
+    return (
+        f"Airflow has no connection {_conn_id()!r} (type podbroker) for the API server: "
+        "define it, e.g. as AIRFLOW_CONN_PODBROKER_DEFAULT"
+    )
 
 
 def readable_dag_ids(user: GetUserDep) -> frozenset[str]:
@@ -102,7 +110,8 @@ def _index(value: str | None, default: int | None) -> int | None:
 
 
 _TI_CSS = """
-body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;max-width:70em}
+body{font-family:system-ui,sans-serif;margin:1em 1.5em;color:#222;max-width:70em}
+h1{font-size:1.4em} h2{font-size:1.15em;margin-top:1.2em} td.t{white-space:nowrap}
 table{border-collapse:collapse;margin:.5em 0 1.2em;width:100%}
 th,td{border:1px solid #ccc;padding:.25em .5em;text-align:left;vertical-align:top;
 overflow-wrap:break-word}
@@ -138,8 +147,8 @@ def _launch_html(launch: LaunchTimeline) -> str:
         f"<td>{html.escape(f.secret)}</td>"
         f'<td class="{"ok" if f.decision == "granted" else "bad"}">{f.decision}</td>'
         f"<td>{html.escape(', '.join(f.grants)) or '-'}</td>"
-        f"<td>{_when(f.delivered)}</td><td>{_when(f.removed)}</td>"
-        f"<td>{_when(f.revoked) if f.dynamic else 'static'}</td>"
+        f'<td class="t">{_when(f.delivered)}</td><td class="t">{_when(f.removed)}</td>'
+        f'<td class="t">{_when(f.revoked) if f.dynamic else "static"}</td>'
         f"<td>{'-' if f.exposure_seconds is None else f'{f.exposure_seconds:.1f} s'}</td>"
         "</tr>"
         for f in launch.secrets
@@ -211,6 +220,8 @@ def create_app() -> FastAPI:
             return _error_page(503, exc.reason)
         except (BrokerError, ConnectionConfigError) as exc:
             return _error_page(502, str(exc))
+        except AirflowNotFoundException:
+            return _error_page(502, _missing_connection())
         return HTMLResponse(report)
 
     @app.get(TASK_INSTANCE_PATH, response_class=HTMLResponse)
@@ -244,6 +255,8 @@ def create_app() -> FastAPI:
             return _error_page(503, exc.reason, TI_TITLE)
         except (BrokerError, ConnectionConfigError) as exc:
             return _error_page(502, str(exc), TI_TITLE)
+        except AirflowNotFoundException:
+            return _error_page(502, _missing_connection(), TI_TITLE)
         return _task_instance_page(audit)
 
     return app

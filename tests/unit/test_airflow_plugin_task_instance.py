@@ -8,6 +8,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
+from airflow.sdk.exceptions import AirflowNotFoundException
 from fastapi.testclient import TestClient
 
 from airflow_plugin import plugin
@@ -107,3 +108,22 @@ def test_the_view_is_a_task_instance_tab() -> None:
     assert tab["href"].startswith(f"{plugin.URL_PREFIX}{plugin.TASK_INSTANCE_PATH}?")
     for placeholder in ("{DAG_ID}", "{RUN_ID}", "{TASK_ID}", "{MAP_INDEX}"):
         assert placeholder in tab["href"]
+
+
+@pytest.mark.parametrize("path", [plugin.TASK_INSTANCE_PATH, plugin.REPORT_PATH])
+def test_a_missing_connection_is_a_page_that_says_so(
+    monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    class NoConnection:
+        def __init__(self, conn_id: str) -> None:
+            raise AirflowNotFoundException(f"The conn_id `{conn_id}` isn't defined")
+
+    monkeypatch.setattr(plugin, "BrokerHook", NoConnection)
+    app = plugin.create_app()
+    for dependency in app.router.dependencies:
+        app.dependency_overrides[dependency.dependency] = lambda: None  # type: ignore[index]
+    app.dependency_overrides[plugin.may_read_task_instances] = lambda: True
+    app.dependency_overrides[plugin.readable_dag_ids] = lambda: frozenset({"d"})
+    response = TestClient(app).get(f"{path}?dag_id=d&run_id=r&task_id=t")
+    assert response.status_code == 502
+    assert "no connection &#x27;podbroker_default&#x27;" in response.text
