@@ -19,6 +19,7 @@ import httpx
 
 from airflow_plugin.settings import BrokerConnectionSettings
 from broker.core.api_models import ErrorBody, LaunchRequest, LaunchView
+from broker.core.timeline import TaskTry, TaskTryAudit
 from broker.errors import BrokerError, BrokerUnavailableError, error_for_status
 
 TERMINAL_PHASES = frozenset({"Succeeded", "Failed", "Deleted"})
@@ -200,6 +201,13 @@ class BrokerClient:
                 raise ValueError("no DAG ids: an empty report needs no broker call")
             params.extend(("dag_ids", d) for d in sorted(set(dag_ids)))
         return self._request("GET", "/v1/audit/report", params=params).text
+
+    def launch_audit(self, task: TaskTry) -> TaskTryAudit:
+        """GET /v1/audit/launches: what happened to the secrets of one task try (every
+        try when ``task.try_number`` is None), names only."""
+        params = task.model_dump(exclude_none=True)
+        response = self._request("GET", "/v1/audit/launches", params=params)
+        return TaskTryAudit.model_validate_json(response.content)
 
 
 class AsyncBrokerClient:

@@ -133,6 +133,10 @@ class AuditSettings(_Section):
     url: str = "sqlite:///podbroker-audit.db"
     signing_key_file: Path | None = None
     """Ed25519 private key (PEM). Required in production; dev generates one beside the store."""
+    policy_url_template: str | None = Field(default=None, pattern=r"^(https?://|/)\S*$")
+    """Where the HTML report links each unused grant's policy file: a URL with ``{team}``
+    (and ``{grant}``), e.g. ``https://git.example.com/platform/policies/-/blob/main/teams/
+    {team}.yaml``. Unset: the report names ``policies/teams/<team>.yaml`` as text."""
 
 
 class InFlightCaps(_Section):

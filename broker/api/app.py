@@ -35,8 +35,15 @@ from broker.api.guard import (
 )
 from broker.api.limits import InFlightLimiter
 from broker.core.api_models import ErrorBody, LaunchDryRun, LaunchRequest, LaunchView
-from broker.core.models import AIRFLOW_KEY_PATTERN, PRINTABLE_PATTERN, Caller
+from broker.core.models import (
+    AIRFLOW_KEY_PATTERN,
+    AIRFLOW_RUN_ID_PATTERN,
+    INT32_MAX,
+    PRINTABLE_PATTERN,
+    Caller,
+)
 from broker.core.report import ReportFilters, UsageReport
+from broker.core.timeline import TaskTry, TaskTryAudit, in_scope, task_try_audit
 from broker.errors import (
     BrokerError,
     DeniedError,
@@ -359,6 +366,37 @@ def create_app(runtime: Runtime, *, refusals: RefusalRecorder | None = None) -> 
             ),
         )
         return Response(text, media_type=f"{_REPORT_MEDIA[format]}; charset=utf-8")
+
+    @app.get(
+        "/v1/audit/launches",
+        response_model=TaskTryAudit,
+        responses={
+            **_COMMON,
+            403: {**_ERROR, "description": "the DAG is outside the caller's scope"},
+        },
+    )
+    def launch_audit(
+        who: CallerDep,
+        dag_id: Annotated[str, Query(min_length=1, max_length=250, pattern=AIRFLOW_KEY_PATTERN)],
+        run_id: Annotated[str, Query(min_length=1, max_length=250, pattern=AIRFLOW_RUN_ID_PATTERN)],
+        task_id: Annotated[str, Query(min_length=1, max_length=250, pattern=AIRFLOW_KEY_PATTERN)],
+        map_index: Annotated[int, Query(ge=-1, le=INT32_MAX)] = -1,
+        try_number: Annotated[int | None, Query(ge=0, le=INT32_MAX)] = None,
+    ) -> TaskTryAudit:
+        """What happened to the secrets of one task try (every try without
+        ``try_number``): requested, decided, delivered, removed, revoked, exposure.
+        Names only; scoped like the report (the caller's DAG globs)."""
+        scope = _report_scope(runtime, who)
+        task = TaskTry(
+            dag_id=dag_id,
+            run_id=run_id,
+            task_id=task_id,
+            map_index=map_index,
+            try_number=try_number,
+        )
+        if not in_scope(dag_id, scope):
+            raise DeniedError(f"DAG {dag_id} is outside the scope of caller {who.identity}")
+        return task_try_audit(runtime.audit.events(), task, scope=scope)
 
     @app.get("/healthz", response_class=PlainTextResponse)
     def healthz() -> str:

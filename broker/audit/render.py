@@ -9,6 +9,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from html import escape
 from typing import Any, Final
+from urllib.parse import quote
 
 from broker.core.audit_events import format_time
 from broker.core.escaping import csv_cell, visible
@@ -25,13 +26,15 @@ def _short(value: datetime) -> str:
     return value.strftime("%Y-%m-%d %H:%M")
 
 
-def render(report: UsageReport, fmt: str) -> str:
+def render(report: UsageReport, fmt: str, *, policy_url_template: str | None = None) -> str:
+    """``report`` in ``fmt``; ``policy_url_template`` links the HTML's unused grants to
+    their policy files (see :func:`policy_file_link`)."""
     if fmt == "json":
         return render_json(report)
     if fmt == "csv":
         return render_csv(report)
     if fmt == "html":
-        return render_html(report)
+        return render_html(report, policy_url_template=policy_url_template)
     if fmt == "table":
         return render_table(report)
     raise ValueError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
@@ -261,40 +264,139 @@ _PALETTE: Final = (
     "#bcbd22",
     "#17becf",
 )
+MIN_TIMELINE_BUCKETS: Final = 3
+"""Fewer buckets with uses than this make no line worth drawing: a sentence says it."""
 
 _CSS: Final = """
-body{font-family:system-ui,sans-serif;margin:2em;color:#222}
-table{border-collapse:collapse;margin:.5em 0 1.5em}
-th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left;vertical-align:top}
-th{background:#f3f3f3} td.n{text-align:right} .muted{color:#777}
+body{font-family:system-ui,sans-serif;margin:0 auto;padding:1.5em;max-width:80em;color:#222}
+header{border-bottom:2px solid #1f77b4;margin-bottom:1em;padding-bottom:.5em}
+header h1{margin:0 0 .2em} .window{font-size:1.15em;margin:.2em 0}
+.filters{margin:.2em 0;color:#555}
+.totals{display:flex;flex-wrap:wrap;gap:.6em;margin:1em 0}
+.totals div{border:1px solid #ddd;border-radius:6px;padding:.4em .8em;min-width:7em}
+.totals b{display:block;font-size:1.5em} .totals .warn b{color:#b42318}
+.scroll{overflow-x:auto;max-width:100%}
+table{border-collapse:collapse;margin:.5em 0 1.5em;width:100%}
+th,td{border:1px solid #ccc;padding:.25em .5em;text-align:left;vertical-align:top;
+overflow-wrap:break-word}
+th{background:#f3f3f3;white-space:nowrap} td.n{text-align:right;white-space:nowrap}
+td.t{white-space:nowrap} td.id{overflow-wrap:anywhere;min-width:8em}
+.muted{color:#777} code{font-size:.95em}
 svg text{font-size:11px;fill:#333}
 """
 
 
+def _window_text(report: UsageReport) -> str:
+    start, end = report.window_start, report.window_end
+    if start is None and end is None:
+        return "all recorded time"
+    if end is None:
+        return f"since {_short(start)} UTC" if start else "all recorded time"
+    if start is None:
+        return f"until {_short(end)} UTC"
+    return f"{_short(start)} to {_short(end)} UTC"
+
+
+def _cell(value: object, kind: str) -> str:
+    """One cell: ``kind`` "n" (number), "t" (time, kept on one line), "id" (long
+    identifiers, broken anywhere), "h" (HTML the caller escaped) or "" (text)."""
+    if kind == "h":
+        return f"<td>{value}</td>"
+    css = f' class="{kind}"' if kind else ""
+    return f"<td{css}>{escape(str(value))}</td>"
+
+
 def _html_table(
-    headers: Sequence[str], rows: Sequence[Sequence[object]], numeric: Sequence[int] = ()
+    headers: Sequence[str],
+    rows: Sequence[Sequence[object]],
+    numeric: Sequence[int] = (),
+    *,
+    times: Sequence[int] = (),
+    markup: Sequence[int] = (),
+    ids: Sequence[int] = (),
 ) -> str:
     if not rows:
         return '<p class="muted">none</p>'
+    kinds = [
+        "n"
+        if i in numeric
+        else "t"
+        if i in times
+        else "h"
+        if i in markup
+        else "id"
+        if i in ids
+        else ""
+        for i in range(len(headers))
+    ]
     head = "".join(f"<th>{escape(h)}</th>" for h in headers)
     body = "".join(
-        "<tr>"
-        + "".join(
-            f'<td class="n">{escape(str(c))}</td>' if i in numeric else f"<td>{escape(str(c))}</td>"
-            for i, c in enumerate(row)
-        )
-        + "</tr>"
-        for row in rows
+        "<tr>" + "".join(_cell(c, kinds[i]) for i, c in enumerate(row)) + "</tr>" for row in rows
     )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return (
+        f'<div class="scroll"><table><thead><tr>{head}</tr></thead>'
+        f"<tbody>{body}</tbody></table></div>"
+    )
+
+
+LIST_LIMIT: Final = 8
+"""Names shown in one cell; the rest are counted (the JSON and CSV formats list all)."""
+
+
+def _some(items: Sequence[str]) -> str:
+    shown = ", ".join(items[:LIST_LIMIT])
+    return shown if len(items) <= LIST_LIMIT else f"{shown} … and {len(items) - LIST_LIMIT} more"
+
+
+def svg_uses_per_secret(report: UsageReport) -> str:
+    """Horizontal bars: uses per secret in the window (reads well with one use)."""
+    rows = sorted(report.secrets, key=lambda s: (-s.uses, s.secret))
+    if not rows:
+        return '<p class="muted">no uses in the window</p>'
+    label_w = 12 + 7 * max(len(s.secret) for s in rows)
+    bar_h, gap, plot_w = 18, 6, 420
+    width, height = label_w + plot_w + 60, (bar_h + gap) * len(rows) + gap
+    peak = max(s.uses for s in rows)
+    parts = [
+        f'<svg role="img" aria-label="uses per secret" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}">'
+    ]
+    colors = {name: _PALETTE[k % len(_PALETTE)] for k, name in enumerate(report.timeline.series)}
+    for i, s in enumerate(rows):
+        y = gap + i * (bar_h + gap)
+        w = max(2.0, plot_w * s.uses / peak)
+        color = colors.get(s.secret, _PALETTE[0])
+        parts.append(
+            f'<text x="{label_w - 6}" y="{y + bar_h - 5}" text-anchor="end">'
+            f"{escape(s.secret)}</text>"
+            f'<rect x="{label_w}" y="{y}" width="{w:.1f}" height="{bar_h}" fill="{color}">'
+            f"<title>{escape(s.secret)}: {s.uses} use(s)</title></rect>"
+            f'<text x="{label_w + w + 5:.1f}" y="{y + bar_h - 5}">{s.uses}</text>'
+        )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _ticks(peak: int) -> list[int]:
+    """Whole-number y ticks: 0, the peak and at most three between."""
+    step = max(1, -(-peak // 4))
+    return [*range(0, peak, step), peak]
 
 
 def svg_timeline(report: UsageReport) -> str:
-    """A line per secret: uses per bucket over the window."""
+    """A line per secret: uses per bucket over the window; with uses in fewer than
+    MIN_TIMELINE_BUCKETS buckets, a sentence says when they happened instead."""
     tl = report.timeline
     if not tl.starts or not tl.series:
         return '<p class="muted">no uses in the window</p>'
-    width, height, left, bottom, top, legend_w = 760, 260, 40, 40, 10, 160
+    totals = [sum(row[i] for row in tl.series.values()) for i in range(len(tl.starts))]
+    busy = [i for i, v in enumerate(totals) if v]
+    if len(busy) < MIN_TIMELINE_BUCKETS:
+        when = "; ".join(
+            f"{totals[i]} in the {tl.bucket} from {_short(tl.starts[i])} UTC" for i in busy
+        )
+        return f'<p class="muted">Too few points for a line: {escape(when)}.</p>'
+    width, height, left, bottom, top, legend_w = 820, 260, 40, 40, 10, 180
     plot_w, plot_h = width - left - legend_w - 10, height - bottom - top
     peak = max(max(v) for v in tl.series.values()) or 1
     n = len(tl.starts)
@@ -311,9 +413,13 @@ def svg_timeline(report: UsageReport) -> str:
         f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" '
         'stroke="#999"/>',
         f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="#999"/>',
-        f'<text x="{left - 5}" y="{top + 4}" text-anchor="end">{peak}</text>',
-        f'<text x="{left - 5}" y="{top + plot_h}" text-anchor="end">0</text>',
     ]
+    for tick in _ticks(peak):
+        parts.append(
+            f'<line x1="{left}" y1="{y(tick):.1f}" x2="{left + plot_w}" y2="{y(tick):.1f}" '
+            f'stroke="#eee"/><text x="{left - 5}" y="{y(tick) + 4:.1f}" '
+            f'text-anchor="end">{tick}</text>'
+        )
     for i in sorted({0, n // 2, n - 1}):
         parts.append(
             f'<text x="{x(i):.1f}" y="{top + plot_h + 15}" text-anchor="middle">'
@@ -341,7 +447,7 @@ def svg_timeline(report: UsageReport) -> str:
         )
     parts.append(
         f'<text x="{left + plot_w / 2:.0f}" y="{height - 5}" text-anchor="middle">'
-        f"uses per {tl.bucket}</text></svg>"
+        f"uses per {tl.bucket} (UTC)</text></svg>"
     )
     return "".join(parts)
 
@@ -352,8 +458,10 @@ def svg_matrix(report: UsageReport) -> str:
     secrets = sorted({s for row in report.matrix.values() for s in row})
     if not dags or not secrets:
         return '<p class="muted">no uses in the window</p>'
-    cell, left, top = 44, 10 + 7 * max(len(d) for d in dags), 10 + 7 * max(len(s) for s in secrets)
-    width, height = left + cell * len(secrets) + 10, top + cell * len(dags) + 10
+    longest = max(len(s) for s in secrets)
+    cell, left, top = 44, 10 + 7 * max(len(d) for d in dags), 16 + 5 * longest
+    # Column labels lean right by 45 degrees: room for the last one.
+    width, height = left + cell * len(secrets) + 10 + 5 * longest, top + cell * len(dags) + 10
     peak = max(v for row in report.matrix.values() for v in row.values()) or 1
     parts = [
         f'<svg role="img" aria-label="DAG by secret matrix" width="{width}" '
@@ -388,22 +496,58 @@ def svg_matrix(report: UsageReport) -> str:
     return "".join(parts)
 
 
-def render_html(report: UsageReport) -> str:
+def policy_file_link(team: str, grant_id: str, url_template: str | None) -> str:
+    """HTML naming a grant's policy file: ``policies/teams/<team>.yaml`` as text, or a
+    link from ``url_template`` (``{team}`` and ``{grant}`` filled in, URL-quoted)."""
+    path = f"policies/teams/{team}.yaml"
+    if not url_template:
+        return f"<code>{escape(path)}</code>"
+    grant = grant_id.partition("/")[2] or grant_id
+    url = url_template.replace("{team}", quote(team, safe="")).replace(
+        "{grant}", quote(grant, safe="")
+    )
+    return f'<a href="{escape(url, quote=True)}"><code>{escape(path)}</code></a>'
+
+
+def _totals_html(report: UsageReport) -> str:
     t = report.totals
+    items = [
+        ("launches requested", t.launches_requested, False),
+        ("allowed", t.launches_allowed, False),
+        ("denied", t.launches_denied, t.launches_denied > 0),
+        ("secret uses", t.secret_uses, False),
+        ("secrets used", t.distinct_secrets, False),
+        ("DAGs", t.distinct_dags, False),
+        ("unused grant secrets", t.unused_grant_secrets, t.unused_grant_secrets > 0),
+        ("first-time uses", t.first_time_uses, False),
+        ("requests refused", t.requests_refused, t.requests_refused > 0),
+    ]
+    return (
+        '<div class="totals">'
+        + "".join(
+            f"<div{' class=warn' if warn else ''}><b>{value}</b>{escape(label)}</div>"
+            for label, value, warn in items
+        )
+        + "</div>"
+    )
+
+
+def render_html(report: UsageReport, *, policy_url_template: str | None = None) -> str:
     f = report.filters
     active = ", ".join(f"{k}={v}" for k, v in f.model_dump().items() if v is not None)
+    window = _window_text(report)
     sections = [
-        f"<h1>Secret usage report</h1><p>Window {escape(_window(report))}"
-        + (f"; filters: {escape(active)}" if active else "")
-        + "</p>",
-        f"<p>Launches requested {t.launches_requested}, allowed {t.launches_allowed}, denied "
-        f"{t.launches_denied}. Secret uses {t.secret_uses} ({t.distinct_secrets} secrets, "
-        f"{t.distinct_dags} DAGs). Unused grant secrets {t.unused_grant_secrets}. First-time "
-        f"uses {t.first_time_uses}.</p>",
+        "<header><h1>Secret usage report</h1>"
+        f'<p class="window">Window: <strong>{escape(window)}</strong></p>'
+        + (f'<p class="filters">Filters: {escape(active)}</p>' if active else "")
+        + f'<p class="muted">Exact bounds: {escape(_window(report))}</p></header>',
+        _totals_html(report),
+        "<h2>Uses per secret</h2>",
+        svg_uses_per_secret(report),
         "<h2>Uses over time per secret</h2>",
         svg_timeline(report),
         "<h2>DAG &times; secret</h2>",
-        svg_matrix(report),
+        f'<div class="scroll">{svg_matrix(report)}</div>',
         "<h2>Usage per secret</h2>",
         _html_table(
             ["secret", "uses", "DAGs", "tasks", "images", "first use", "last use"],
@@ -411,15 +555,17 @@ def render_html(report: UsageReport) -> str:
                 [
                     s.secret,
                     s.uses,
-                    ", ".join(s.dags),
-                    ", ".join(f"{x.dag_id}.{x.task_id}" for x in s.tasks),
-                    ", ".join(s.images),
+                    _some(s.dags),
+                    _some([f"{x.dag_id}.{x.task_id}" for x in s.tasks]),
+                    _some(s.images),
                     _t(s.first_use),
                     _t(s.last_use),
                 ]
                 for s in report.secrets
             ],
             [1],
+            times=[5, 6],
+            ids=[2, 3, 4],
         ),
         "<h2>Usage per DAG</h2>",
         _html_table(
@@ -431,22 +577,21 @@ def render_html(report: UsageReport) -> str:
                     d.launches_allowed,
                     d.launches_denied,
                     d.secret_uses,
-                    ", ".join(f"{k}={v}" for k, v in d.secrets.items()),
-                    ", ".join(d.tasks),
+                    _some([f"{k}={v}" for k, v in d.secrets.items()]),
+                    _some(d.tasks),
                 ]
                 for d in report.dags
             ],
             [1, 2, 3, 4],
+            ids=[0],
         ),
         "<h2>Denials</h2>",
         _html_table(
-            ["time", "DAG", "task", "run", "caller", "count", "denied", "reasons"],
+            ["time", "DAG / task / run", "caller", "count", "denied", "reasons"],
             [
                 [
                     _t(n.time),
-                    n.dag_id or "",
-                    n.task_id or "",
-                    n.run_id or "",
+                    " / ".join(x for x in (n.dag_id, n.task_id, n.run_id) if x) or "-",
                     n.caller or "",
                     n.count,
                     ", ".join(n.denied),
@@ -454,15 +599,25 @@ def render_html(report: UsageReport) -> str:
                 ]
                 for n in report.denials
             ],
-            [5],
+            [3],
+            times=[0],
+            ids=[1, 2],
         ),
         "<h2>Unused grants (proposed removals)</h2>",
+        (
+            '<p class="muted">Apply them as a reviewed change: <code>podbroker audit report '
+            "--format json &gt; report.json</code>, then <code>podbroker policies propose "
+            "--from-report report.json policies/</code>.</p>"
+            if report.unused_grants
+            else ""
+        ),
         _html_table(
-            ["team", "grant", "DAGs", "tasks", "unused", "used", "proposal"],
+            ["team", "grant", "policy file", "DAGs", "tasks", "unused", "used", "proposal"],
             [
                 [
                     g.team,
                     g.grant_id,
+                    policy_file_link(g.team, g.grant_id, policy_url_template),
                     g.dag_glob,
                     g.task_glob or "*",
                     ", ".join(g.unused_secrets),
@@ -471,6 +626,8 @@ def render_html(report: UsageReport) -> str:
                 ]
                 for g in report.unused_grants
             ],
+            markup=[2],
+            ids=[1, 3],
         ),
         "<h2>First-time uses</h2>",
         _html_table(
@@ -479,10 +636,13 @@ def render_html(report: UsageReport) -> str:
                 [_t(u.time), u.dag_id, u.task_id or "", u.secret, u.launch_id or ""]
                 for u in report.first_time_uses
             ],
+            times=[0],
+            ids=[1, 2, 4],
         ),
     ]
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        "<title>podbroker secret usage</title>"
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>Secret usage report: {escape(window)}</title>"
         f"<style>{_CSS}</style></head><body>" + "\n".join(sections) + "</body></html>\n"
     )

@@ -121,6 +121,10 @@ def report(
         Path | None,
         typer.Option(help="policy folder: grants listed there but unused are proposed for removal"),
     ] = None,
+    policy_url_template: Annotated[
+        str | None,
+        typer.Option(help="HTML: link unused grants to URL with {team} and {grant} filled in"),
+    ] = None,
 ) -> None:
     """Who used which secret, when, for what; denials; unused grants; first-time uses."""
     from broker.audit.render import FORMATS, render
@@ -144,7 +148,7 @@ def report(
             )
     except BrokerError as exc:
         raise _fail(exc.reason) from None
-    text = render(result, fmt)
+    text = render(result, fmt, policy_url_template=policy_url_template)
     if output is None:
         sys.stdout.write(text)
     else:

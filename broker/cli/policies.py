@@ -1,4 +1,4 @@
-"""`podbroker policies lint|plan|apply|export`: need-to-know policies as code.
+"""`podbroker policies lint|plan|apply|export|propose`: need-to-know policies as code.
 
 Exit codes: 0 ok, 1 policy-file errors, 2 usage, 3 Vault unreachable/refused/conflict.
 Tokens are never printed."""
@@ -10,7 +10,13 @@ from typing import Annotated
 
 import typer
 
-from broker.cli.policy_folder import lint_policy_dir, load_policy_dir, write_policy_dir
+from broker.cli.policy_edits import propose, removals_from_report
+from broker.cli.policy_folder import (
+    lint_policy_dir,
+    load_policy_dir,
+    policy_files,
+    write_policy_dir,
+)
 from broker.cli.vault import (
     ConfigMount,
     PolicyPrefix,
@@ -21,6 +27,7 @@ from broker.cli.vault import (
     fail,
 )
 from broker.core.policy import PolicyFileError
+from broker.core.report import UsageReport
 from broker.errors import BrokerError
 from broker.vault import names
 from broker.vault.client import VaultSession
@@ -144,3 +151,48 @@ def export_command(
         fail(exc)
     for path in write_policy_dir(policy, folder):
         typer.echo(f"wrote {path}")
+
+
+@app.command("propose")
+def propose_command(
+    folder: PolicyDir,
+    from_report: Annotated[
+        Path,
+        typer.Option(
+            "--from-report",
+            exists=True,
+            dir_okay=False,
+            help="A JSON report (podbroker audit report --format json).",
+        ),
+    ],
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the diff; write nothing.")
+    ] = False,
+) -> None:
+    """Write the report's proposed removals (grants, or secrets of grants, unused in its
+    window) into the policy files, keeping comments and layout, and print the unified
+    diff. Review it, then `podbroker policies plan --prune` shows the same removals."""
+    try:
+        report = UsageReport.model_validate_json(from_report.read_bytes())
+    except ValueError as exc:
+        typer.echo(f"error: {from_report} is not a JSON usage report: {exc}", err=True)
+        raise typer.Exit(2) from None
+    removals = removals_from_report(report.unused_grants)
+    if not removals:
+        typer.echo("no proposed removals in the report")
+        return
+    result = propose(policy_files(folder), removals)
+    for edit in result.edits:
+        typer.echo(edit.diff(folder), nl=False)
+    for missing in result.not_found:
+        typer.echo(f"warning: {missing}: no such grant in {folder}", err=True)
+    if not dry_run:
+        for edit in result.edits:
+            edit.path.write_text(edit.after, encoding="utf-8")
+    applied = sum(len(e.applied) for e in result.edits)
+    verb = "would apply" if dry_run else "applied"
+    typer.echo(
+        f"{verb} {applied} of {len(removals)} proposed removal(s) in {len(result.edits)} file(s) "
+        f"(report window {report.window_start or '-'} .. {report.window_end or '-'})",
+        err=True,
+    )

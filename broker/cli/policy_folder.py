@@ -24,7 +24,7 @@ def read_policy_dir(folder: Path | str) -> ParsedPolicy:
     root = Path(folder)
     if not root.is_dir():
         raise InvalidRequestError(f"{root}: not a folder of policy files")
-    files = sorted(p for p in root.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file())
+    files = policy_files(root)
     unreadable: list[PolicyIssue] = []
     if not files:
         unreadable.append(PolicyIssue("error", str(root), 1, "", "no *.yaml policy files found"))
@@ -35,6 +35,12 @@ def read_policy_dir(folder: Path | str) -> ParsedPolicy:
         except (OSError, UnicodeDecodeError) as exc:
             unreadable.append(PolicyIssue("error", str(file), 1, "", f"cannot read: {exc}"))
     return parse_policy_texts(documents, errors=unreadable)
+
+
+def policy_files(folder: Path | str) -> list[Path]:
+    """Every ``*.yaml``/``*.yml`` file under ``folder``, sorted by path."""
+    root = Path(folder)
+    return sorted(p for p in root.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file())
 
 
 def load_policy_dir(folder: Path | str) -> PolicySet:

@@ -99,7 +99,7 @@ class Runtime:
     ) -> str:
         grants = grant_refs_from_policy(self.policies.current())
         report = build_report(self.audit, grants, since=since, until=until, filters=filters)
-        return render(report, fmt)
+        return render(report, fmt, policy_url_template=self.settings.audit.policy_url_template)
 
     def start_background(self) -> None:
         self.reconciler.start(self.settings.kubernetes.reconcile_interval_seconds)

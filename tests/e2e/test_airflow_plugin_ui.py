@@ -1,6 +1,8 @@
-"""The "Secret usage" plugin in a real Airflow API server: registered (plugins API),
-guarded by Airflow's own auth (SimpleAuthManager), and showing the real broker's
-report fetched through the podbroker connection."""
+"""The podbroker plugin in a real Airflow API server: registered (plugins API), guarded
+by Airflow's own auth, and showing the real broker's report and task-try view fetched
+through the podbroker connection. SimpleAuthManager's roles cannot limit DAGs (a viewer
+reads all), so the server runs tests/e2e/dag_scoped_auth.py: SimpleAuthManager plus
+per-user DAG globs, asked through the same auth manager interface a real one answers."""
 
 from __future__ import annotations
 
@@ -21,6 +23,9 @@ pytestmark = [pytest.mark.stack, pytest.mark.airflow]
 
 AIRFLOW = Path(sys.executable).parent / "airflow"
 PAGE = "/podbroker/secret-usage"
+TI_PAGE = "/podbroker/task-instance"
+REPO = Path(__file__).resolve().parents[2]
+PASSWORDS = {"viewer": "viewer-pw", "analyst": "analyst-pw", "nobody": "nobody-pw"}
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +34,16 @@ def api_server(
 ) -> Iterator[str]:
     folder = tmp_path_factory.mktemp("api-server")
     passwords = folder / "passwords.json"
-    passwords.write_text(json.dumps({"viewer": "viewer-pw"}))
+    passwords.write_text(json.dumps(PASSWORDS))
     port = free_port()
     conn = {"conn_type": "podbroker", "host": broker.url, "password": broker.token}
     env = {
         **airflow_env,
         "AIRFLOW_CONN_PODBROKER_DEFAULT": json.dumps(conn),
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "viewer:viewer",
+        "AIRFLOW__CORE__AUTH_MANAGER": "tests.e2e.dag_scoped_auth.DagScopedAuthManager",
+        "PODBROKER_E2E_DAG_ACCESS": json.dumps({"analyst": ["analytics_*"], "nobody": []}),
+        "PYTHONPATH": str(REPO),
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": ",".join(f"{u}:viewer" for u in PASSWORDS),
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
         "AIRFLOW__API_AUTH__JWT_SECRET": "e2e-test-jwt-secret-0123456789abcdef",
     }
@@ -77,9 +85,9 @@ def api_server(
         log.close()
 
 
-def login(url: str) -> str:
+def login(url: str, user: str = "viewer") -> str:
     response = httpx.post(
-        f"{url}/auth/token", json={"username": "viewer", "password": "viewer-pw"}, timeout=10
+        f"{url}/auth/token", json={"username": user, "password": PASSWORDS[user]}, timeout=10
     )
     assert response.status_code == 201, response.text
     return str(response.json()["access_token"])
@@ -152,3 +160,94 @@ def test_page_shows_only_the_dags_the_user_may_read(
     assert response.status_code == 200, response.text[-2000:]
     assert known in response.text
     assert unknown not in response.text
+
+
+def deny_launch(broker: BrokerHandle, dag_id: str, run_id: str) -> None:
+    denied = httpx.post(
+        f"{broker.url}/v1/launches",
+        headers=broker.headers(),
+        timeout=30,
+        json={
+            "task": {"dag_id": dag_id, "task_id": "t", "run_id": run_id},
+            "container": {"image": "python:3.12-slim"},
+            "secrets": ["payments-api"],
+        },
+    )
+    assert denied.status_code == 403, denied.text
+
+
+def page_as(url: str, user: str, path: str, **params: str) -> httpx.Response:
+    token = login(url, user)
+    return httpx.get(
+        f"{url}{path}", params=params, headers={"Authorization": f"Bearer {token}"}, timeout=30
+    )
+
+
+def test_a_user_sees_only_the_dags_the_auth_manager_lets_them_read(
+    api_server: str, broker: BrokerHandle, unique: str
+) -> None:
+    analytics, ml = "analytics_etl_e2e_denied", "ml_score_e2e_deferred"  # both in tests/dags
+    for dag_id in (analytics, ml):
+        deny_launch(broker, dag_id, f"r-{unique}")
+    everything = page_as(api_server, "viewer", PAGE)
+    assert analytics in everything.text and ml in everything.text
+    scoped = page_as(api_server, "analyst", PAGE)
+    assert scoped.status_code == 200, scoped.text[-2000:]
+    assert analytics in scoped.text and ml not in scoped.text
+    nothing = page_as(api_server, "nobody", PAGE)
+    assert nothing.status_code == 200
+    assert "No DAG you may read" in nothing.text
+    assert analytics not in nothing.text and ml not in nothing.text
+
+
+def test_the_task_instance_view_shows_one_try(
+    api_server: str, broker: BrokerHandle, unique: str
+) -> None:
+    dag_id, run_id = "analytics_etl_e2e_allowed", f"manual__{unique}"
+    task = {"dag_id": dag_id, "task_id": "extract", "run_id": run_id, "try_number": 1}
+    launched = httpx.post(
+        f"{broker.url}/v1/launches",
+        headers=broker.headers(),
+        timeout=30,
+        json={
+            "task": task,
+            "container": {"image": "python:3.12-slim"},
+            "secrets": ["warehouse-readonly"],
+            "namespace": broker.namespace,
+        },
+    )
+    assert launched.status_code == 201, launched.text
+    launch_id = launched.json()["launch_id"]
+    killed = httpx.delete(
+        f"{broker.url}/v1/launches/{launch_id}", headers=broker.headers(), timeout=30
+    )
+    assert killed.status_code == 200, killed.text
+    # As Airflow's task-instance tab links it: an unmapped task keeps {MAP_INDEX}.
+    query = {"dag_id": dag_id, "run_id": run_id, "task_id": "extract", "map_index": "{MAP_INDEX}"}
+    for user in ("viewer", "analyst"):
+        response = page_as(api_server, user, TI_PAGE, **query)
+        assert response.status_code == 200, response.text[-2000:]
+        assert launch_id in response.text
+        assert "warehouse-readonly" in response.text and "granted" in response.text
+        assert "secret_deleted" in response.text
+        assert not [v for v in broker.planted_values() if v in response.text]
+    # The operator's extra link names the try.
+    one_try = page_as(api_server, "viewer", TI_PAGE, **query, try_number="1")
+    assert launch_id in one_try.text
+    refused = page_as(api_server, "nobody", TI_PAGE, **query)
+    assert refused.status_code == 403 and launch_id not in refused.text
+    outside = page_as(
+        api_server, "analyst", TI_PAGE, **{**query, "dag_id": "ml_score_e2e_deferred"}
+    )
+    assert outside.status_code == 403
+
+
+def test_the_task_instance_view_is_a_registered_tab(api_server: str) -> None:
+    token = login(api_server)
+    response = httpx.get(
+        f"{api_server}/api/v2/plugins", headers={"Authorization": f"Bearer {token}"}, timeout=10
+    )
+    plugins = {p["name"]: p for p in response.json()["plugins"]}
+    views = {v["name"]: v for v in plugins["podbroker"]["external_views"]}
+    assert views["Secrets"]["destination"] == "task_instance"
+    assert views["Secrets"]["href"].startswith(f"{TI_PAGE}?dag_id={{DAG_ID}}")

@@ -55,6 +55,7 @@ def test_every_check_passes_for_every_operation(broker: BrokerHandle) -> None:
         "GET /v1/launches/{launch_id}/logs",
         "DELETE /v1/launches/{launch_id}",
         "GET /v1/audit/report",
+        "GET /v1/audit/launches",
     } <= labels
     planted = broker.planted_values()
     failures: list[str] = []

@@ -65,5 +65,8 @@ def test_airflow_plugin_imports_without_broker_libraries(tmp_path: Path) -> None
         "broker.core",
         "broker.core.models",
         "broker.core.api_models",
+        "broker.core.timeline",  # the task-try view's response model
+        "broker.core.audit_events",
+        "broker.core.secret_value",
         "broker.errors",
     }

@@ -14,10 +14,11 @@ from broker.core.report import compute_report
 from tests.unit.test_report import GRANTS, WINDOW, report, scenario
 
 
-def test_html_is_self_contained_with_both_charts() -> None:
+def test_html_is_self_contained_with_its_three_charts() -> None:
     html = render(report(), "html")
     assert html.startswith("<!DOCTYPE html>")
-    assert html.count("<svg") == 2
+    assert html.count("<svg") == 3
+    assert 'aria-label="uses per secret"' in html
     assert 'aria-label="uses over time per secret"' in html
     assert 'aria-label="DAG by secret matrix"' in html
     assert "<polyline" in html and "<rect" in html
