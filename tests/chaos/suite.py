@@ -224,6 +224,17 @@ def replicas_loop(stack: ChaosStack, figures: Figures, *, seed: int) -> BrokerHa
     return first
 
 
+def _explain(broker: BrokerHandle, launch_id: str) -> None:
+    """Print what the trail and the ledger say of a launch that left something behind."""
+    with open_audit_store(broker.audit_url, create=False) as store:
+        for event in store.events():
+            if event.launch_id == launch_id:
+                print(f"   {launch_id} {event.time:%H:%M:%S.%f} {event.kind} {event.details}")
+        for held in store.holdings().unreleased():
+            if held.launch_id == launch_id:
+                print(f"   {launch_id} ledger: unreleased {held}")
+
+
 def check(broker: BrokerHandle, figures: Figures, root: hvac.Client) -> None:
     """Kill every accepted launch through the API, wait for the cluster to settle, then
     check the invariants."""
@@ -236,7 +247,16 @@ def check(broker: BrokerHandle, figures: Figures, root: hvac.Client) -> None:
     figures.violations["duplicate pod per task try"] = [str(k) for k, n in tries.items() if n > 1]
 
     started = time.monotonic()
-    for launch_id in sorted(figures.accepted_ids):
+    # Every launch the broker recorded, also those whose answer the client never got (the
+    # broker was killed after making the pod): Airflow would retry that try, reattach and
+    # end it; here it is ended directly. Unknown ids answer 404.
+    with open_audit_store(broker.audit_url, create=False) as store:
+        recorded_ids = {
+            e.launch_id
+            for e in store.events()
+            if e.kind == EventKind.POD_CREATED and e.launch_id is not None
+        }
+    for launch_id in sorted(figures.accepted_ids | recorded_ids):
         httpx.delete(f"{broker.url}/v1/launches/{launch_id}", headers=broker.headers(), timeout=30)
     deadline = time.monotonic() + 45
     while time.monotonic() < deadline:
@@ -256,6 +276,8 @@ def check(broker: BrokerHandle, figures: Figures, root: hvac.Client) -> None:
         s.metadata.name
         for s in core.list_namespaced_secret(broker.namespace, label_selector=selector).items
     ]
+    for name in figures.orphans["secret without its pod"]:
+        _explain(broker, name.removeprefix("podbroker-"))
     leases = root.list(f"sys/leases/lookup/{DYNAMIC_LEASE_PREFIX}") or {}
     figures.orphans["live lease without a running pod"] = [
         f"{DYNAMIC_LEASE_PREFIX}/{k}" for k in (leases.get("data") or {}).get("keys") or []

@@ -306,7 +306,8 @@ def start_broker(
             "reconcile_interval_seconds": 5,
             "pod_retention_seconds": 600,
             # What the tests' and example DAGs' requests set (kwok's run duration).
-            "allowed_labels": ["team", "app.kubernetes.io/*"],
+            # bench*: the benchmarks label their pods by round
+            "allowed_labels": ["team", "app.kubernetes.io/*", "bench*"],
             "allowed_annotations": ["kwok.podbroker.dev/*"],
         },
         "auth": {
