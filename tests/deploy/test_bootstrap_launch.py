@@ -177,6 +177,7 @@ def test_bootstrapped_broker_logs_in_as_its_service_account_and_launches(
         tls={"enabled": False},
         audit={"store": "sqlite"},
         vault={"address": fresh_vault.url},
+        allowedAnnotations=["kwok.podbroker.dev/*"],  # the fake nodes' run duration
         staticTokens=[
             {
                 "name": "bootstrap-test",

@@ -155,7 +155,11 @@ def test_reconciler_removes_a_pod_left_without_its_secret(
         secrets=[SecretRequest(name="warehouse-readonly")],
         scheduling={"annotations": {RUN_DURATION_ANNOTATION: "300s"}},  # type: ignore[arg-type]
     )
-    plan = build_plan(request, PlanPolicy(namespaces=(namespace,)), "static:dev")
+    plan = build_plan(
+        request,
+        PlanPolicy(namespaces=(namespace,), allowed_annotations=("kwok.podbroker.dev/*",)),
+        "static:dev",
+    )
     core.create_namespaced_pod(
         namespace,
         plan.pod_with_secret_refs({"warehouse-readonly": ["host", "username", "password"]}),
