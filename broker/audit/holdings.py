@@ -7,8 +7,10 @@ back even when the broker crashed or the garbage collector deleted the launch's 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import SQLAlchemyError
@@ -17,6 +19,8 @@ from broker.core.leases import IssuedLease, LeaseRecord
 from broker.core.objects import HeldByLaunch
 from broker.core.podmeta import VaultHoldings
 from broker.errors import AuditUnavailableError
+
+T = TypeVar("T")
 
 
 def _now() -> str:
@@ -58,14 +62,37 @@ def _lease(row: Sequence[object]) -> LeaseRecord:
     )
 
 
+Bounded = Callable[[str, Callable[[], Any]], Any]
+"""Runs a database operation under the audit store's deadline (``AuditStore._bounded``)."""
+
+
+def _unbounded(_doing: str, work: Callable[[], Any]) -> Any:
+    return work()
+
+
+def _bounded(doing: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Run the method under the store's deadline: a frozen database gives a prompt
+    AuditUnavailableError, never a hung cleanup."""
+
+    def wrap(method: Callable[..., T]) -> Callable[..., T]:
+        @functools.wraps(method)
+        def bounded(self: HoldingsLedger, *args: Any, **kwargs: Any) -> T:
+            return cast(T, self._run(doing, lambda: method(self, *args, **kwargs)))
+
+        return bounded
+
+    return wrap
+
+
 class HoldingsLedger:
     """Tables ``launch_holdings`` (schema v2) and ``launch_leases`` (v3: the renewal
     state of each dynamic lease, so renewal survives restarts and one replica renews)
     of the audit store's database."""
 
-    def __init__(self, engine: Engine, shown_url: str) -> None:
+    def __init__(self, engine: Engine, shown_url: str, *, bounded: Bounded = _unbounded) -> None:
         self._engine = engine
         self._url = shown_url
+        self._run = bounded
 
     def _fail(self, exc: BaseException, doing: str) -> AuditUnavailableError:
         cause = type(getattr(exc, "orig", None) or exc).__name__
@@ -76,6 +103,7 @@ class HoldingsLedger:
     def _write(self) -> Connection:
         return self._engine.connect().execution_options(podbroker_write=True)
 
+    @_bounded("recording what a launch holds")
     def hold(
         self,
         launch_id: str,
@@ -121,6 +149,7 @@ class HoldingsLedger:
         except SQLAlchemyError as exc:
             raise self._fail(exc, "recording what a launch holds") from exc
 
+    @_bounded("reading what a launch holds")
     def held(self, launch_id: str) -> VaultHoldings | None:
         """What ``launch_id`` still holds (None when nothing is recorded or released)."""
         try:
@@ -138,6 +167,7 @@ class HoldingsLedger:
             return None
         return VaultHoldings(tuple(json.loads(row[0] or "[]")), row[1])
 
+    @_bounded("marking holdings released")
     def released(self, launch_id: str) -> None:
         """Everything ``launch_id`` held was given back."""
         try:
@@ -152,6 +182,7 @@ class HoldingsLedger:
         except SQLAlchemyError as exc:
             raise self._fail(exc, "marking a launch's holdings released") from exc
 
+    @_bounded("listing unreleased holdings")
     def unreleased(self, limit: int = 1000) -> list[HeldByLaunch]:
         """Launches that still hold something, oldest first."""
         try:
@@ -178,6 +209,7 @@ class HoldingsLedger:
 
     # -- lease renewal (schema v3) ----------------------------------------------------------
 
+    @_bounded("recording a lease")
     def track_lease(self, launch_id: str, lease: IssuedLease, next_renewal_at: float) -> None:
         """Record a lease issued to ``launch_id`` for renewal (idempotent)."""
         try:
@@ -208,6 +240,7 @@ class HoldingsLedger:
         except SQLAlchemyError as exc:
             raise self._fail(exc, "recording a lease for renewal") from exc
 
+    @_bounded("listing due leases")
     def due_leases(self, now: float, limit: int) -> list[LeaseRecord]:
         """Leases of unreleased launches whose renewal time has come and that no replica
         is renewing, soonest expiry first."""
@@ -227,6 +260,7 @@ class HoldingsLedger:
             raise self._fail(exc, "listing leases due for renewal") from exc
         return [_lease(row) for row in rows]
 
+    @_bounded("reading the next renewal")
     def next_renewal(self) -> float | None:
         """The earliest renewal time of any unreleased launch's lease."""
         try:
@@ -241,6 +275,7 @@ class HoldingsLedger:
             raise self._fail(exc, "reading the next lease renewal") from exc
         return None if found is None else int(found) / 1000
 
+    @_bounded("claiming a lease")
     def claim_lease(self, lease_id: str, now: float, until: float) -> bool:
         """Claim one due lease for renewal until ``until`` (compare-and-set in one
         UPDATE): exactly one replica gets True."""
@@ -258,6 +293,7 @@ class HoldingsLedger:
         except SQLAlchemyError as exc:
             raise self._fail(exc, "claiming a lease for renewal") from exc
 
+    @_bounded("recording a renewal")
     def lease_renewed(
         self, lease_id: str, *, expires_at: float, next_renewal_at: float | None
     ) -> None:
@@ -279,6 +315,7 @@ class HoldingsLedger:
         except SQLAlchemyError as exc:
             raise self._fail(exc, "recording a lease renewal") from exc
 
+    @_bounded("rescheduling a renewal")
     def lease_retry(self, lease_id: str, *, next_renewal_at: float | None) -> None:
         """The renewal failed: release the claim and try again at ``next_renewal_at``
         (None: give up, the lease is gone)."""
@@ -297,6 +334,7 @@ class HoldingsLedger:
         except SQLAlchemyError as exc:
             raise self._fail(exc, "rescheduling a lease renewal") from exc
 
+    @_bounded("listing a launch's leases")
     def leases_of(self, launch_id: str) -> list[LeaseRecord]:
         """The leases recorded for ``launch_id`` (released or not)."""
         try:

@@ -334,7 +334,11 @@ class AuditStore:
 
     def holdings(self) -> HoldingsLedger:
         """The ledger of what launches hold in Vault, in this store's database."""
-        return HoldingsLedger(self._engine, self.url)
+        return HoldingsLedger(
+            self._engine,
+            self.url,
+            bounded=lambda doing, work: self._bounded(doing, lambda _abandoned: work()),
+        )
 
     @property
     def signing_key_id(self) -> str | None:

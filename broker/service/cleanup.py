@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
+import time
 from collections.abc import Sequence
+from queue import Empty, Full, Queue
 
 from broker.core import audit_events as ev
 from broker.core import podmeta
@@ -19,6 +22,9 @@ from broker.metrics import LIVE_SECRETS, VAULT_LATENCY
 from broker.service.ports import AuditSink, Cluster, HoldingsLedger, SecretStore
 
 log = logging.getLogger("podbroker.cleanup")
+_STORE_DOWN_SECONDS = 10.0
+_OUTBOX_SIZE = 10_000
+_FLUSH_IDLE_SECONDS = 5.0
 
 
 class Cleanup:
@@ -34,13 +40,59 @@ class Cleanup:
         self.secrets = secrets
         self.audit = audit
         self.ledger = ledger
+        # After the store failed once, clean-ups stop waiting for it for a while: their
+        # records wait in memory and are written by a background thread once it answers.
+        self._store_down_until = 0.0
+        self._outbox: Queue[ev.AuditEvent] = Queue(maxsize=_OUTBOX_SIZE)
+        self._flusher: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def _store_down(self) -> bool:
+        return time.monotonic() < self._store_down_until
+
+    def _mark_store_down(self) -> None:
+        self._store_down_until = time.monotonic() + _STORE_DOWN_SECONDS
 
     def record_quietly(self, event: ev.AuditEvent) -> None:
-        """Audit a clean-up step without letting a down audit store stop the clean-up."""
+        """Audit a clean-up step without letting a down audit store stop the clean-up:
+        when the store fails (or failed a moment ago) the record is kept and written
+        afterwards, in order, by a background thread."""
+        if not self._store_down() and self._outbox.empty():
+            try:
+                self.audit.append(event)
+                return
+            except BrokerError as exc:
+                self._mark_store_down()
+                log.warning(
+                    "audit store unavailable (%s); %s recorded later", exc.reason, event.kind
+                )
         try:
-            self.audit.append(event)
-        except BrokerError as exc:
-            log.warning("audit store unavailable; %s not recorded: %s", event.kind, exc.reason)
+            self._outbox.put_nowait(event)
+        except Full:
+            log.warning("audit backlog full; %s not recorded", event.kind)
+            return
+        self._start_flusher()
+
+    def _start_flusher(self) -> None:
+        with self._lock:
+            if self._flusher is not None and self._flusher.is_alive():
+                return
+            self._flusher = threading.Thread(target=self._flush, name="audit-outbox", daemon=True)
+            self._flusher.start()
+
+    def _flush(self) -> None:
+        while True:
+            try:
+                event = self._outbox.get(timeout=_FLUSH_IDLE_SECONDS)
+            except Empty:
+                return
+            while True:
+                try:
+                    self.audit.append(event)
+                    break
+                except BrokerError:
+                    self._mark_store_down()
+                    time.sleep(1.0)
 
     # -- a pod's end ----------------------------------------------------------------------
 
@@ -173,7 +225,7 @@ class Cleanup:
         if holdings:
             self.revoke(holdings, launch_id=launch_id, task=task, caller=caller)
             return
-        if self.ledger is not None:
+        if self.ledger is not None and not self._store_down():
             try:
                 self.ledger.released(launch_id)
             except BrokerError as exc:
@@ -184,11 +236,12 @@ class Cleanup:
     ) -> podmeta.VaultHoldings:
         """What a launch holds: the ledger's record (the source of truth), together with
         what its Secret's annotations name (launches made before the ledger existed)."""
-        if self.ledger is None or launch_id is None:
+        if self.ledger is None or launch_id is None or self._store_down():
             return annotated
         try:
             recorded = self.ledger.held(launch_id)
         except BrokerError as exc:
+            self._mark_store_down()
             log.warning("holdings ledger unavailable (%s); using the Secret's record", exc.reason)
             return annotated
         if recorded is None:
@@ -222,7 +275,8 @@ class Cleanup:
             log.warning(
                 "revocation failed for launch %s; the sweep retries from the ledger", launch_id
             )
-        if revoked and launch_id is not None and self.ledger is not None:
+        if revoked and launch_id is not None and self.ledger is not None and not self._store_down():
+            # (while the store is down the row stays open: the sweep closes it later)
             try:
                 self.ledger.released(launch_id)
             except BrokerError as exc:

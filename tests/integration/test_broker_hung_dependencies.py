@@ -15,6 +15,8 @@ import httpx
 import psycopg
 import pytest
 
+from broker.audit.store import open_audit_store
+from broker.core.audit_events import EventKind
 from podbroker_devstack.broker_env import BrokerHandle, start_broker
 from podbroker_devstack.kube import RUN_DURATION_ANNOTATION, ControlPlane
 from podbroker_devstack.openbao import OpenBao
@@ -142,6 +144,36 @@ def test_a_frozen_audit_database_gives_prompt_503s(
         json=launch_body("analytics_etl_hang_db_after"),
     )
     assert after.status_code == 201, after.text
+
+
+def test_a_kill_does_not_wait_for_a_frozen_audit_database(
+    pg_broker: BrokerHandle, postgres: Postgres
+) -> None:
+    """Issue 12 item 10: a kill is not refused (nor held) while the audit store is down;
+    it is recorded afterwards."""
+    launched = httpx.post(
+        f"{pg_broker.url}/v1/launches",
+        headers=pg_broker.headers(),
+        timeout=30,
+        json=launch_body("analytics_etl_kill_frozen"),
+    )
+    assert launched.status_code == 201, launched.text
+    view = launched.json()
+    with frozen(postgres.process):
+        killed, took = timed(
+            "DELETE", f"{pg_broker.url}/v1/launches/{view['launch_id']}", pg_broker
+        )
+    assert killed.status_code == 200, killed.text
+    assert took < PROMPT, f"took {took:.1f}s"
+
+    def recorded() -> bool:
+        with open_audit_store(pg_broker.audit_url, create=False) as store:
+            return any(
+                e.kind == EventKind.LAUNCH_KILLED and e.launch_id == view["launch_id"]
+                for e in store.events()
+            )
+
+    assert eventually(recorded, timeout=60), "the kill was never recorded"
 
 
 @pytest.mark.parametrize("size_mib", [2, 4])

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import pytest
 
+from broker.core.audit_events import EventKind
 from broker.core.podmeta import VaultHoldings
 from broker.errors import VaultUnavailableError
-from tests.unit.fakes import CALLER, make_services, make_task
+from tests.unit.fakes import CALLER, make_services, make_task, wait_until
 
 
 def test_a_launch_records_its_token_and_leases_and_its_end_releases_them() -> None:
@@ -80,3 +81,21 @@ def test_a_failed_revocation_stays_in_the_ledger_for_the_next_sweep() -> None:
     svc.ledger.age(view.launch_id, 10)
     assert svc.reconciler.sweep().orphan_holdings_revoked == 1
     assert svc.ledger.held(view.launch_id) is None
+
+
+def test_a_kill_does_not_wait_for_a_down_audit_store_and_records_afterwards() -> None:
+    svc = make_services()
+    view = svc.launch("db")
+    accessor = svc.store.issued[0].token_accessor
+    svc.audit.down = True
+    svc.ledger.down = True
+    killed = svc.lookup.kill(CALLER, view.launch_id)
+    assert killed.phase == "Deleted"
+    assert svc.cluster.read_pod(view.namespace, view.pod_name) is None
+    assert accessor in svc.store.revoked_accessors  # undone although nothing was recorded
+    svc.audit.down = False
+    svc.ledger.down = False
+    wait_until(
+        lambda: {EventKind.LAUNCH_KILLED, EventKind.LEASES_REVOKED} <= set(svc.audit.kinds()),
+        timeout=10,
+    )
