@@ -5,11 +5,12 @@ delivery."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from pydantic import Field
 
 from broker.core.models import SecretRequest, TaskIdentity
-from broker.core.policy.model import PolicySet, StrictModel
+from broker.core.policy.model import Grant, PolicySet, StrictModel
 from broker.errors import DeniedError, NotFoundError
 
 
@@ -52,6 +53,59 @@ class Decision(StrictModel):
         raise DeniedError(reason, denied=self.denied)
 
 
+_GLOB_CHARS = "*?["
+
+
+def _literal_prefix(glob: str) -> str:
+    """What every string a glob matches starts with: the glob up to its first wildcard."""
+    cut = min((i for i in (glob.find(c) for c in _GLOB_CHARS) if i >= 0), default=len(glob))
+    return glob[:cut]
+
+
+@dataclass(frozen=True)
+class _SecretGrants:
+    """The grants naming one secret, by the literal prefix of their ``dags`` glob."""
+
+    by_prefix: dict[str, list[tuple[int, str, Grant]]]
+    lengths: tuple[int, ...]  # distinct prefix lengths, ascending
+
+    def for_dag(self, dag_id: str) -> list[tuple[str, Grant]]:
+        """Grants whose ``dags`` glob could match ``dag_id``, in policy order."""
+        found: list[tuple[int, str, Grant]] = []
+        for length in self.lengths:
+            if length > len(dag_id):
+                break
+            found.extend(self.by_prefix.get(dag_id[:length], ()))
+        found.sort(key=lambda item: item[0])
+        return [(gid, grant) for _, gid, grant in found]
+
+
+GrantIndex = dict[str, _SecretGrants]
+_last_index: tuple[PolicySet, GrantIndex] | None = None
+
+
+def grants_by_secret(policy: PolicySet) -> GrantIndex:
+    """Each secret name's grants, by the literal prefix of their DAG glob. Built once per
+    policy set (the broker keeps one until its cache expires), so a decision looks only
+    at grants that name the requested secret and could match the DAG: 10,000 grants
+    decide about as fast as 10 (docs/benchmarks.md)."""
+    global _last_index  # one cached index, replaced whole (atomic)
+    cached = _last_index
+    if cached is not None and cached[0] is policy:
+        return cached[1]
+    grouped: dict[str, dict[str, list[tuple[int, str, Grant]]]] = {}
+    for order, (gid, grant) in enumerate(policy.grants()):
+        prefix = _literal_prefix(grant.dags)
+        for name in dict.fromkeys(grant.secrets):
+            grouped.setdefault(name, {}).setdefault(prefix, []).append((order, gid, grant))
+    index = {
+        name: _SecretGrants(by_prefix, tuple(sorted({len(p) for p in by_prefix})))
+        for name, by_prefix in grouped.items()
+    }
+    _last_index = (policy, index)
+    return index
+
+
 def decide(
     policy: PolicySet,
     identity: TaskIdentity,
@@ -65,7 +119,7 @@ def decide(
     secret, accepts the requested delivery and, when it lists images, the pod's
     ``image`` and, when it lists pod templates, the request's ``pod_template``; denied
     otherwise. Repeated names are decided once."""
-    grants = policy.grants()
+    index = grants_by_secret(policy)
     unknown: list[str] = []
     denied: list[str] = []
     reasons: list[str] = []
@@ -80,7 +134,8 @@ def decide(
             unknown.append(name)
             reasons.append(f"unknown secret {name!r}: not in the catalog")
             continue
-        naming = [(gid, g) for gid, g in grants if name in g.secrets and g.matches(identity)]
+        candidates = index[name].for_dag(identity.dag_id) if name in index else []
+        naming = [(gid, g) for gid, g in candidates if g.matches(identity)]
         delivering = [
             (gid, g)
             for gid, g in naming

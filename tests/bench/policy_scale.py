@@ -1,0 +1,128 @@
+"""Policy scale: decision time by number of grants (pure ``decide``), and reading,
+planning and applying a policy folder of many grants against a real OpenBao.
+
+A synthetic folder: a catalog of 200 KV secrets, 10 teams, ``n`` grants in all, grant i
+for DAGs ``dag_i_*`` naming secrets i mod 200 and i+1 mod 200. The decision asked is a
+launch of the last grant's DAG requesting its two secrets (allowed)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import hvac
+import yaml
+
+from broker.cli.policy_folder import load_policy_dir
+from broker.core.models import SecretRequest, TaskIdentity
+from broker.core.policy import PolicySet, decide
+from broker.vault.bootstrap import BootstrapOptions, bootstrap
+from broker.vault.layout import VaultLayout
+from broker.vault.policy_store import apply_plan, plan
+
+CATALOG_SIZE = 200
+TEAMS = 10
+
+
+def write_policy_folder(folder: Path, grants: int) -> None:
+    """The synthetic folder described in the module docstring."""
+    (folder / "teams").mkdir(parents=True, exist_ok=True)
+    catalog = {
+        f"s{i}": {"type": "kv", "mount": "secret", "path": f"bench/s{i}", "keys": ["k"]}
+        for i in range(CATALOG_SIZE)
+    }
+    (folder / "catalog.yaml").write_text(yaml.safe_dump({"kind": "catalog", "secrets": catalog}))
+    per_team: list[list[dict[str, object]]] = [[] for _ in range(TEAMS)]
+    for i in range(grants):
+        per_team[i % TEAMS].append(
+            {
+                "id": f"g{i}",
+                "dags": f"dag_{i}_*",
+                "secrets": [f"s{i % CATALOG_SIZE}", f"s{(i + 1) % CATALOG_SIZE}"],
+            }
+        )
+    for t, team_grants in enumerate(per_team):
+        if team_grants:
+            doc = {"kind": "team", "team": f"team{t}", "grants": team_grants}
+            (folder / "teams" / f"team{t}.yaml").write_text(yaml.safe_dump(doc))
+
+
+def _requests(grants: int) -> tuple[TaskIdentity, list[SecretRequest]]:
+    last = grants - 1
+    task = TaskIdentity(dag_id=f"dag_{last}_x", task_id="t", run_id="r", try_number=1)
+    names = [f"s{last % CATALOG_SIZE}", f"s{(last + 1) % CATALOG_SIZE}"]
+    requests = [
+        SecretRequest.model_validate({"name": n, "delivery": {"type": "env"}}) for n in names
+    ]
+    return task, requests
+
+
+@dataclass
+class DecisionTiming:
+    grants: int
+    load_s: float
+    first_us: float  # first decision on a fresh policy set (builds the index)
+    median_us: float
+    allowed: bool
+
+
+def time_decisions(folder: Path, grants: int, rounds: int = 2000) -> DecisionTiming:
+    write_policy_folder(folder, grants)
+    started = time.perf_counter()
+    policy = load_policy_dir(folder)
+    load_s = time.perf_counter() - started
+    task, requests = _requests(grants)
+    started = time.perf_counter()
+    decision = decide(policy, task, requests, image="python:3.12")
+    first = time.perf_counter() - started
+    samples = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        decide(policy, task, requests, image="python:3.12")
+        samples.append(time.perf_counter() - started)
+    return DecisionTiming(
+        grants, load_s, first * 1e6, statistics.median(samples) * 1e6, decision.allowed
+    )
+
+
+@dataclass
+class ApplyTiming:
+    grants: int
+    plan_s: float
+    apply_s: float
+    replan_s: float
+    policies_written: int
+    replan_changes: int
+
+
+def time_plan_apply(
+    folder: Path, vault_url: str, root_token: str, grants: int, progress: Callable[[str], None]
+) -> ApplyTiming:
+    """``policies plan`` and ``apply`` (the functions the CLI runs) of ``grants`` grants
+    into an OpenBao, then a second plan (nothing to change)."""
+    write_policy_folder(folder, grants)
+    files: PolicySet = load_policy_dir(folder)
+    root = hvac.Client(url=vault_url, token=root_token)
+    bootstrap(root, BootstrapOptions())
+    layout = VaultLayout()
+    started = time.perf_counter()
+    first = plan(root, layout, files)
+    plan_s = time.perf_counter() - started
+    progress(f"plan of {grants} grants: {plan_s:.1f}s; applying ...")
+    started = time.perf_counter()
+    apply_plan(root, first)
+    apply_s = time.perf_counter() - started
+    started = time.perf_counter()
+    second = plan(root, layout, files)
+    replan_s = time.perf_counter() - started
+    return ApplyTiming(
+        grants,
+        plan_s,
+        apply_s,
+        replan_s,
+        len(first.put_policies),
+        len(second.put_policies),
+    )
