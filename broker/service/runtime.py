@@ -116,6 +116,10 @@ class Runtime:
         self.kube.api.close()
 
 
+CLEANUP_WORKERS = 8
+"""Pods that end together are cleaned up this many at a time (docs/benchmarks.md)."""
+
+
 def _airflow_source(settings: BrokerSettings) -> AirflowTaskInstances | None:
     """Airflow's REST API client, when ``airflow.api_url`` is set."""
     airflow = settings.airflow
@@ -212,6 +216,7 @@ def build_runtime(settings: BrokerSettings, *, dev_generate_key: bool = False) -
         grace_seconds=settings.kubernetes.orphan_grace_seconds,
         verifier=verifier,
         ended_grace_seconds=settings.airflow.ended_grace_seconds,
+        cleanup_workers=CLEANUP_WORKERS,
     )
     return Runtime(
         settings,

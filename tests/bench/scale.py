@@ -30,6 +30,7 @@ from podbroker_devstack.broker_env import BrokerHandle, start_broker
 from podbroker_devstack.sources import SourceTree
 from podbroker_devstack.stack import local_stack
 from tests.bench import burst as bursts
+from tests.bench import cleanup as cleanups
 from tests.bench.profiling import PySpy, summarise_collapsed
 
 SECTIONS = ("burst", "cleanup", "policy", "audit", "memory")
@@ -147,6 +148,33 @@ def _burst_text(result: bursts.BurstResult) -> str:
     return text
 
 
+def run_cleanup(
+    report: ScaleReport,
+    broker: BrokerHandle,
+    admin: client.ApiClient,
+    n: int,
+    burst: int,
+    progress: Callable[[str], None],
+) -> int:
+    launched = 0
+    for during in (0, burst) if burst else (0,):
+        result = cleanups.measure_cleanup(broker, admin, n, during_burst=during)
+        launched += n + during
+        p50 = bursts.percentile(result.latencies, 0.5) * 1000
+        p99 = bursts.percentile(result.latencies, 0.99) * 1000
+        name = f"{n} pods end" + (f", burst of {during} launching" if during else ", quiet")
+        progress(f"cleanup {name}: p50 {p50:.0f} ms p99 {p99:.0f} ms missing {result.missing}")
+        report.add(
+            "cleanup",
+            name,
+            f"p50 {p50:5.0f} ms p99 {p99:5.0f} ms (pod end -> Secret deleted and revoked), "
+            f"not seen {result.missing}",
+            "p99 < 1000 ms",
+            p99 < 1000 and result.missing == 0,
+        )
+    return launched
+
+
 # -- output -------------------------------------------------------------------------------
 
 
@@ -178,6 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--bursts", default="50,200,500")
     parser.add_argument("--kinds", default="no_secrets,kv")
     parser.add_argument("--only", default=",".join(SECTIONS))
+    parser.add_argument("--cleanup", type=int, default=50, help="pods ending on cue")
+    parser.add_argument("--cleanup-burst", type=int, default=100, help="launches meanwhile")
     parser.add_argument("--profile", type=Path, help="py-spy the broker during the bursts")
     parser.add_argument(
         "--profile-mode",
@@ -232,6 +262,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                     report.notes.append(f"py-spy profile of the broker: {spy.output}")
                     focus = "LaunchExecutor.launch" if wall else ""
                     print(summarise_collapsed(spy.output, focus=focus))
+            if "cleanup" in only:
+                spy = (
+                    PySpy(broker_pid(broker), args.profile / "cleanup", idle=True)
+                    if args.profile and "burst" not in only
+                    else None
+                )
+                if spy:
+                    spy.start()
+                run_cleanup(report, broker, admin, args.cleanup, args.cleanup_burst, progress)
+                if spy:
+                    spy.stop()
+                    print(summarise_collapsed(spy.output, focus="on_pod_event"))
     report.load = (report.load[0], os.getloadavg()[0])
     report.wall_s = time.perf_counter() - began
     print(format_report(report))
