@@ -20,6 +20,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -42,7 +43,7 @@ from broker.audit.chain import (
 )
 from broker.audit.holdings import HoldingsLedger, open_launch
 from broker.audit.keys import key_id
-from broker.core.audit_events import AuditEvent, AuditEventError
+from broker.core.audit_events import AuditEvent, AuditEventError, format_time
 from broker.errors import AuditUnavailableError, InvalidRequestError
 
 _BATCH: Final = 500
@@ -312,6 +313,81 @@ class AuditStore:
                 return
             after = int(batch[-1].position)
 
+    def _fetch_rows(self, sql: str, params: dict[str, Any], doing: str) -> list[Any]:
+        query = text(sql)
+
+        def fetch(_: threading.Event) -> Any:
+            with self._engine.connect() as conn:
+                return conn.execute(query, params).all()
+
+        try:
+            return list(self._bounded(doing, fetch))
+        except SQLAlchemyError as exc:
+            raise self._unavailable(exc, doing) from exc
+
+    def records_between(
+        self, since: datetime | None, until: datetime | None
+    ) -> Iterator[AuditRecord]:
+        """Records with ``since <= time < until``, in position order. The time index
+        gives the window's position range; only that range is read, so the cost grows
+        with the window, not with the trail."""
+        where, params = _time_bounds(since, until)
+        found = self._fetch_rows(
+            f"SELECT MIN(position) AS lo, MAX(position) AS hi FROM audit_records {where}",  # noqa: S608
+            params,
+            "finding a time window",
+        )
+        lo, hi = found[0] if found else (None, None)
+        if lo is None or hi is None:
+            return
+        low, high = params.get("since"), params.get("until")
+        for record in self.records(int(lo), int(hi) + 1):
+            stamp = format_time(record.event.time)
+            if (low is None or stamp >= low) and (high is None or stamp < high):
+                yield record
+
+    def records_of_launches(
+        self, launch_ids: Iterable[str], before: datetime
+    ) -> Iterator[AuditRecord]:
+        """Records of these launches older than ``before`` (launch_id index)."""
+        ids = sorted(set(launch_ids))
+        for i in range(0, len(ids), _BATCH):
+            chunk = ids[i : i + _BATCH]
+            marks = ", ".join(f":id{n}" for n in range(len(chunk)))
+            params: dict[str, Any] = {f"id{n}": v for n, v in enumerate(chunk)}
+            params["before"] = format_time(before)
+            rows = self._fetch_rows(
+                f"SELECT {_COLUMNS} FROM audit_records WHERE launch_id IN ({marks}) "  # noqa: S608
+                "AND time < :before ORDER BY position",
+                params,
+                "reading records of launches",
+            )
+            for row in rows:
+                yield _record(_stored(row))
+
+    def records_of_dag(self, dag_id: str, kind: str, before: datetime) -> Iterator[AuditRecord]:
+        """Records of one DAG and kind older than ``before``, oldest first, in batches
+        (dag_id index); the caller may stop early."""
+        after = 0
+        while True:
+            rows = self._fetch_rows(
+                f"SELECT {_COLUMNS} FROM audit_records WHERE dag_id = :dag AND kind = :kind "  # noqa: S608
+                "AND time < :before AND position > :after ORDER BY position LIMIT :limit",
+                {
+                    "dag": dag_id,
+                    "kind": kind,
+                    "before": format_time(before),
+                    "after": after,
+                    "limit": _BATCH,
+                },
+                "reading records of a DAG",
+            )
+            for row in rows:
+                yield _record(_stored(row))
+            if len(rows) < _BATCH:
+                return
+            after = int(rows[-1].position)
+
     def records(self, start: int = 0, end: int | None = None) -> Iterator[AuditRecord]:
         """Records with ``start <= position < end`` (positions start at 1)."""
         for row in self.rows(start, end):
@@ -387,3 +463,38 @@ def open_audit_store(
         engine.dispose()
         raise
     return AuditStore(engine, shown, signing_key)
+
+
+def _time_bounds(since: datetime | None, until: datetime | None) -> tuple[str, dict[str, Any]]:
+    clauses, params = [], {}
+    if since is not None:
+        clauses.append("time >= :since")
+        params["since"] = format_time(since)
+    if until is not None:
+        clauses.append("time < :until")
+        params["until"] = format_time(until)
+    return ("WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+def _stored(r: Any) -> StoredRow:
+    return StoredRow(
+        int(r.position),
+        r.time,
+        r.kind,
+        r.launch_id,
+        r.dag_id,
+        r.event_json,
+        str(r.prev_hash),
+        str(r.hash),
+        r.signature,
+        r.key_id,
+    )
+
+
+def _record(row: StoredRow) -> AuditRecord:
+    try:
+        return AuditRecord.from_row(row)
+    except (ValueError, ValidationError, AuditEventError) as exc:
+        raise InvalidRequestError(
+            f"audit record {row.position} is unreadable; run `podbroker audit verify`"
+        ) from exc
