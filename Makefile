@@ -8,12 +8,13 @@ export PODBROKER_CACHE ?= $(HOME)/.cache/podbroker
 export UV_CACHE_DIR ?= $(PODBROKER_CACHE)/uv
 EXTRAS := broker,airflow,postgres,dev
 
-.PHONY: help venv binaries postgres-packages lint typecheck imports check unit test demo bench chaos lock clean
+.PHONY: help venv binaries postgres-packages lint typecheck imports check unit test demo bench bench-burst chaos lock clean
 
 help:
 	@echo "make demo   - local OpenBao + control plane + broker + example DAG runs + audit report"
 	@echo "make test   - install everything needed, then ruff, mypy, import-linter and all tests"
 	@echo "make bench  - launch latency benchmarks (printed tables)"
+	@echo "make bench-burst - scale figures: bursts vs the floor, cleanup, policy, audit, memory"
 	@echo "make chaos  - fault loops (kill, freeze, replicas) on the local stack, with figures"
 	@echo "make lock   - re-resolve constraints.txt from pyproject.toml"
 
@@ -73,6 +74,10 @@ demo: venv binaries postgres-packages
 
 bench: venv binaries postgres-packages
 	$(BIN)/python -m tests.bench.launch_latency
+
+# Issue 15's figures in one run (several minutes); BENCH_BURST_ARGS e.g. "--bursts 50 --only burst"
+bench-burst: venv binaries postgres-packages
+	$(BIN)/python -m tests.bench.scale $(BENCH_BURST_ARGS)
 
 chaos: venv binaries postgres-packages
 	$(BIN)/python -m tests.chaos

@@ -168,4 +168,5 @@ def measure_cleanup(
     client.CoreV1Api(admin).delete_collection_namespaced_pod(
         broker.namespace, label_selector=label, grace_period_seconds=0
     )
+    bursts.wait_gone(admin, broker.namespace)
     return result

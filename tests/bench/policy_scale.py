@@ -14,25 +14,35 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import hvac
+import hvac.exceptions
 import yaml
 
 from broker.cli.policy_folder import load_policy_dir
 from broker.core.models import SecretRequest, TaskIdentity
 from broker.core.policy import PolicySet, decide
+from broker.errors import BrokerError
 from broker.vault.bootstrap import BootstrapOptions, bootstrap
 from broker.vault.layout import VaultLayout
 from broker.vault.policy_store import apply_plan, plan
 
 CATALOG_SIZE = 200
 TEAMS = 10
+# Its own mount, prefix and role: the synthetic grants never mix with the policies a
+# broker on the same OpenBao enforces.
+BENCH_LAYOUT = VaultLayout(
+    config_mount="bench-config",
+    policy_prefix="bench-grant-",
+    token_role="bench-launch",
+    broker_policy="bench-broker",
+)
 
 
-def write_policy_folder(folder: Path, grants: int) -> None:
+def write_policy_folder(folder: Path, grants: int, catalog_size: int = CATALOG_SIZE) -> None:
     """The synthetic folder described in the module docstring."""
     (folder / "teams").mkdir(parents=True, exist_ok=True)
     catalog = {
         f"s{i}": {"type": "kv", "mount": "secret", "path": f"bench/s{i}", "keys": ["k"]}
-        for i in range(CATALOG_SIZE)
+        for i in range(catalog_size)
     }
     (folder / "catalog.yaml").write_text(yaml.safe_dump({"kind": "catalog", "secrets": catalog}))
     per_team: list[list[dict[str, object]]] = [[] for _ in range(TEAMS)]
@@ -41,7 +51,7 @@ def write_policy_folder(folder: Path, grants: int) -> None:
             {
                 "id": f"g{i}",
                 "dags": f"dag_{i}_*",
-                "secrets": [f"s{i % CATALOG_SIZE}", f"s{(i + 1) % CATALOG_SIZE}"],
+                "secrets": [f"s{i % catalog_size}", f"s{(i + 1) % catalog_size}"],
             }
         )
     for t, team_grants in enumerate(per_team):
@@ -88,6 +98,24 @@ def time_decisions(folder: Path, grants: int, rounds: int = 2000) -> DecisionTim
     )
 
 
+def _wait_for_kv(root: hvac.Client, mount: str, timeout: float = 30.0) -> None:
+    """A new KV v2 mount answers 400 while it upgrades itself; wait until it takes a write."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            root.secrets.kv.v2.create_or_update_secret(
+                "bench-ready", {"ok": "1"}, mount_point=mount
+            )
+            return
+        except hvac.exceptions.InvalidRequest:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+APPLY_CATALOG_SIZE = 20
+
+
 @dataclass
 class ApplyTiming:
     grants: int
@@ -96,6 +124,7 @@ class ApplyTiming:
     replan_s: float
     policies_written: int
     replan_changes: int
+    error: str = ""
 
 
 def time_plan_apply(
@@ -103,17 +132,22 @@ def time_plan_apply(
 ) -> ApplyTiming:
     """``policies plan`` and ``apply`` (the functions the CLI runs) of ``grants`` grants
     into an OpenBao, then a second plan (nothing to change)."""
-    write_policy_folder(folder, grants)
+    write_policy_folder(folder, grants, APPLY_CATALOG_SIZE)
     files: PolicySet = load_policy_dir(folder)
     root = hvac.Client(url=vault_url, token=root_token)
-    bootstrap(root, BootstrapOptions())
-    layout = VaultLayout()
+    layout = BENCH_LAYOUT
+    bootstrap(root, BootstrapOptions(layout=layout))
+    _wait_for_kv(root, layout.config_mount)
     started = time.perf_counter()
     first = plan(root, layout, files)
     plan_s = time.perf_counter() - started
     progress(f"plan of {grants} grants: {plan_s:.1f}s; applying ...")
     started = time.perf_counter()
-    apply_plan(root, first)
+    try:
+        apply_plan(root, first)
+    except BrokerError as exc:
+        failed = time.perf_counter() - started
+        return ApplyTiming(grants, plan_s, failed, 0.0, len(first.put_policies), -1, exc.reason)
     apply_s = time.perf_counter() - started
     started = time.perf_counter()
     second = plan(root, layout, files)

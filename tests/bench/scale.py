@@ -31,6 +31,8 @@ from podbroker_devstack.sources import SourceTree
 from podbroker_devstack.stack import local_stack
 from tests.bench import burst as bursts
 from tests.bench import cleanup as cleanups
+from tests.bench.audit_scale import measure_audit
+from tests.bench.policy_scale import time_decisions, time_plan_apply
 from tests.bench.profiling import PySpy, summarise_collapsed
 
 SECTIONS = ("burst", "cleanup", "policy", "audit", "memory")
@@ -175,6 +177,147 @@ def run_cleanup(
     return launched
 
 
+def run_policy(
+    report: ScaleReport,
+    folder: Path,
+    grant_counts: Sequence[int],
+    apply_grants: int,
+    vault: tuple[str, str] | None,
+    progress: Callable[[str], None],
+) -> None:
+    timings = [time_decisions(folder / f"decide-{n}", n) for n in grant_counts]
+    base = timings[0].median_us
+    for t in timings:
+        ratio = t.median_us / base if base else float("nan")
+        report.add(
+            "policy",
+            f"decide, {t.grants} grants",
+            f"median {t.median_us:6.1f} us ({ratio:.2f}x {timings[0].grants} grants), "
+            f"first {t.first_us / 1000:.1f} ms (builds the index), folder read {t.load_s:.1f} s",
+            f"within 1.2x of {timings[0].grants}",
+            ratio <= 1.2 and t.allowed,
+        )
+    if vault and apply_grants:
+        t2 = time_plan_apply(folder / "apply", vault[0], vault[1], apply_grants, progress)
+        report.add(
+            "policy",
+            f"plan + apply, {t2.grants} grants",
+            f"plan {t2.plan_s:.1f} s, apply {t2.apply_s:.1f} s ({t2.policies_written} ACL "
+            f"policies), plan again {t2.replan_s:.1f} s ({t2.replan_changes} changes)"
+            + (f"; FAILED after {t2.apply_s:.1f} s: {t2.error}" if t2.error else ""),
+            "each under 60 s",
+            t2.plan_s < 60 and t2.apply_s < 60 and t2.replan_changes == 0 and not t2.error,
+        )
+
+
+def run_audit(
+    report: ScaleReport, folder: Path, sizes: Sequence[int], progress: Callable[[str], None]
+) -> None:
+    for size in sizes:
+        progress(f"audit: generating {size} signed events ...")
+        result = measure_audit(folder, size, progress)
+        report.add(
+            "audit",
+            f"{size} events: generate",
+            f"{result.generate_s:.1f} s ({size / result.generate_s:.0f} events/s), "
+            f"{result.db_mb:.0f} MB",
+        )
+        for name, seconds in result.reports.items():
+            airflow = name.startswith("Airflow")
+            report.add(
+                "audit",
+                f"{size} events: {name}",
+                f"{seconds * 1000:.0f} ms",
+                "< 1 s" if airflow else "",
+                seconds < 1.0 if airflow else None,
+            )
+        report.add(
+            "audit",
+            f"{size} events: audit verify",
+            f"{result.verify_s:.1f} s ({size / result.verify_s:.0f} records/s), ok "
+            f"{result.verified}",
+        )
+        (folder / f"audit-{size}.db").unlink(missing_ok=True)
+
+
+def follow_logs(broker: BrokerHandle, launch_ids: Sequence[str]) -> tuple[int, Callable[[], None]]:
+    """Open a followed log stream per launch; how many the broker accepted, and a
+    function that closes them."""
+    import httpx
+
+    http = httpx.Client(
+        base_url=broker.url,
+        headers=broker.headers(),
+        timeout=httpx.Timeout(30, read=None),
+        limits=httpx.Limits(max_connections=len(launch_ids) + 4),
+    )
+    streams = []
+    opened = 0
+    for launch_id in launch_ids:
+        request = http.build_request(
+            "GET", f"/v1/launches/{launch_id}/logs", params={"follow": "true"}
+        )
+        response = http.send(request, stream=True)
+        if response.status_code == 200:
+            opened += 1
+        streams.append(response)
+
+    def close() -> None:
+        for response in streams:
+            response.close()
+        http.close()
+
+    return opened, close
+
+
+def run_memory(
+    report: ScaleReport,
+    broker: BrokerHandle,
+    admin: client.ApiClient,
+    idle_mb: float,
+    launched: int,
+    streams: int,
+    progress: Callable[[str], None],
+    *,
+    target: int = 1000,
+) -> None:
+    pid = broker_pid(broker)
+    report.add(
+        "memory", "broker RSS idle (after start)", f"{idle_mb:.0f} MB", "< 120 MB", idle_mb < 120
+    )
+    if launched < target:
+        progress(f"memory: {target - launched} more launches to reach {target} ...")
+        while launched < target:
+            n = min(200, target - launched)
+            _, ids = bursts.broker_burst(broker, admin, "kv", n)
+            bursts.kill_launches(broker, ids)
+            bursts.wait_gone(admin, broker.namespace)
+            launched += n
+    after = rss_mb(pid)
+    report.add(
+        "memory",
+        f"broker RSS after {launched} launches",
+        f"{after:.0f} MB",
+        "< 120 MB",
+        after < 120,
+    )
+    if streams:
+        _, ids = bursts.broker_burst(broker, admin, "no_secrets", streams)
+        opened, close = follow_logs(broker, ids)
+        time.sleep(2)
+        with_streams = rss_mb(pid)
+        close()
+        bursts.kill_launches(broker, ids)
+        bursts.wait_gone(admin, broker.namespace)
+        report.add(
+            "memory",
+            f"broker RSS with {opened} followed log streams",
+            f"{with_streams:.0f} MB",
+            f"< 250 MB, {streams} streams open",
+            with_streams < 250 and opened == streams,
+        )
+
+
 # -- output -------------------------------------------------------------------------------
 
 
@@ -207,6 +350,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--kinds", default="no_secrets,kv")
     parser.add_argument("--only", default=",".join(SECTIONS))
     parser.add_argument("--cleanup", type=int, default=50, help="pods ending on cue")
+    parser.add_argument("--grants", default="10,1000,10000")
+    parser.add_argument("--apply-grants", type=int, default=10000)
+    parser.add_argument("--audit-events", default="100000")
+    parser.add_argument("--streams", type=int, default=200, help="followed log streams")
     parser.add_argument("--cleanup-burst", type=int, default=100, help="launches meanwhile")
     parser.add_argument("--profile", type=Path, help="py-spy the broker during the bursts")
     parser.add_argument(
@@ -228,9 +375,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     began = time.perf_counter()
     root = Path(__file__).resolve().parents[2]
     sources = SourceTree.in_checkout(root)
-    extra: dict[str, dict[str, object]] = {}
-    if args.launch_cap:
-        extra["server"] = {"max_in_flight": {"launch": args.launch_cap, "logs": 12, "other": 12}}
+    # The log-stream cap admits the streams the memory figure opens (default 12).
+    caps = {"launch": args.launch_cap or 48, "logs": max(12, args.streams), "other": 12}
+    extra: dict[str, dict[str, object]] = {"server": {"max_in_flight": caps}}
     with local_stack(sources, progress=progress) as stack, contextlib.ExitStack() as running:
         broker = start_broker(
             stack.folder / "broker",
@@ -243,13 +390,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         running.callback(broker.stop)
         report.setup_s = time.perf_counter() - began
         progress(f"stack and broker ready in {report.setup_s:.0f}s")
+        idle_mb = rss_mb(broker_pid(broker))
+        launched = 0
         with stack.kube.api_client() as admin:
             if "burst" in only:
                 wall = args.profile_mode == "wall"
                 spy = PySpy(broker_pid(broker), args.profile, idle=wall) if args.profile else None
                 if spy:
                     spy.start()
-                run_bursts(
+                launched += run_bursts(
                     report,
                     broker,
                     admin,
@@ -270,10 +419,31 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
                 if spy:
                     spy.start()
-                run_cleanup(report, broker, admin, args.cleanup, args.cleanup_burst, progress)
+                launched += run_cleanup(
+                    report, broker, admin, args.cleanup, args.cleanup_burst, progress
+                )
                 if spy:
                     spy.stop()
                     print(summarise_collapsed(spy.output, focus="on_pod_event"))
+            if "memory" in only:
+                run_memory(report, broker, admin, idle_mb, launched, args.streams, progress)
+        if "policy" in only:
+            progress("policy: decisions and plan/apply ...")
+            run_policy(
+                report,
+                stack.folder / "policy-bench",
+                [int(n) for n in args.grants.split(",") if n],
+                args.apply_grants,
+                (stack.vault.url, stack.vault.root_token),
+                progress,
+            )
+        if "audit" in only:
+            run_audit(
+                report,
+                stack.folder / "audit-bench",
+                [int(n) for n in args.audit_events.split(",") if n],
+                progress,
+            )
     report.load = (report.load[0], os.getloadavg()[0])
     report.wall_s = time.perf_counter() - began
     print(format_report(report))
