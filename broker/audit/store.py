@@ -341,10 +341,10 @@ class AuditStore:
         if lo is None or hi is None:
             return
         low, high = params.get("since"), params.get("until")
-        for record in self.records(int(lo), int(hi) + 1):
-            stamp = format_time(record.event.time)
-            if (low is None or stamp >= low) and (high is None or stamp < high):
-                yield record
+        for row in self.rows(int(lo), int(hi) + 1):
+            # The stored time is format_time's spelling: compared as text, before parsing.
+            if (low is None or row.time >= low) and (high is None or row.time < high):
+                yield _record(row)
 
     def records_of_launches(
         self, launch_ids: Iterable[str], before: datetime
