@@ -367,8 +367,8 @@ class AuditStore:
 
     def records_of_dag(self, dag_id: str, kind: str, before: datetime) -> Iterator[AuditRecord]:
         """Records of one DAG and kind older than ``before``, oldest first, in batches
-        (dag_id index); the caller may stop early."""
-        after = 0
+        (dag_id index); the caller may stop early, so the first batch is small."""
+        after, limit = 0, 20
         while True:
             rows = self._fetch_rows(
                 f"SELECT {_COLUMNS} FROM audit_records WHERE dag_id = :dag AND kind = :kind "  # noqa: S608
@@ -378,15 +378,15 @@ class AuditStore:
                     "kind": kind,
                     "before": format_time(before),
                     "after": after,
-                    "limit": _BATCH,
+                    "limit": limit,
                 },
                 "reading records of a DAG",
             )
             for row in rows:
                 yield _record(_stored(row))
-            if len(rows) < _BATCH:
+            if len(rows) < limit:
                 return
-            after = int(rows[-1].position)
+            after, limit = int(rows[-1].position), _BATCH
 
     def records(self, start: int = 0, end: int | None = None) -> Iterator[AuditRecord]:
         """Records with ``start <= position < end`` (positions start at 1)."""
