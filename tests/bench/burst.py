@@ -264,7 +264,7 @@ def kill_launches(broker: BrokerHandle, launch_ids: Sequence[str]) -> None:
             list(pool.map(kill, launch_ids))
 
 
-def wait_gone(admin: client.ApiClient, namespace: str, timeout: float = 120.0) -> None:
+def wait_gone(admin: client.ApiClient, namespace: str, timeout: float = 300.0) -> None:
     core = client.CoreV1Api(admin)
     deadline = time.monotonic() + timeout
     while core.list_namespaced_pod(namespace, label_selector=BURST_LABEL).items:
