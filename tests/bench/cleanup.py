@@ -11,17 +11,19 @@ same moment, so the cleanups run while the broker is busy launching."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import urllib3
 from kubernetes import client, watch
 
 from podbroker_devstack.broker_env import BrokerHandle
@@ -49,8 +51,8 @@ class _Watcher:
         self.secret_gone: dict[str, float] = {}  # by owner pod name
         self._stop = threading.Event()
         self._threads = [
-            threading.Thread(target=self._pods, daemon=True),
-            threading.Thread(target=self._secrets, daemon=True),
+            threading.Thread(target=self._quietly, args=(self._pods,), daemon=True),
+            threading.Thread(target=self._quietly, args=(self._secrets,), daemon=True),
         ]
 
     def start(self) -> None:
@@ -60,6 +62,12 @@ class _Watcher:
 
     def stop(self) -> None:
         self._stop.set()
+
+    @staticmethod
+    def _quietly(watching: Callable[[], None]) -> None:
+        # The API server ends a watch stream when the benchmark moves on: not an error.
+        with contextlib.suppress(urllib3.exceptions.HTTPError, OSError):
+            watching()
 
     def _pods(self) -> None:
         w = watch.Watch()
