@@ -122,6 +122,21 @@ def render_table(report: UsageReport) -> str:
             for d in report.denials
         ],
     )
+    lines += ["", "Exposures (issued values seen in a task's log, masked there)"]
+    lines += _table(
+        ["time", "secret", "dag", "task", "action", "revoked"],
+        [
+            [
+                _t(x.time),
+                x.secret,
+                x.dag_id or "-",
+                x.task_id or "-",
+                x.on_exposure or "mask",
+                "-" if x.revoked is None else ("yes" if x.revoked else "no"),
+            ]
+            for x in report.exposures
+        ],
+    )
     lines += ["", "Unused grants (proposed removals)"]
     lines += _table(
         ["team", "grant", "unused secrets", "proposal"],
@@ -600,6 +615,29 @@ def render_html(report: UsageReport, *, policy_url_template: str | None = None) 
                 for n in report.denials
             ],
             [3],
+            times=[0],
+            ids=[1, 2],
+        ),
+        "<h2>Exposures</h2>",
+        (
+            '<p class="muted">Issued values that showed in a task\'s log stream; the broker '
+            "masked them there.</p>"
+            if report.exposures
+            else ""
+        ),
+        _html_table(
+            ["time", "secret", "DAG / task", "action", "revoked"],
+            [
+                [
+                    _t(x.time),
+                    x.secret,
+                    " / ".join(v for v in (x.dag_id, x.task_id) if v) or "-",
+                    x.on_exposure or "mask",
+                    "-" if x.revoked is None else ("yes" if x.revoked else "no"),
+                ]
+                for x in report.exposures
+            ],
+            [],
             times=[0],
             ids=[1, 2],
         ),

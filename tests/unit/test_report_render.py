@@ -126,3 +126,27 @@ def test_control_characters_cannot_forge_table_lines() -> None:
     assert "db\\x0d" in text
     for fmt in ("csv", "table"):
         assert "\x1b" not in render(report_, fmt)
+
+
+def test_exposures_show_in_the_table_and_html_reports() -> None:
+    task = TaskIdentity(dag_id="etl_daily", task_id="load", run_id="run-x")
+    exposed = ev.launch_event(
+        ev.EventKind.SECRET_EXPOSED,
+        launch_id="x1",
+        task=task,
+        secret_names=["warehouse"],
+        grant="analytics/etl",
+        on_exposure="revoke",
+        revoked=True,
+        time=WINDOW[0].replace(day=3),
+    )
+    result = compute_report(
+        [*scenario(), exposed], GRANTS, window_start=WINDOW[0], window_end=WINDOW[1]
+    )
+    assert [(x.secret, x.revoked) for x in result.exposures] == [("warehouse", True)]
+    table = render(result, "table")
+    section = table.split("Exposures", 1)[1].split("Unused grants", 1)[0]
+    assert "warehouse" in section and "etl_daily" in section and "revoke" in section
+    html = render(result, "html")
+    exposures_html = html.split("<h2>Exposures</h2>", 1)[1].split("<h2>", 1)[0]
+    assert "warehouse" in exposures_html and "etl_daily / load" in exposures_html
