@@ -69,7 +69,8 @@ def broker_policy_rules(
     """The broker's ACL rules as (path, capabilities).
 
     - read its two config documents; mint tokens through its token role only;
-      look up / renew itself;
+      look up / renew itself; extend a child token it has just minted and recorded
+      (``auth/token/renew``, token in the body: only the broker ever holds one);
     - renew and revoke leases only of the dynamic engines' credentials
       (``sys/leases/{renew,revoke}/{mount}/creds/*``): the path form of these endpoints
       names the lease in the URL, so the ACL can scope it (the body form,
@@ -89,6 +90,9 @@ def broker_policy_rules(
         (f"auth/token/create/{layout.token_role}", ["update"]),
         ("auth/token/lookup-self", ["read"]),
         ("auth/token/renew-self", ["update"]),
+        # Extends a just-recorded child token (the token is in the body; only the broker
+        # ever holds one, and it cannot pass the token's explicit max TTL).
+        ("auth/token/renew", ["update"]),
         ("auth/token/revoke-accessor", ["update"]),
     ]
     for mount in sorted(set(dynamic_mounts)):
@@ -217,7 +221,9 @@ def bootstrap(client: hvac.Client, options: BootstrapOptions) -> list[str]:
         # Orphans: a child token (and its dynamic leases) must not die with the broker's
         # own login token, which a restart or re-login replaces within its TTL.
         "orphan": True,
-        "renewable": False,
+        # Renewable so a service token can be minted short-lived and extended (by the
+        # broker, up to its explicit max TTL) once durably recorded; see SecretResolver.
+        "renewable": True,
         # Service tokens by default; a KV-only launch asks for a batch token (not
         # persisted: no Vault storage write per launch).
         "token_type": "default-service",

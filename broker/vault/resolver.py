@@ -35,6 +35,11 @@ from broker.vault.policy_store import StoredPolicy, parse_stored, read_stored
 
 log = logging.getLogger(__name__)
 
+MINT_GRACE_SECONDS = 30
+"""How long a revocable child token lives before the broker has durably recorded it.
+Longer than a bounded audit-store write; short enough that a token minted by a broker
+killed before recording it (known to nobody, holding no lease) ends on its own soon."""
+
 
 @dataclass(frozen=True)
 class ResolvedSecret:
@@ -125,9 +130,16 @@ class SecretResolver:
     """Executes the Vault part of a launch plan: mints its child token, makes its reads,
     and revokes what launches hold. It decides nothing: the plan says what to read."""
 
-    def __init__(self, session: VaultSession, *, layout: VaultLayout | None = None) -> None:
+    def __init__(
+        self,
+        session: VaultSession,
+        *,
+        layout: VaultLayout | None = None,
+        mint_grace_seconds: int = MINT_GRACE_SECONDS,
+    ) -> None:
         self.session = session
         self.layout = layout or VaultLayout()
+        self.mint_grace_seconds = mint_grace_seconds
         self._reads = ThreadPoolExecutor(max_workers=8, thread_name_prefix="vault-read")
 
     def resolve(
@@ -144,12 +156,20 @@ class SecretResolver:
         ``on_issue(accessor, lease_ids)`` is told what Vault issued (the token right after
         minting, the leases once read) before any value leaves this method, so it can be
         recorded durably; if it raises, everything issued is revoked and the error raised.
+        A revocable (service) token is minted to live only ``mint_grace_seconds`` and
+        extended to its full TTL once recorded: a broker killed in between leaves a token
+        nobody holds, without leases, that ends on its own within the grace.
         On any failure, leases obtained so far and the child token are revoked."""
-        child_token, accessor = self._mint(plan.token)
+        spec = plan.token
+        provisional = on_issue is not None and spec.token_type == "service"
+        mint_ttl = min(spec.ttl_seconds, self.mint_grace_seconds) if provisional else None
+        child_token, accessor = self._mint(spec, ttl_seconds=mint_ttl)
         if on_issue is not None:
             try:
                 # A batch token has no accessor: nothing to record or revoke, it just ends.
                 on_issue(accessor or None, ())
+                if mint_ttl is not None and mint_ttl < spec.ttl_seconds:
+                    self._extend(child_token, spec.ttl_seconds)
             except BaseException:
                 self._cleanup([], accessor)
                 raise
@@ -190,20 +210,25 @@ class SecretResolver:
             grant_policies=list(plan.token.policies),
         )
 
-    def _mint(self, spec: ChildToken) -> tuple[str, str]:
+    def _mint(self, spec: ChildToken, *, ttl_seconds: int | None = None) -> tuple[str, str]:
+        """Mint the child token; ``ttl_seconds`` shorter than the plan's makes it
+        provisional (renewable up to the plan's TTL, which is its explicit maximum)."""
         if not spec.policies:
             raise DeniedError("no grant policy to read secrets with")
 
+        provisional = ttl_seconds is not None and ttl_seconds < spec.ttl_seconds
         body: dict[str, Any] = {
             "policies": list(spec.policies),
             "meta": dict(spec.metadata),
-            "ttl": f"{spec.ttl_seconds}s",
-            "renewable": False,
+            "ttl": f"{ttl_seconds if provisional else spec.ttl_seconds}s",
+            "renewable": provisional,
             "display_name": spec.display_name,
             "type": spec.token_type,
         }
         if spec.token_type == "service":
             body["num_uses"] = spec.num_uses  # batch tokens take no use count
+            # Never renewable past the plan's TTL, whoever renews it.
+            body["explicit_max_ttl"] = f"{spec.ttl_seconds}s"
 
         def create(client: hvac.Client) -> Any:
             # POST auth/token/create/{role}: hvac's helper cannot ask for a token type.
@@ -214,6 +239,17 @@ class SecretResolver:
         response = self.session.call(f"mint a child token via {self.layout.token_role}", create)
         auth = response["auth"]
         return str(auth["client_token"]), str(auth.get("accessor") or "")
+
+    def _extend(self, child_token: str, ttl_seconds: int) -> None:
+        """Give a recorded provisional token its full TTL: ``auth/token/renew`` with the
+        broker's own token (the child's use count is left for its reads)."""
+
+        def renew(client: hvac.Client) -> Any:
+            return client.adapter.post(
+                "/v1/auth/token/renew", json={"token": child_token, "increment": ttl_seconds}
+            )
+
+        self.session.call("extend the recorded child token to its TTL", renew)
 
     def _read_kv(self, child: hvac.Client, item: VaultRead) -> ResolvedSecret:
         name, where = item.name, item.where

@@ -30,14 +30,15 @@ from broker.core.policy import (
     Team,
     decide,
 )
-from broker.errors import DeniedError, NotFoundError, VaultUnavailableError
+from broker.errors import BrokerError, DeniedError, NotFoundError, VaultUnavailableError
 from broker.vault.bootstrap import BootstrapOptions, bootstrap
 from broker.vault.client import VaultAuth, VaultSession
 from broker.vault.layout import VaultLayout
-from broker.vault.resolver import ResolvedBundle, VaultPolicySource
+from broker.vault.resolver import MINT_GRACE_SECONDS, ResolvedBundle, VaultPolicySource
 from broker.vault.resolver import SecretResolver as VaultReader
 from podbroker_devstack.openbao import OpenBao, start_openbao
 from podbroker_devstack.postgres import Postgres
+from tests.helpers import eventually
 from tests.integration.vault_policy_env import PolicyEnv, make_env
 
 pytestmark = pytest.mark.stack
@@ -60,10 +61,11 @@ class SecretResolver:
         *,
         layout: VaultLayout | None = None,
         clock: Callable[[], float] | None = None,
+        mint_grace_seconds: int = MINT_GRACE_SECONDS,
     ) -> None:
         extra = {"clock": clock} if clock else {}
         self.policies = VaultPolicySource(session, cache_ttl, layout=layout, **extra)
-        self.reader = VaultReader(session, layout=layout)
+        self.reader = VaultReader(session, layout=layout, mint_grace_seconds=mint_grace_seconds)
         self.session = session
 
     def policy_set(self) -> PolicySet:
@@ -79,6 +81,7 @@ class SecretResolver:
         decision: Decision,
         *,
         launch_id: str,
+        on_issue: Callable[[str | None, Sequence[str]], None] | None = None,
     ) -> ResolvedBundle:
         request = LaunchRequest(
             task=identity, container=ContainerSpec(image="x"), secrets=list(requests)
@@ -87,7 +90,7 @@ class SecretResolver:
         plan = dataclasses.replace(plan, launch_id=launch_id)
         plan = complete_plan(plan, self.policies.current(), decision, SecretLimits())
         assert plan.secrets is not None
-        return self.reader.resolve(plan.secrets, launch_id=launch_id)
+        return self.reader.resolve(plan.secrets, launch_id=launch_id, on_issue=on_issue)
 
     def revoke(self, lease_ids: Sequence[str]) -> None:
         self.reader.revoke(lease_ids)
@@ -382,6 +385,78 @@ def test_dynamic_database_credentials_capped_and_revoked(
     resolver.revoke(second.lease_ids)
     for value in (pw_a, creds_b.keys["password"].reveal()):
         assert value not in caplog.text
+
+
+def _dynamic_policy(penv: PolicyEnv, database: str) -> PolicySet:
+    policy = base_policy(penv, orders=DatabaseSecret(mount=database, role="ro"))
+    grant = Grant(
+        id="orders",
+        dags="etl_*",
+        secrets=("orders",),
+        constraints=Constraints(max_lease_ttl=600),
+    )
+    return policy.model_copy(
+        update={"teams": {"data": Team(grants=(*policy.teams["data"].grants, grant))}}
+    )
+
+
+def test_child_token_lives_only_the_grace_until_recorded(
+    penv: PolicyEnv, database: str, postgres: Postgres
+) -> None:
+    """A broker killed between minting a child token and recording it has nothing to
+    revoke from: the token it leaves must end on its own within the grace, and a
+    recorded token gets its full TTL (chaos smoke found a token left for its whole TTL)."""
+    penv.apply(_dynamic_policy(penv, database))
+    resolver = SecretResolver(penv.session(), layout=penv.layout)
+    identity = task(task_id="extract")
+    requests = [env("orders")]
+    decision = resolver.decide(identity, requests)
+    assert decision.allowed, decision.reasons
+    ttl_while_recording: list[int] = []
+
+    def look_while_recording(accessor: str | None, lease_ids: Sequence[str]) -> None:
+        if accessor:  # what a broker killed right now would leave in Vault
+            data = penv.root.auth.token.lookup_accessor(accessor)["data"]
+            ttl_while_recording.append(int(data["ttl"]))
+
+    bundle = resolver.resolve(
+        identity, requests, decision, launch_id="launch-rec", on_issue=look_while_recording
+    )
+    assert ttl_while_recording and ttl_while_recording[0] <= MINT_GRACE_SECONDS
+    full = penv.root.auth.token.lookup_accessor(bundle.token_accessor)["data"]
+    assert full["ttl"] > MINT_GRACE_SECONDS and full["explicit_max_ttl"] == bundle.token_ttl
+    creds = bundle.secrets[0].keys
+    assert can_login(postgres, creds["username"].reveal(), creds["password"].reveal())
+    resolver.revoke(bundle.lease_ids)
+    resolver.reader.revoke_token(bundle.token_accessor)
+
+
+def test_child_token_never_recorded_ends_on_its_own(penv: PolicyEnv, database: str) -> None:
+    """The recording step stalls past the grace (as a killed broker never returns): the
+    token is gone from Vault without anyone revoking it, and the launch fails closed."""
+    penv.apply(_dynamic_policy(penv, database))
+    resolver = SecretResolver(penv.session(), layout=penv.layout, mint_grace_seconds=2)
+    identity = task(task_id="extract")
+    requests = [env("orders")]
+    decision = resolver.decide(identity, requests)
+    expired: list[bool] = []
+
+    def stall_until_expired(accessor: str | None, lease_ids: Sequence[str]) -> None:
+        def gone() -> bool:
+            try:
+                penv.root.auth.token.lookup_accessor(accessor)
+            except hvac.exceptions.InvalidRequest:
+                return True
+            return False
+
+        if accessor:
+            expired.append(eventually(gone, timeout=20))
+
+    with pytest.raises(BrokerError):
+        resolver.resolve(
+            identity, requests, decision, launch_id="launch-lost", on_issue=stall_until_expired
+        )
+    assert expired == [True]
 
 
 # --- Vault unavailable -------------------------------------------------------------

@@ -47,7 +47,8 @@ def test_bootstrap_is_idempotent_and_least_privilege(
 
     role = vault_root.read(f"auth/token/roles/{layout.token_role}")["data"]
     assert role["allowed_policies_glob"] == [f"{layout.policy_prefix}*"]
-    assert role["orphan"] is True and role["renewable"] is False
+    # Renewable: a child token is minted for the mint grace and extended once recorded.
+    assert role["orphan"] is True and role["renewable"] is True
     assert role["token_explicit_max_ttl"] == 7200 and role["token_no_default_policy"] is True
     assert role["token_num_uses"] == DEFAULT_CHILD_TOKEN_MAX_USES
 
@@ -64,6 +65,8 @@ def test_bootstrap_is_idempotent_and_least_privilege(
     assert capabilities(vault, token, "database/creds/orders-readonly") == ["deny"]
     assert capabilities(vault, token, f"auth/token/create/{layout.token_role}") == ["update"]
     assert capabilities(vault, token, "auth/token/create") == ["deny"]
+    assert capabilities(vault, token, "auth/token/renew") == ["update"]
+    assert capabilities(vault, token, "auth/token/renew-accessor") == ["deny"]
     # Leases: the path form, for the dynamic engines' credentials only.
     assert capabilities(vault, token, "sys/leases/revoke") == ["deny"]
     assert capabilities(vault, token, "sys/leases/renew") == ["deny"]
