@@ -12,6 +12,9 @@
 #                            (its go.mod has no replace directives, so `go install` works)
 #                            and prints the folder holding it; $KUBEBUILDER_ASSETS/helm wins
 #                            when present.
+#   build-binaries.sh crds   copies (once) the upstream CRDs the chart's optional kinds need
+#                            (ServiceMonitor, PrometheusRule, Certificate) out of their Go
+#                            modules at the versions pinned here, and prints their folder.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -20,6 +23,8 @@ ETCD_VERSION="v3.6.16"
 KWOK_VERSION="v0.8.0"
 HELM_VERSION="v3.22.0"  # newest on the module proxy that builds with Go 1.26 (2026-11-25)
 HELM_KUBE_MINOR="37"     # helm v3.22.0 requires k8s.io/client-go v0.37: default capabilities 1.37
+PROMETHEUS_OPERATOR_VERSION="v0.85.0"  # newest whole module the module proxy serves (2026-12-02)
+CERT_MANAGER_VERSION="v1.21.2"
 binaries=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok)
 
 if [[ "${1:-}" == "helm" ]]; then
@@ -47,6 +52,29 @@ if [[ "${1:-}" == "helm" ]]; then
         echo "  helm: cached" >&2
     fi
     echo "$helm_out"
+    exit 0
+fi
+
+if [[ "${1:-}" == "crds" ]]; then
+    crds_out="${PODBROKER_CACHE:-$HOME/.cache/podbroker}/crds/prometheus-operator-$PROMETHEUS_OPERATOR_VERSION-cert-manager-$CERT_MANAGER_VERSION"
+    if [[ ! -f "$crds_out/.complete" ]]; then
+        mkdir -p "$crds_out"
+        module_dir() {  # module_dir MODULE@VERSION: where `go mod download` unpacked it
+            (cd "$crds_out" && go mod download -json "$1") | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p'
+        }
+        echo "  crds: downloading prometheus-operator@$PROMETHEUS_OPERATOR_VERSION and cert-manager@$CERT_MANAGER_VERSION ..." >&2
+        prom="$(module_dir "github.com/prometheus-operator/prometheus-operator@$PROMETHEUS_OPERATOR_VERSION")"
+        cm="$(module_dir "github.com/cert-manager/cert-manager@$CERT_MANAGER_VERSION")"
+        [[ -n "$prom" && -n "$cm" ]] || { echo "crds: go mod download failed" >&2; exit 2; }
+        for kind in servicemonitors prometheusrules; do
+            install -m 0644 "$prom/example/prometheus-operator-crd/monitoring.coreos.com_$kind.yaml" "$crds_out/"
+        done
+        install -m 0644 "$cm/deploy/crds/cert-manager.io_certificates.yaml" "$crds_out/"
+        touch "$crds_out/.complete"
+    else
+        echo "  crds: cached" >&2
+    fi
+    echo "$crds_out"
     exit 0
 fi
 

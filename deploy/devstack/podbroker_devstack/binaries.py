@@ -51,3 +51,9 @@ def control_plane_binaries(build_script: Path) -> Path:
 def helm_binary(build_script: Path) -> Path:
     """The helm executable (built once from helm.sh/helm/v3, or $KUBEBUILDER_ASSETS/helm)."""
     return _run_build_script(build_script, "helm") / "helm"
+
+
+def upstream_crds(build_script: Path) -> list[Path]:
+    """The upstream CRD manifests of the chart's optional kinds (ServiceMonitor,
+    PrometheusRule, Certificate), taken from their pinned Go modules."""
+    return sorted(_run_build_script(build_script, "crds").glob("*.yaml"))
