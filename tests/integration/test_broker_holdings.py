@@ -25,6 +25,7 @@ from podbroker_devstack.openbao import OpenBao
 from podbroker_devstack.postgres import Postgres
 from podbroker_devstack.sources import SourceTree
 from tests.helpers import eventually
+from tests.integration.vault_database import lease_alive
 
 pytestmark = pytest.mark.stack
 
@@ -61,14 +62,6 @@ def ledger_rows(broker: BrokerHandle) -> list[dict[str, Any]]:
     with sqlite3.connect(path) as db:
         db.row_factory = sqlite3.Row
         return [dict(r) for r in db.execute("SELECT * FROM launch_holdings").fetchall()]
-
-
-def lease_alive(vault_root: hvac.Client, lease_id: str) -> bool:
-    try:
-        vault_root.sys.read_lease(lease_id)
-    except InvalidRequest:
-        return False
-    return True
 
 
 def token_alive(vault_root: hvac.Client, accessor: str) -> bool:

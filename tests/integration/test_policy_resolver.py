@@ -12,7 +12,6 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import hvac
-import psycopg
 import pytest
 from hvac.exceptions import Forbidden
 
@@ -39,6 +38,7 @@ from broker.vault.resolver import SecretResolver as VaultReader
 from podbroker_devstack.openbao import OpenBao, start_openbao
 from podbroker_devstack.postgres import Postgres
 from tests.helpers import eventually
+from tests.integration.vault_database import can_login, database_mount
 from tests.integration.vault_policy_env import PolicyEnv, make_env
 
 pytestmark = pytest.mark.stack
@@ -283,48 +283,10 @@ def database(penv: PolicyEnv, postgres: Postgres, unique: str) -> str:
     """A database secrets engine at db-UNIQUE/ against the real PostgreSQL."""
     mount = f"db-{unique}"
     root = penv.root
-    root.sys.enable_secrets_engine("database", path=mount)
-    root.write_data(
-        f"{mount}/config/pg",
-        data={
-            "plugin_name": "postgresql-database-plugin",
-            "allowed_roles": "*",
-            "connection_url": f"postgresql://{{{{username}}}}:{{{{password}}}}@{postgres.host}:"
-            f"{postgres.port}/postgres",
-            "username": postgres.superuser,
-            "password": postgres.password,
-        },
-    )
-    root.write_data(
-        f"{mount}/roles/ro",
-        data={
-            "db_name": "pg",
-            "creation_statements": [
-                "CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' "
-                "VALID UNTIL '{{expiration}}';"
-            ],
-            "default_ttl": "1h",
-            "max_ttl": "2h",
-        },
-    )
+    database_mount(root, postgres, mount, max_ttl="2h")
     # The broker may renew/revoke leases of the dynamic mounts it is told about only.
     bootstrap(root, BootstrapOptions(layout=penv.layout, dynamic_mounts=(mount,)))
     return mount
-
-
-def can_login(postgres: Postgres, username: str, password: str) -> bool:
-    try:
-        with psycopg.connect(
-            host=postgres.host,
-            port=postgres.port,
-            user=username,
-            password=password,
-            dbname="postgres",
-            connect_timeout=5,
-        ) as conn:
-            return conn.execute("select 1").fetchone() == (1,)
-    except psycopg.OperationalError:
-        return False
 
 
 def test_dynamic_database_credentials_capped_and_revoked(

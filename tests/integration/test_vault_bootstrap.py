@@ -22,6 +22,7 @@ from podbroker_devstack.kube import RUN_DURATION_ANNOTATION, ControlPlane
 from podbroker_devstack.openbao import OpenBao
 from podbroker_devstack.postgres import Postgres
 from tests.helpers import eventually
+from tests.integration.vault_database import database_mount, lease_alive
 from tests.integration.vault_policy_env import layout_for
 
 pytestmark = pytest.mark.stack
@@ -263,41 +264,6 @@ def test_cli_bootstrap_with_kubernetes_auth_then_broker_logs_in(
     assert "no changes" in again.output
 
 
-def _database_mount(root: hvac.Client, postgres: Postgres, mount: str) -> None:
-    """A database secrets engine at ``mount`` issuing logins on the real PostgreSQL."""
-    root.sys.enable_secrets_engine("database", path=mount)
-    root.write_data(
-        f"{mount}/config/pg",
-        data={
-            "plugin_name": "postgresql-database-plugin",
-            "allowed_roles": "*",
-            "connection_url": f"postgresql://{{{{username}}}}:{{{{password}}}}@{postgres.host}:"
-            f"{postgres.port}/postgres",
-            "username": postgres.superuser,
-            "password": postgres.password,
-        },
-    )
-    root.write_data(
-        f"{mount}/roles/ro",
-        data={
-            "db_name": "pg",
-            "creation_statements": [
-                "CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' "
-                "VALID UNTIL '{{expiration}}';"
-            ],
-            "default_ttl": "1h",
-        },
-    )
-
-
-def _lease_alive(root: hvac.Client, lease_id: str) -> bool:
-    try:
-        root.sys.read_lease(lease_id)
-    except hvac.exceptions.InvalidRequest:
-        return False
-    return True
-
-
 def test_the_running_brokers_token_cannot_touch_unrelated_leases_but_revokes_its_own(
     broker: BrokerHandle, postgres: Postgres, vault_root: hvac.Client, unique: str
 ) -> None:
@@ -305,7 +271,7 @@ def test_the_running_brokers_token_cannot_touch_unrelated_leases_but_revokes_its
     refuses an unrelated engine's lease in either form and any team secret; a launch with
     a dynamic secret still has its lease revoked when it is killed."""
     other = f"other-{unique}"
-    _database_mount(vault_root, postgres, other)
+    database_mount(vault_root, postgres, other)
     unrelated = vault_root.read(f"{other}/creds/ro")["lease_id"]
     login_role = vault_root.read(f"auth/kubernetes/role/{names.KUBERNETES_AUTH_ROLE}")["data"]
     assert login_role["token_no_default_policy"] is True
@@ -329,7 +295,7 @@ def test_the_running_brokers_token_cannot_touch_unrelated_leases_but_revokes_its
         )
     with pytest.raises(hvac.exceptions.Forbidden):
         as_broker.read("database/creds/orders-readonly")
-    assert _lease_alive(vault_root, unrelated)
+    assert lease_alive(vault_root, unrelated)
     vault_root.sys.revoke_lease(unrelated)
 
     response = httpx.post(
@@ -354,13 +320,13 @@ def test_the_running_brokers_token_cannot_touch_unrelated_leases_but_revokes_its
             f"podbroker-{view['launch_id']}", broker.namespace
         )
     (lease_id,) = secret.metadata.annotations["podbroker.dev/lease-ids"].split(",")
-    assert _lease_alive(vault_root, lease_id)
+    assert lease_alive(vault_root, lease_id)
     # Capped by the broker through the path-form renewal (the grant's max_lease_ttl).
     assert vault_root.sys.read_lease(lease_id)["data"]["ttl"] <= 3600
     killed = httpx.delete(
         f"{broker.url}/v1/launches/{view['launch_id']}", headers=broker.headers(), timeout=30
     )
     assert killed.status_code == 200, killed.text
-    assert eventually(lambda: not _lease_alive(vault_root, lease_id), timeout=15), (
+    assert eventually(lambda: not lease_alive(vault_root, lease_id), timeout=15), (
         "the killed launch's lease survived"
     )
