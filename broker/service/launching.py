@@ -330,8 +330,10 @@ class LaunchExecutor:
         ledger = self.cleanup.ledger
 
         def record(accessor: str | None, lease_ids: Sequence[str]) -> None:
-            # Durable before any value is used: every later undo starts from this.
-            if ledger is not None:
+            # Durable before any value is used: every later undo starts from this. A
+            # batch token (KV-only launch) has no accessor and no lease: nothing to undo,
+            # so no commit (the launch's row was opened with its intent).
+            if ledger is not None and (accessor or lease_ids):
                 ledger.hold(
                     plan.launch_id, plan.namespace, token_accessor=accessor, lease_ids=lease_ids
                 )

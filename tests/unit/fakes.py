@@ -474,6 +474,8 @@ class FakeSecretStore:
     renewals: list[tuple[str, int]] = field(default_factory=list)
     max_ttl: int | None = None
     """Vault's own cap on a renewal's TTL (the database role's max_ttl), if any."""
+    batch_tokens: bool = False
+    """As Vault does: a plan asking for a batch token gets one with no accessor."""
 
     def __post_init__(self) -> None:
         self._failures = _Failures()
@@ -504,9 +506,10 @@ class FakeSecretStore:
         on_issue: Callable[[str | None, Sequence[str]], None] | None = None,
     ) -> FakeBundle:
         serial = next(self._serial)
-        accessor = f"acc-{launch_id[:8]}-{serial}"
+        batch = self.batch_tokens and plan.token.token_type == "batch"
+        accessor = "" if batch else f"acc-{launch_id[:8]}-{serial}"
         if on_issue is not None:
-            on_issue(accessor, ())
+            on_issue(accessor or None, ())
         self._failures.enter("resolve")
         if self.gate is not None and not self.gate.wait(timeout=5):
             raise AssertionError("the test never let Vault answer")
@@ -573,6 +576,7 @@ class FakeLedger:
     def __init__(self) -> None:
         self.rows: dict[str, tuple[str, VaultHoldings, dt.datetime, bool]] = {}
         self.down = False
+        self.holds = 0
         self._lock = threading.Lock()
 
     def _check(self) -> None:
@@ -589,6 +593,7 @@ class FakeLedger:
     ) -> None:
         self._check()
         with self._lock:
+            self.holds += 1
             _, old, created, _ = self.rows.get(
                 launch_id, (namespace, VaultHoldings(), utc_now(), False)
             )

@@ -26,6 +26,18 @@ def test_a_launch_records_its_token_and_leases_and_its_end_releases_them() -> No
     assert bundle.token_accessor in svc.store.revoked_accessors
 
 
+def test_a_kv_only_launch_makes_no_holdings_write_beyond_its_opening() -> None:
+    """A batch token has no accessor and KV reads no lease: nothing to give back, so no
+    commit for it (one durable write less per KV launch); a dynamic launch records both."""
+    svc = make_services()
+    svc.store.batch_tokens = True
+    kv = svc.launch("wh")
+    assert svc.ledger.holds == 1  # the opening, with the launch's intent
+    assert svc.ledger.held(kv.launch_id) == VaultHoldings((), None)
+    svc.launch("db", task_identity=make_task("dynamic"))
+    assert svc.ledger.holds == 1 + 3  # opening, token accessor, leases
+
+
 def test_reads_that_fail_after_the_mint_give_the_token_back() -> None:
     svc = make_services()
     svc.store.fail("resolve", VaultUnavailableError("vault down"))
