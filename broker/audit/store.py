@@ -2,8 +2,10 @@
 
 Appends are serialised so that concurrent writers (threads, processes, replicas) build
 one unbroken chain: PostgreSQL locks the chain-head row (``SELECT ... FOR UPDATE``),
-SQLite takes the write lock up front (``BEGIN IMMEDIATE``). An append is committed
-(durable) before it returns; any database failure becomes
+SQLite takes the write lock up front (``BEGIN IMMEDIATE``). Within one process the
+appends queued together are written in one transaction by one writer thread (group
+commit, ``broker/audit/group_commit.py``). An append is committed (durable) before it
+returns; any database failure becomes
 :class:`~broker.errors.AuditUnavailableError`, and the caller must not go on with the
 action the event describes.
 
@@ -28,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from pydantic import ValidationError
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
 from broker.audit import migrations
@@ -41,6 +43,7 @@ from broker.audit.chain import (
     sign_head,
     verify_rows,
 )
+from broker.audit.group_commit import AbandonedError, GroupCommitter, Pending
 from broker.audit.holdings import HoldingsLedger, open_launch
 from broker.audit.keys import key_id
 from broker.core.audit_events import AuditEvent, AuditEventError, format_time
@@ -61,8 +64,14 @@ _COLUMNS: Final = (
 T = TypeVar("T")
 
 
-class _AbandonedError(Exception):
-    """The caller stopped waiting: roll back instead of committing."""
+_AppendRequest = tuple[tuple[AuditEvent, ...], tuple[str, str] | None]
+"""One caller's events and the launch they open in the holdings ledger, if any."""
+
+
+def _request_specific(exc: Exception) -> bool:
+    """A failure one request's data may cause (worth retrying the group one by one);
+    not a database that is unreachable, locked or out of time."""
+    return not isinstance(exc, OperationalError | InterfaceError | TimeoutError)
 
 
 def _make_engine(url: str, create: bool) -> tuple[Engine, str]:
@@ -134,6 +143,9 @@ class AuditStore:
         self._key = signing_key
         self.deadline = deadline
         self._workers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="audit-store")
+        self._appends: GroupCommitter[_AppendRequest, list[StoredRow]] = GroupCommitter(
+            self._write_group, "audit-writer", one_by_one=_request_specific
+        )
 
     def _bounded(self, doing: str, work: Callable[[threading.Event], T]) -> T:
         """``work(abandoned)`` on a worker thread, waited for at most ``deadline``.
@@ -176,51 +188,14 @@ class AuditStore:
             )
         if not events or not all(isinstance(event, AuditEvent) for event in events):
             raise TypeError("append_many takes a non-empty sequence of AuditEvent")
-        key = self._key
-
-        def transaction(abandoned: threading.Event) -> list[StoredRow]:
-            rows = []
-            with self._write() as conn, conn.begin():
-                head = conn.execute(
-                    text(
-                        "SELECT position, hash FROM audit_head WHERE id = 1"  # noqa: S608 (constants)
-                        + (" FOR UPDATE" if conn.dialect.name == "postgresql" else "")
-                    )
-                ).one()
-                position, previous = int(head.position), str(head.hash)
-                for event in events:
-                    position += 1
-                    row = make_row(event, position, previous, key)
-                    previous = row.hash
-                    rows.append(row)
-                conn.execute(
-                    text(
-                        f"INSERT INTO audit_records ({_COLUMNS}) VALUES (:position, :time, :kind, "  # noqa: S608
-                        ":launch_id, :dag_id, :event_json, :prev_hash, :hash, :signature, :key_id)"
-                    ),
-                    [row.__dict__ for row in rows],
-                )
-                last = rows[-1]
-                conn.execute(
-                    text(
-                        "UPDATE audit_head SET position = :p, hash = :h, "
-                        "signature = :s, key_id = :k WHERE id = 1"
-                    ),
-                    {
-                        "p": last.position,
-                        "h": last.hash,
-                        "s": sign_head(key, last.position, last.hash),
-                        "k": last.key_id,
-                    },
-                )
-                if opens is not None:
-                    open_launch(conn, *opens)
-                if abandoned.is_set():
-                    raise _AbandonedError  # the caller already answered "unavailable"
-            return rows
-
+        pending = self._appends.submit((tuple(events), opens))
         try:
-            rows = self._bounded("appending", transaction)
+            rows = pending.result.result(timeout=self.deadline)
+        except FutureTimeout:
+            pending.abandoned.set()  # left out of the group: never committed later
+            raise AuditUnavailableError(
+                f"audit store {self.url} did not answer within {self.deadline:g}s while appending"
+            ) from None
         except SQLAlchemyError as exc:
             raise self._unavailable(exc, "appending") from exc
         return [
@@ -234,6 +209,58 @@ class AuditStore:
             )
             for row, event in zip(rows, events, strict=True)
         ]
+
+    def _write_group(
+        self, group: Sequence[Pending[_AppendRequest, list[StoredRow]]]
+    ) -> list[list[StoredRow]]:
+        """Every request of ``group`` chained in order, in ONE committed transaction."""
+        assert self._key is not None
+        key = self._key
+        results: list[list[StoredRow]] = []
+        with self._write() as conn, conn.begin():
+            head = conn.execute(
+                text(
+                    "SELECT position, hash FROM audit_head WHERE id = 1"  # noqa: S608 (constants)
+                    + (" FOR UPDATE" if conn.dialect.name == "postgresql" else "")
+                )
+            ).one()
+            position, previous = int(head.position), str(head.hash)
+            for pending in group:
+                events, _ = pending.payload
+                rows = []
+                for event in events:
+                    position += 1
+                    row = make_row(event, position, previous, key)
+                    previous = row.hash
+                    rows.append(row)
+                results.append(rows)
+            conn.execute(
+                text(
+                    f"INSERT INTO audit_records ({_COLUMNS}) VALUES (:position, :time, :kind, "  # noqa: S608
+                    ":launch_id, :dag_id, :event_json, :prev_hash, :hash, :signature, :key_id)"
+                ),
+                [row.__dict__ for rows in results for row in rows],
+            )
+            last = results[-1][-1]
+            conn.execute(
+                text(
+                    "UPDATE audit_head SET position = :p, hash = :h, "
+                    "signature = :s, key_id = :k WHERE id = 1"
+                ),
+                {
+                    "p": last.position,
+                    "h": last.hash,
+                    "s": sign_head(key, last.position, last.hash),
+                    "k": last.key_id,
+                },
+            )
+            for pending in group:
+                _, opens = pending.payload
+                if opens is not None:
+                    open_launch(conn, *opens)
+            if any(pending.abandoned.is_set() for pending in group):
+                raise AbandonedError  # a caller already answered "unavailable"
+        return results
 
     def ping(self) -> None:
         """SELECT the schema version; raise AuditUnavailableError if unreachable or unready."""
@@ -421,6 +448,7 @@ class AuditStore:
         return None if self._key is None else key_id(self._key.public_key())
 
     def close(self) -> None:
+        self._appends.close()
         self._workers.shutdown(wait=False, cancel_futures=True)
         self._engine.dispose()
 
