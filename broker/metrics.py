@@ -43,6 +43,11 @@ REJECTED_OVER_CAP = Counter(
     "Requests refused with 503 because their route class had too many in flight",
     ["route_class"],
 )
+QUEUED_OVER_CAP = Counter(
+    "podbroker_requests_queued_total",
+    "Requests that waited in the waiting room because their route class was at its cap",
+    ["route_class"],
+)
 VAULT_REQUESTS = Counter(
     "podbroker_vault_requests_total",
     "HTTP requests the broker sent to Vault, by operation (token_create, kv_read, "

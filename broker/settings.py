@@ -140,12 +140,18 @@ class AuditSettings(_Section):
 
 
 class InFlightCaps(_Section):
-    """Most requests in flight at once per route class; one more gets 503 with
-    Retry-After at once. Their sum stays below the server's 40 worker threads so health
-    probes always get one."""
+    """Most requests in flight at once per route class; past that a launch may wait in
+    the waiting room (``launch_queue``), any other request gets 503 with Retry-After at
+    once. The server's worker-thread pool is sized from their sum (plus spare threads for
+    health probes), so a request admitted here never waits unseen for a thread."""
 
-    launch: int = Field(default=12, ge=1)
+    launch: int = Field(default=32, ge=1)
     """POST /v1/launches."""
+    launch_queue: int = Field(default=128, ge=0)
+    """Launches that may wait for a slot (holding no thread) before one gets 503."""
+    launch_queue_seconds: float = Field(default=10.0, gt=0, le=60)
+    """How long a launch waits there at most; keep it well under the operator's HTTP
+    timeout (30 s by default)."""
     logs: int = Field(default=12, ge=1)
     """GET .../logs (a followed stream counts while it streams)."""
     other: int = Field(default=12, ge=1)

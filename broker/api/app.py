@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from fnmatch import fnmatchcase
 from typing import Annotated, Any, Final, Literal
 
+import anyio.to_thread
 from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
@@ -56,6 +57,9 @@ from broker.service.refusals import RefusalRecorder
 from broker.service.runtime import Runtime
 
 log = logging.getLogger("podbroker.api")
+
+SPARE_THREADS: Final = 8
+"""Worker threads beyond the in-flight caps: health and readiness probes, /metrics."""
 
 # Refusals the RefusalRecorder counts. A policy denial (403 naming secrets) is not among
 # them: the launch's own ``decision`` event records it.
@@ -185,6 +189,11 @@ def create_app(runtime: Runtime, *, refusals: RefusalRecorder | None = None) -> 
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # Sync routes run on anyio's thread pool (40 threads by default): size it from the
+        # caps, so every admitted request gets a thread and probes still find one.
+        caps = runtime.settings.server.max_in_flight
+        limiter = anyio.to_thread.current_default_thread_limiter()
+        limiter.total_tokens = caps.launch + caps.logs + caps.other + SPARE_THREADS
         recorder.start()
         try:
             yield
@@ -207,7 +216,13 @@ def create_app(runtime: Runtime, *, refusals: RefusalRecorder | None = None) -> 
         max_body_bytes=limits.max_body_bytes,
     )
     # Added last, so outermost: over the cap a request is refused before anything else.
-    app.add_middleware(InFlightLimiter, caps=runtime.settings.server.max_in_flight.model_dump())
+    caps = runtime.settings.server.max_in_flight
+    app.add_middleware(
+        InFlightLimiter,
+        caps={"launch": caps.launch, "logs": caps.logs, "other": caps.other},
+        queue={"launch": caps.launch_queue},
+        queue_seconds=caps.launch_queue_seconds,
+    )
 
     def refused(request: Request, exc: BrokerError) -> None:
         status = (wire_of(exc) or (status_for(exc), ""))[0]

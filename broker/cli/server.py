@@ -77,6 +77,9 @@ def serve(
             log_level="info",
             log_config=None,  # uvicorn's loggers go through configure_logging's handler
             access_log=True,
+            # Longer than a client's pooled connection idles between a burst's requests:
+            # at uvicorn's 5 s a connection was closed just as the client reused it.
+            timeout_keep_alive=30,
         )
         api.load()
         if server.tls_cert_file and server.tls_key_file:

@@ -111,6 +111,8 @@ def _secret_meta(namespace: str, metadata: dict[str, Any]) -> SecretMeta:
 # urllib3's default retries a timed-out GET three more times, which turns a 10 s read
 # timeout into 40 s against a hung API server. Retry only a failed connect (nothing was
 # sent), once; every other failure reaches the caller as retryable at once.
+API_CONNECTIONS = 64
+
 _RETRIES = urllib3.Retry(total=1, connect=1, read=0, status=0, other=0, redirect=0)
 
 
@@ -123,6 +125,9 @@ def load_api_client(kubeconfig: str | None) -> client.ApiClient:
     else:
         config.load_incluster_config(client_configuration=configuration)
     configuration.retries = _RETRIES
+    # One connection per concurrent launch call (the default, 5 x cores, made launches
+    # of a burst open and close TLS connections).
+    configuration.connection_pool_maxsize = API_CONNECTIONS
     return client.ApiClient(configuration)
 
 

@@ -199,6 +199,8 @@ def build_runtime(settings: BrokerSettings, *, dev_generate_key: bool = False) -
         verifier=verifier,
         limits=SecretLimits(),
         renewals=renewals,
+        # A launch runs its pod lookup and its Vault reads beside it.
+        workers=2 * settings.server.max_in_flight.launch,
     )
     lookup = LaunchLookup(
         cluster=kube,

@@ -19,6 +19,7 @@ from typing import Any, Literal, TypeVar
 import hvac
 import hvac.exceptions
 import requests
+import requests.adapters
 
 from broker.core.secret_value import SecretValue
 from broker.errors import (
@@ -147,6 +148,9 @@ class _TokenState:
     renewable: bool = False
 
 
+VAULT_CONNECTIONS = 64
+
+
 @dataclass
 class VaultSession:
     """A logged-in connection to Vault. Thread-safe: token renewal and re-login happen
@@ -164,6 +168,11 @@ class VaultSession:
 
     def __post_init__(self) -> None:
         self._http.hooks["response"].append(_count_request)
+        # requests keeps 10 connections per host; a burst's concurrent reads past that
+        # opened (TLS) connections only to throw them away.
+        pooled = requests.adapters.HTTPAdapter(pool_maxsize=VAULT_CONNECTIONS)
+        self._http.mount("https://", pooled)
+        self._http.mount("http://", pooled)
 
     @classmethod
     def connect(

@@ -140,7 +140,8 @@ class SecretResolver:
         self.session = session
         self.layout = layout or VaultLayout()
         self.mint_grace_seconds = mint_grace_seconds
-        self._reads = ThreadPoolExecutor(max_workers=8, thread_name_prefix="vault-read")
+        # Reads of concurrent launches share this pool: room for a burst's reads.
+        self._reads = ThreadPoolExecutor(max_workers=32, thread_name_prefix="vault-read")
 
     def resolve(
         self,

@@ -88,3 +88,50 @@ def test_a_failing_request_frees_its_slot() -> None:
         assert app.in_flight["launch"] == 0
 
     asyncio.run(scenario())
+
+
+def test_over_the_cap_a_launch_waits_in_the_room_for_a_freed_slot() -> None:
+    async def scenario() -> None:
+        inner = SlowApp()
+        app = InFlightLimiter(inner, caps={"launch": 1, "logs": 1, "other": 1}, queue={"launch": 2})
+        running = asyncio.create_task(call(app, "POST", "/v1/launches"))
+        waiting = [asyncio.create_task(call(app, "POST", "/v1/launches")) for _ in range(2)]
+        await asyncio.sleep(0.01)
+        assert inner.seen == 1 and len(app._waiting["launch"]) == 2
+        # The room is full: the next one is refused at once.
+        status, headers, _ = await asyncio.wait_for(call(app, "POST", "/v1/launches"), 1)
+        assert status == 503 and headers["retry-after"] == "1"
+        inner.release.set()
+        results = await asyncio.gather(running, *waiting)
+        assert [r[0] for r in results] == [200, 200, 200] and inner.seen == 3
+        assert app.in_flight["launch"] == 0 and not app._waiting["launch"]
+
+    asyncio.run(scenario())
+
+
+def test_a_launch_that_waits_too_long_or_goes_away_gives_its_place_back() -> None:
+    async def scenario() -> None:
+        inner = SlowApp()
+        app = InFlightLimiter(
+            inner,
+            caps={"launch": 1, "logs": 1, "other": 1},
+            queue={"launch": 4},
+            queue_seconds=0.05,
+        )
+        running = asyncio.create_task(call(app, "POST", "/v1/launches"))
+        await asyncio.sleep(0.01)
+        status, _, body = await call(app, "POST", "/v1/launches")  # waits, then gives up
+        assert status == 503 and json.loads(body)["retryable"] is True
+        app.queue_seconds = 30
+        gone = asyncio.create_task(call(app, "POST", "/v1/launches"))
+        await asyncio.sleep(0.01)
+        gone.cancel()  # the client disconnected while waiting
+        with contextlib.suppress(asyncio.CancelledError):
+            await gone
+        assert not app._waiting["launch"]
+        inner.release.set()
+        assert (await running)[0] == 200
+        assert app.in_flight["launch"] == 0
+        assert (await call(app, "POST", "/v1/launches"))[0] == 200  # no slot was leaked
+
+    asyncio.run(scenario())
