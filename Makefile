@@ -8,13 +8,14 @@ export PODBROKER_CACHE ?= $(HOME)/.cache/podbroker
 export UV_CACHE_DIR ?= $(PODBROKER_CACHE)/uv
 EXTRAS := broker,airflow,postgres,dev
 
-.PHONY: help venv binaries postgres-packages lint typecheck imports check unit test demo bench bench-burst chaos lock clean
+.PHONY: help venv binaries postgres-packages lint typecheck imports check unit test demo bench bench-burst bench-scale chaos lock clean
 
 help:
 	@echo "make demo   - local OpenBao + control plane + broker + example DAG runs + audit report"
 	@echo "make test   - install everything needed, then ruff, mypy, import-linter and all tests"
 	@echo "make bench  - launch latency benchmarks (printed tables)"
 	@echo "make bench-burst - scale figures: bursts vs the floor, cleanup, policy, audit, memory"
+	@echo "make bench-scale - scale-out: replicas on one audit store, many nodes and pods, a replica killed"
 	@echo "make chaos  - fault loops (kill, freeze, replicas) on the local stack, with figures"
 	@echo "make lock   - re-resolve constraints.txt from pyproject.toml"
 
@@ -78,6 +79,11 @@ bench: venv binaries postgres-packages
 # Issue 15's figures in one run (several minutes); BENCH_BURST_ARGS e.g. "--bursts 50 --only burst"
 bench-burst: venv binaries postgres-packages
 	$(BIN)/python -m tests.bench.scale $(BENCH_BURST_ARGS)
+
+# Issue 15, figure 7: replicas on one PostgreSQL audit store, many kwok nodes and pods in
+# flight, one replica SIGKILLed; BENCH_SCALE_ARGS e.g. "--replicas 3 --nodes 200 --pods 1000"
+bench-scale: venv binaries postgres-packages
+	$(BIN)/python -m tests.bench.scale_out $(BENCH_SCALE_ARGS)
 
 chaos: venv binaries postgres-packages
 	$(BIN)/python -m tests.chaos

@@ -195,31 +195,38 @@ def freeze_loop(stack: ChaosStack, figures: Figures, *, seconds: float, seed: in
     return broker
 
 
+def start_replica(first: BrokerHandle, number: int) -> BrokerHandle:
+    """Another replica of ``first``: same settings and audit store, its own port."""
+    settings = yaml.safe_load(first.config_path.read_text())
+    settings["server"]["port"] = free_port()
+    config = first.config_path.with_name(f"broker-{number}.yaml")
+    config.write_text(yaml.safe_dump(settings, sort_keys=False))
+    process = serve_broker(config, first.log_path.with_name(f"replica-{number}.log"))
+    replica = BrokerHandle(
+        f"http://127.0.0.1:{settings['server']['port']}",
+        first.token,
+        first.namespace,
+        config,
+        first.log_path,
+        process,
+        first.kube,
+        first.vault,
+        audit_url=first.audit_url,
+    )
+    replica.wait_ready()
+    return replica
+
+
 def replicas_loop(stack: ChaosStack, figures: Figures, *, seed: int) -> BrokerHandle:
     """Two replicas (same settings, one audit store); one is SIGKILLed under load and
     the survivor carries on (and cleans up after it)."""
     first = stack.broker("replicas")
-    settings = yaml.safe_load(first.config_path.read_text())
-    settings["server"]["port"] = free_port()
-    config_2 = first.config_path.with_name("broker-2.yaml")
-    config_2.write_text(yaml.safe_dump(settings, sort_keys=False))
-    second = serve_broker(config_2, first.log_path.with_name("replica-2.log"))
-    url_2 = f"http://127.0.0.1:{settings['server']['port']}"
-    BrokerHandle(
-        url_2,
-        first.token,
-        first.namespace,
-        config_2,
-        first.log_path,
-        second,
-        stack.kube,
-        stack.vault,
-    ).wait_ready()
-    urls = [first.url, url_2]
+    second = start_replica(first, 2)
+    urls = [first.url, second.url]
     with Load(urls, first.token, figures, seed):
         time.sleep(random.Random(seed).uniform(1, 3))
-        sigkill(second)
-        urls.remove(url_2)
+        sigkill(second.process)
+        urls.remove(second.url)
         time.sleep(3)
     return first
 
@@ -235,9 +242,11 @@ def _explain(broker: BrokerHandle, launch_id: str) -> None:
                 print(f"   {launch_id} ledger: unreleased {held}")
 
 
-def check(broker: BrokerHandle, figures: Figures, root: hvac.Client) -> None:
-    """Kill every accepted launch through the API, wait for the cluster to settle, then
-    check the invariants."""
+def check(
+    broker: BrokerHandle, figures: Figures, root: hvac.Client, *, settle_seconds: float = 45
+) -> None:
+    """Kill every accepted launch through the API, wait (at most ``settle_seconds``) for
+    the cluster to settle, then check the invariants."""
     core_api = broker.kube.api_client()
     core = client.CoreV1Api(core_api)
     selector = "podbroker.dev/managed-by=podbroker"
@@ -258,7 +267,7 @@ def check(broker: BrokerHandle, figures: Figures, root: hvac.Client) -> None:
         }
     for launch_id in sorted(figures.accepted_ids | recorded_ids):
         httpx.delete(f"{broker.url}/v1/launches/{launch_id}", headers=broker.headers(), timeout=30)
-    deadline = time.monotonic() + 45
+    deadline = time.monotonic() + settle_seconds
     while time.monotonic() < deadline:
         pods = core.list_namespaced_pod(broker.namespace, label_selector=selector).items
         secrets = core.list_namespaced_secret(broker.namespace, label_selector=selector).items
