@@ -193,23 +193,29 @@ class Cleanup:
         """Delete a broker Secret and revoke the leases and child token its annotations
         name. Deleting comes first: values leave the cluster even if Vault or the
         audit store is down."""
+        known = meta.holdings
         if self.cluster.delete_secret(meta.namespace, meta.name):
             LIVE_SECRETS.dec()
-        self.record_quietly(
-            ev.launch_event(
-                ev.EventKind.SECRET_DELETED,
-                launch_id=meta.launch_id,
-                task=task,
-                secret_names=list(secret_names),
-                namespace=meta.namespace,
-                secret=meta.name,
-                reason=reason,
+            self.record_quietly(
+                ev.launch_event(
+                    ev.EventKind.SECRET_DELETED,
+                    launch_id=meta.launch_id,
+                    task=task,
+                    secret_names=list(secret_names),
+                    namespace=meta.namespace,
+                    secret=meta.name,
+                    reason=reason,
+                )
             )
-        )
+        elif meta.launch_id is not None and self.ledger is not None:
+            # Another replica (or the garbage collector) deleted it meanwhile: it is not
+            # recorded twice, and what is still held comes from the ledger alone (the one
+            # that deleted it has released or is releasing the rest).
+            known = podmeta.VaultHoldings()
         if meta.launch_id is not None:
-            self.settle(meta.launch_id, meta.holdings, task=task)
-        elif meta.holdings:
-            self.revoke(meta.holdings, launch_id=None, task=task)
+            self.settle(meta.launch_id, known, task=task)
+        elif known:
+            self.revoke(known, launch_id=None, task=task)
 
     def settle(
         self,

@@ -41,7 +41,7 @@ from podbroker_devstack.sources import SourceTree
 from podbroker_devstack.stack import local_stack
 from tests.bench import burst as bursts
 from tests.chaos.faults import sigkill
-from tests.chaos.suite import ChaosStack, Figures, check, start_replica
+from tests.chaos.suite import ChaosStack, Figures, check, explain, start_replica
 
 KINDS = ("no_secrets", "kv")
 
@@ -258,6 +258,10 @@ def run_scale_out(
     while figures.in_flight < figures.accepted and time.monotonic() < settle:
         time.sleep(1)
         figures.in_flight = running()
+    if figures.in_flight < figures.accepted:
+        listed = core.list_namespaced_pod(first.namespace, label_selector=selector).items
+        phases = Counter(p.status.phase if p.status else "?" for p in listed)
+        figures.samples.append(f"pods by phase when counted: {dict(phases)}")
     progress(
         f"[scale-out] {figures.accepted} accepted in {figures.submit_seconds:.1f}s, "
         f"{figures.in_flight} pods Running; ending them"
@@ -271,7 +275,10 @@ def run_scale_out(
             deletions = Counter(
                 e.launch_id for e in store.events() if e.kind == EventKind.SECRET_DELETED
             )
-        figures.duplicate_cleanups = sum(1 for n in deletions.values() if n > 1)
+        twice = [launch_id for launch_id, n in deletions.items() if n > 1 and launch_id]
+        figures.duplicate_cleanups = len(twice)
+        for launch_id in twice[:3]:
+            explain(first, launch_id)
     finally:
         for handle in handles:
             handle.stop()

@@ -231,7 +231,7 @@ def replicas_loop(stack: ChaosStack, figures: Figures, *, seed: int) -> BrokerHa
     return first
 
 
-def _explain(broker: BrokerHandle, launch_id: str) -> None:
+def explain(broker: BrokerHandle, launch_id: str) -> None:
     """Print what the trail and the ledger say of a launch that left something behind."""
     with open_audit_store(broker.audit_url, create=False) as store:
         for event in store.events():
@@ -290,7 +290,7 @@ def check(
         for s in core.list_namespaced_secret(broker.namespace, label_selector=selector).items
     ]
     for name in figures.orphans["secret without its pod"]:
-        _explain(broker, name.removeprefix("podbroker-"))
+        explain(broker, name.removeprefix("podbroker-"))
     leases = root.list(f"sys/leases/lookup/{DYNAMIC_LEASE_PREFIX}") or {}
     figures.orphans["live lease without a running pod"] = [
         f"{DYNAMIC_LEASE_PREFIX}/{k}" for k in (leases.get("data") or {}).get("keys") or []

@@ -100,3 +100,29 @@ def test_a_failed_revoke_is_recorded_as_not_revoked(svc: Services) -> None:
     assert revoked.details["revoked"] is False
     assert revoked.details["error"] == VaultUnavailableError.__name__
     assert revoked.details["lease_ids"] == [LEASE]
+
+
+def test_two_replicas_releasing_the_same_secret_record_and_revoke_once(svc: Services) -> None:
+    """Both surviving replicas read a crashed claimant's Secret, then release it (the
+    scale-out bench found launches whose Secret deletion was recorded twice)."""
+    pod = finished_pod_with_secret(svc, claimed=True)
+    meta = svc.cluster.read_secret_metadata(pod.namespace, f"podbroker-{pod.launch_id}")
+    assert meta is not None
+    svc.cleanup.release_secret(meta, reason="pod ended")
+    svc.replica().release_secret(meta, reason="pod ended")
+    assert svc.audit.kinds().count(EventKind.SECRET_DELETED) == 1
+    assert svc.store.revoked_leases == [LEASE]
+    assert svc.store.revoked_accessors == ["acc-1"]
+
+
+def test_a_secret_deleted_by_someone_else_is_given_back_from_the_ledger(svc: Services) -> None:
+    view = svc.launch("db")
+    bundle = svc.store.issued[0]
+    meta = svc.cluster.read_secret_metadata(view.namespace, f"podbroker-{view.launch_id}")
+    assert meta is not None
+    svc.cluster.secrets.clear()  # the garbage collector (or another replica) was first
+    svc.cleanup.release_secret(meta, reason="pod ended")
+    assert EventKind.SECRET_DELETED not in svc.audit.kinds()
+    assert svc.store.revoked_leases == list(bundle.lease_ids)
+    assert svc.store.revoked_accessors == [bundle.token_accessor]
+    assert svc.ledger.held(view.launch_id) is None
