@@ -27,7 +27,12 @@ from airflow_plugin.inputs import affinity_dict, env_dict, resources
 from airflow_plugin.inputs import tolerations as tolerations_of
 from airflow_plugin.launch_watch import LaunchWatcher, OutageTimeoutError, StartupFailedError
 from airflow_plugin.links import BrokerLaunchLink
-from airflow_plugin.result import ResultTooLargeError, task_result
+from airflow_plugin.result import (
+    ResultTooLargeError,
+    ResultUncheckedError,
+    ResultWithheldError,
+    task_result,
+)
 from airflow_plugin.retry import DEFAULT_UNAVAILABLE_TIMEOUT_SECONDS
 from airflow_plugin.secrets import SecretSpec, parse_secrets
 from airflow_plugin.settings import DEFAULT_CONN_ID, ConnectionConfigError
@@ -52,6 +57,9 @@ from broker.errors import (
 OnFinishAction = Literal["delete_pod", "delete_succeeded_pod", "keep_pod"]
 _ON_FINISH_ACTIONS = ("delete_pod", "delete_succeeded_pod", "keep_pod")
 _LAUNCH_ATTEMPTS = 3
+# How long a succeeded pod's return value waits for the broker's leak guard verdict
+# (given as the broker cleans up the ended pod, normally within a second).
+RESULT_CHECK_TIMEOUT_SECONDS = 60.0
 
 
 # The broker's longest launch timeout (LaunchRequest.timeout_seconds): the deadline of a
@@ -153,7 +161,9 @@ class BrokerPodOperator(BaseOperator):
     :param get_logs: copy the pod's log into the task log.
     :param do_xcom_push: push the task container's termination message
         (``/dev/termination-log``, at most 4095 bytes, parsed as JSON when it is JSON)
-        as XCom ``return_value`` when the pod succeeds. Default False, as KPO.
+        as XCom ``return_value`` when the pod succeeds. Default False, as KPO. The
+        broker withholds a message that contains a value it issued to the launch (the
+        task then fails without retry and nothing is pushed).
     :param skip_on_exit_code: exit code(s) of the task container that mark the task
         skipped instead of failed (int or list), as KPO.
     :param on_finish_action: delete_pod | delete_succeeded_pod | keep_pod.
@@ -573,6 +583,12 @@ class BrokerPodOperator(BaseOperator):
         pod, AirflowSkipException for an exit code in ``skip_on_exit_code``, or the
         failure."""
         succeeded = view.phase == "Succeeded"
+        if succeeded and self.do_xcom_push:
+            # Before on_finish_action: the verdict is written on the pod.
+            with broker_errors("reading the launch status"):
+                view = self._watcher(client).wait_for_result_check(
+                    view, timeout=RESULT_CHECK_TIMEOUT_SECONDS
+                )
         if view.phase != "Deleted" and (
             self.on_finish_action == "delete_pod"
             or (self.on_finish_action == "delete_succeeded_pod" and succeeded)
@@ -597,8 +613,10 @@ class BrokerPodOperator(BaseOperator):
         None, so nothing is pushed, when the task wrote none. The value is not logged."""
         try:
             value = task_result(view)
-        except ResultTooLargeError as exc:
+        except (ResultTooLargeError, ResultWithheldError) as exc:
             raise AirflowFailException(str(exc)) from None
+        except ResultUncheckedError as exc:
+            raise AirflowException(f"{exc} (retryable)") from None
         if value is None:
             self.log.info("the task wrote no termination message: no return_value pushed")
         else:

@@ -428,6 +428,10 @@ class PodEvent(Strict):
     last_seen: dt.datetime | None = None
 
 
+ResultCheck = Literal["unchecked", "clean", "withheld"]
+"""The termination-message leak guard's state for a launch with secrets (see
+broker.core.termination)."""
+
 PendingKind = Literal["unschedulable", "image_pull_error", "config_error", "invalid_image"]
 
 
@@ -458,6 +462,12 @@ class LaunchView(Strict):
     """While the pod is Pending: its most recent Events, newest first."""
     pending: PendingDiagnosis | None = None
     """While the pod is Pending and something is wrong: what, and whether it heals."""
+    result_check: ResultCheck | None = None
+    """Launches with secrets: ``unchecked`` until the ended pod's termination messages
+    were compared with the values issued to it (terminated containers show no message
+    until then), ``clean`` (messages shown) or ``withheld`` (a message held an issued
+    value, or could no longer be checked: never shown). None: no secrets, nothing to
+    check."""
 
 
 class ErrorBody(Strict):

@@ -28,6 +28,10 @@ CALLER_ANNOTATION = "podbroker.dev/caller"
 TASK_ANNOTATION = "podbroker.dev/task"
 REQUEST_DIGEST_ANNOTATION = "podbroker.dev/request-digest"
 CLEANED_ANNOTATION = "podbroker.dev/cleaned-at"
+RESULT_CHECK_ANNOTATION = "podbroker.dev/termination-message"
+"""On a finished pod of a launch with secrets, written with the claim: ``clean`` when no
+container's termination message holds a value issued to the launch, ``withheld`` when
+one does (or the values were gone before they could be compared)."""
 SECRET_SOURCES_ANNOTATION = "podbroker.dev/secret-sources"
 LEASES_ANNOTATION = "podbroker.dev/lease-ids"
 ACCESSOR_ANNOTATION = "podbroker.dev/token-accessor"
@@ -112,9 +116,18 @@ def parse_stamp(text: str) -> dt.datetime | None:
         return None
 
 
-def claim_annotations(now: dt.datetime) -> dict[str, str]:
-    """What a replica writes on a finished pod to own its cleanup."""
-    return {CLEANED_ANNOTATION: _utc_stamp(now)}
+def claim_annotations(now: dt.datetime, result_check: str | None = None) -> dict[str, str]:
+    """What a replica writes on a finished pod to own its cleanup; with the verdict of
+    the termination-message leak guard (``clean`` / ``withheld``) when there is one."""
+    annotations = {CLEANED_ANNOTATION: _utc_stamp(now)}
+    if result_check is not None:
+        annotations[RESULT_CHECK_ANNOTATION] = result_check
+    return annotations
+
+
+def result_check_of(annotations: Mapping[str, str]) -> str | None:
+    """The leak guard's verdict on a claimed pod's termination messages, if written."""
+    return annotations.get(RESULT_CHECK_ANNOTATION)
 
 
 def cleaned_at(annotations: Mapping[str, str]) -> dt.datetime | None:

@@ -1,6 +1,7 @@
 """DAGs of tests/e2e/test_airflow_kpo_parity.py (issue 13): KubernetesPodOperator
-features on the real broker. kwok ends pods as the annotations say (exit code, run time);
-it runs no container, so no task ever writes a termination message here."""
+features on the real broker. kwok ends pods as the annotations say (exit code, run time,
+and the termination message a real container would have written to /dev/termination-log,
+see deploy/devstack/podbroker_devstack/kwok-stages.yaml)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from airflow_plugin.secrets import file_secret
 START = pendulum.datetime(2026, 1, 1, tz="UTC")
 EXIT_CODE = "kwok.podbroker.dev/exit-code"
 RUN_DURATION = "kwok.podbroker.dev/run-duration"
+TERMINATION_MESSAGE = "kwok.podbroker.dev/termination-message"
 
 with DAG("analytics_etl_e2e_skip", schedule=None, start_date=START, catchup=False):
     BrokerPodOperator(
@@ -42,4 +44,28 @@ with DAG("ml_score_e2e_logging_interval", schedule=None, start_date=START, catch
         deferrable=True,
         logging_interval=2,
         poll_interval=0.5,
+    )
+
+with DAG("analytics_etl_e2e_result", schedule=None, start_date=START, catchup=False):
+    BrokerPodOperator(
+        task_id="count_rows",
+        image="python:3.12-slim",
+        secrets=["warehouse-readonly"],
+        annotations={TERMINATION_MESSAGE: '{"rows": 1200, "table": "orders"}'},
+        do_xcom_push=True,
+        poll_interval=0.5,
+    )
+
+# The task "writes" a value it was given into its result: the test passes a value the
+# broker issued to this launch as an Airflow Variable (a *secret* name, so Airflow masks it
+# in its own logs). A real task would read it from its env or files in the pod.
+with DAG("analytics_etl_e2e_result_leak", schedule=None, start_date=START, catchup=False):
+    BrokerPodOperator(
+        task_id="count_rows_leaky",
+        image="python:3.12-slim",
+        secrets=["warehouse-readonly"],
+        annotations={TERMINATION_MESSAGE: '{"rows": 1, "dsn": "{{ var.value.e2e_leak_secret }}"}'},
+        do_xcom_push=True,
+        poll_interval=0.5,
+        retries=0,
     )

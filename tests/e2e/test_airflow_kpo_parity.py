@@ -1,10 +1,14 @@
 """KubernetesPodOperator features of BrokerPodOperator end to end (issue 13): real
 `airflow dags test` runs of tests/dags/kpo_parity_dags.py against the real broker,
-OpenBao and control plane. The return value itself (a termination message) is covered by
-unit tests only: kwok runs no container, so nothing writes /dev/termination-log here, and
-this test checks the other half: nothing is pushed that the task did not write."""
+OpenBao and control plane. kwok runs no container: a pod annotation stands for what the
+task would have written to /dev/termination-log (the kwok stage copies it into the
+container's terminated state, as the kubelet copies the file)."""
 
 from __future__ import annotations
+
+import json
+import sqlite3
+from typing import Any
 
 import pytest
 
@@ -63,3 +67,48 @@ def test_deferred_task_shows_the_log_while_running(
         # Each line once: later rounds resume after the last timestamp shown.
         assert sum(line in shown for shown in pod_lines) == 1, operator_lines(output)
     assert_no_planted_values(broker, output)
+
+
+def test_termination_message_is_pushed_as_return_value(
+    env: dict[str, str], broker: BrokerHandle
+) -> None:
+    result = dags_test(env, "analytics_etl_e2e_result")
+    output = result.stdout + result.stderr
+    ti = latest_ti(env, "analytics_etl_e2e_result")
+    assert ti["state"] == "success", operator_lines(output)
+    xcom = xcom_of(env, ti)
+    assert xcom["return_value"] == {"rows": 1200, "table": "orders"}
+    assert "returning the task's termination message as return_value" in output
+    assert_no_planted_values(broker, output)
+
+
+def test_termination_message_with_an_issued_value_is_never_pushed(
+    env: dict[str, str], broker: BrokerHandle
+) -> None:
+    password = broker.planted["analytics/warehouse-readonly"]["password"]
+    leaky_env = {**env, "AIRFLOW_VAR_E2E_LEAK_SECRET": password}
+    result = dags_test(leaky_env, "analytics_etl_e2e_result_leak")
+    output = result.stdout + result.stderr
+    ti = latest_ti(env, "analytics_etl_e2e_result_leak")
+    assert ti["state"] == "failed", operator_lines(output)
+    assert "was withheld by the broker" in output, operator_lines(output)
+    xcom = xcom_of(env, ti)
+    assert xcom["launch_id"]
+    assert "return_value" not in xcom
+    assert password not in json.dumps(xcom)
+    # The broker audited the exposure (names only) where the report shows it.
+    events = exposures(broker, xcom["launch_id"])
+    assert [e["secret_names"] for e in events] == [["warehouse-readonly"]]
+    assert events[0]["details"]["where"] == "termination_message"
+    assert events[0]["details"]["on_exposure"] == "withhold"
+    assert password not in json.dumps(events)
+
+
+def exposures(broker: BrokerHandle, launch_id: str) -> list[dict[str, Any]]:
+    """The launch's secret_exposed audit records, from the broker's own store."""
+    with sqlite3.connect(broker.audit_url.removeprefix("sqlite:///")) as db:
+        rows = db.execute(
+            "SELECT event_json FROM audit_records WHERE launch_id = ? AND kind = ?",
+            (launch_id, "secret_exposed"),
+        ).fetchall()
+    return [json.loads(row[0]) for row in rows]
