@@ -10,6 +10,7 @@ logging_interval); docs/migration-from-kpo.md maps every KPO parameter."""
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Collection, Iterator, Mapping, Sequence
@@ -39,6 +40,7 @@ from airflow_plugin.settings import DEFAULT_CONN_ID, ConnectionConfigError
 from airflow_plugin.trigger import ON_KILL_ACTIONS, BrokerLaunchTrigger, OnKillAction
 from broker.core.api_models import (
     ContainerSpec,
+    LaunchDryRun,
     LaunchRequest,
     LaunchView,
     ResourceRequirements,
@@ -184,6 +186,11 @@ class BrokerPodOperator(BaseOperator):
         before failing the try (0: fail at once). A try that fails after its launch was
         created deletes the launch first, so a retry never runs beside an orphaned pod.
     :param podbroker_conn_id: the ``podbroker`` connection.
+    :param dry_run: launch nothing: ask the broker for the launch plan and its policy
+        decision (``POST /v1/launches?dry_run=true``; no pod, no Secret, nothing read
+        from Vault, audited as a dry run), show both in the task log, push the plan as
+        XCom ``dry_run`` and return it. A denial fails the task (without retry) after
+        the plan is shown, so a CI run of the DAG catches it.
 
     Reattaching: the launch is idempotent per task instance *try*. The same try started
     again (a resumed deferral, a restarted ``airflow tasks run``) gets the existing launch
@@ -246,6 +253,7 @@ class BrokerPodOperator(BaseOperator):
         launch_timeout_seconds: int | None = None,
         broker_unavailable_timeout_seconds: float = DEFAULT_UNAVAILABLE_TIMEOUT_SECONDS,
         podbroker_conn_id: str = DEFAULT_CONN_ID,
+        dry_run: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(do_xcom_push=do_xcom_push, **kwargs)
@@ -312,6 +320,8 @@ class BrokerPodOperator(BaseOperator):
         self.launch_timeout_seconds = launch_timeout_seconds
         self.broker_unavailable_timeout_seconds = broker_unavailable_timeout_seconds
         self.podbroker_conn_id = podbroker_conn_id
+        # Not `self.dry_run`: that is BaseOperator's method (render the templates only).
+        self.plan_only = dry_run
         self._launch_id: str | None = None
         # The launch this try deleted, so a failing try does not delete it twice.
         self._deleted_launch: str | None = None
@@ -388,6 +398,8 @@ class BrokerPodOperator(BaseOperator):
     def execute(self, context: Context) -> Any:
         with broker_errors("the connection"):
             request = self.build_request(context)
+        if self.plan_only:
+            return self._dry_run(request, context)
         with self.hook.get_conn() as client:
             view = self._launch(client, request)
             self._launch_id = view.launch_id
@@ -438,6 +450,67 @@ class BrokerPodOperator(BaseOperator):
                 self._abandon(client, view.launch_id, "task_failed")
                 raise
             return self._finish(client, view)
+
+    def _dry_run(self, request: LaunchRequest, context: Context) -> dict[str, Any]:
+        """Plan and decide only (``dry_run=True``): log the plan and the decision, push
+        the plan as XCom ``dry_run``, fail on a denial. The plan holds names, Vault paths
+        and Secret references, never a value."""
+        action = f"planning {request.task.dag_id}.{request.task.task_id} (dry run)"
+        with self.hook.get_conn() as client, broker_errors(action):
+            plan = client.dry_run(request)
+        self._log_plan(plan)
+        value = plan.model_dump(mode="json")
+        context["ti"].xcom_push(key="dry_run", value=value)
+        decision = plan.decision
+        if not decision.allowed:
+            names = ", ".join([*decision.denied, *decision.unknown]) or "(unnamed)"
+            reasons = "; ".join(decision.reasons) or "no grant matches"
+            raise AirflowFailException(
+                f"dry run: podbroker would deny this launch: secrets not granted: {names}. "
+                f"{reasons}"
+            )
+        return value
+
+    def _log_plan(self, plan: LaunchDryRun) -> None:
+        decision = plan.decision
+        self.log.info(
+            "dry run: nothing launched. Launch %s would run pod %s/%s with Secret %s",
+            plan.launch_id,
+            plan.namespace,
+            plan.pod_name,
+            plan.secret_name,
+        )
+        self.log.info(
+            "dry run: policy decision: %s; matched grants: %s; denied: %s; unknown: %s%s",
+            "allowed" if decision.allowed else "DENIED",
+            ", ".join(decision.matched_grants) or "none",
+            ", ".join(decision.denied) or "none",
+            ", ".join(decision.unknown) or "none",
+            f"; reasons: {'; '.join(decision.reasons)}" if decision.reasons else "",
+        )
+        if decision.requires_verified_task:
+            self.log.info(
+                "dry run: a grant needs the task instance confirmed with Airflow "
+                "(not asked in a dry run)"
+            )
+        for read in plan.vault_reads:
+            self.log.info(
+                "dry run: would read %s (%s) at %s under grant %s",
+                read.name,
+                read.kind,
+                read.path,
+                read.grant,
+            )
+        if plan.token is not None:
+            self.log.info(
+                "dry run: child token with policies %s, ttl %ss, %s uses",
+                ", ".join(plan.token.policies),
+                plan.token.ttl_seconds,
+                plan.token.num_uses,
+            )
+        if not plan.secret_keys_known:
+            self.log.info("dry run: secret keys are learnt at launch: the pod shows no secret env")
+        self.log.info("dry run: pod manifest:\n%s", json.dumps(plan.pod, indent=2, sort_keys=True))
 
     def _defer(self, launch_id: str, *, started_at: float, last_log_ns: int | None) -> None:
         self.defer(

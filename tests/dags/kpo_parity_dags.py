@@ -69,3 +69,20 @@ with DAG("analytics_etl_e2e_result_leak", schedule=None, start_date=START, catch
         poll_interval=0.5,
         retries=0,
     )
+
+with DAG("analytics_etl_e2e_dry_run", schedule=None, start_date=START, catchup=False):
+    BrokerPodOperator(
+        task_id="plan_load",
+        image="python:3.12-slim",
+        secrets=["warehouse-readonly"],
+        dry_run=True,
+    )
+
+with DAG("analytics_etl_e2e_dry_run_denied", schedule=None, start_date=START, catchup=False):
+    BrokerPodOperator(
+        task_id="plan_payout",
+        image="python:3.12-slim",
+        secrets=["payments-api"],
+        dry_run=True,
+        retries=0,
+    )

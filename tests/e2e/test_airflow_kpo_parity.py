@@ -11,20 +11,24 @@ import sqlite3
 from typing import Any
 
 import pytest
+from kubernetes import client
 
 from podbroker_devstack.broker_env import DEMO_POD_LOG, BrokerHandle
 from tests.e2e.test_airflow_broker import (
     assert_no_planted_values,
+    core,
     dags_test,
     env,
+    everything_airflow_kept,
     latest_ti,
+    objects_of,
     operator_lines,
     xcom_of,
 )
 
 pytestmark = [pytest.mark.stack, pytest.mark.airflow]
 
-__all__ = ["env"]  # the module fixture: Airflow's environment and the podbroker connection
+__all__ = ["core", "env"]  # the module fixture: Airflow's environment and the podbroker connection
 
 
 def test_exit_code_in_skip_on_exit_code_skips_the_task(
@@ -112,3 +116,28 @@ def exposures(broker: BrokerHandle, launch_id: str) -> list[dict[str, Any]]:
             (launch_id, "secret_exposed"),
         ).fetchall()
     return [json.loads(row[0]) for row in rows]
+
+
+def test_dry_run_shows_plan_and_decision_and_launches_nothing(
+    env: dict[str, str], broker: BrokerHandle, core: client.CoreV1Api
+) -> None:
+    result = dags_test(env, "analytics_etl_e2e_dry_run")
+    output = result.stdout + result.stderr
+    ti = latest_ti(env, "analytics_etl_e2e_dry_run")
+    assert ti["state"] == "success", operator_lines(output)
+    plan = xcom_of(env, ti)["dry_run"]
+    assert plan["dry_run"] is True
+    assert plan["decision"]["allowed"] is True
+    assert [read["name"] for read in plan["vault_reads"]] == ["warehouse-readonly"]
+    assert "dry run: nothing launched" in output
+    assert "policy decision: allowed" in output
+    assert objects_of(core, broker.namespace, "analytics_etl_e2e_dry_run") == ([], [])
+    assert_no_planted_values(broker, output, everything_airflow_kept(env))
+
+    denied = dags_test(env, "analytics_etl_e2e_dry_run_denied")
+    output = denied.stdout + denied.stderr
+    ti = latest_ti(env, "analytics_etl_e2e_dry_run_denied")
+    assert ti["state"] == "failed", operator_lines(output)
+    assert "policy decision: DENIED" in output
+    assert "would deny this launch: secrets not granted: payments-api" in output
+    assert xcom_of(env, ti)["dry_run"]["decision"]["allowed"] is False
