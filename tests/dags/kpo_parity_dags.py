@@ -5,8 +5,10 @@ see deploy/devstack/podbroker_devstack/kwok-stages.yaml)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pendulum
-from airflow.sdk import DAG
+from airflow.sdk import DAG, task
 
 from airflow_plugin.operator import BrokerPodOperator
 from airflow_plugin.secrets import file_secret
@@ -86,3 +88,28 @@ with DAG("analytics_etl_e2e_dry_run_denied", schedule=None, start_date=START, ca
         dry_run=True,
         retries=0,
     )
+
+
+with DAG("analytics_etl_e2e_decorated", schedule=None, start_date=START, catchup=False):
+
+    @task
+    def pick_day() -> str:
+        return "2026-01-01"
+
+    @task.broker(
+        image="python:3.12-slim",
+        secrets=["warehouse-readonly"],
+        annotations={TERMINATION_MESSAGE: '{"rows": 5}'},
+        on_finish_action="keep_pod",
+        poll_interval=0.5,
+    )
+    def count_rows(day: str) -> list[str]:
+        return ["python", "-m", "etl.count", "--day", day]
+
+    @task
+    def report(result: dict[str, Any]) -> None:
+        if result != {"rows": 5}:
+            raise ValueError(f"unexpected result {result!r}")
+        print(f"e2e-decorated: reported {result['rows']} rows")
+
+    report(count_rows(pick_day()))

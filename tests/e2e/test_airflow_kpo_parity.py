@@ -15,6 +15,7 @@ from kubernetes import client
 
 from podbroker_devstack.broker_env import DEMO_POD_LOG, BrokerHandle
 from tests.e2e.test_airflow_broker import (
+    airflow_db,
     assert_no_planted_values,
     core,
     dags_test,
@@ -141,3 +142,26 @@ def test_dry_run_shows_plan_and_decision_and_launches_nothing(
     assert "policy decision: DENIED" in output
     assert "would deny this launch: secrets not granted: payments-api" in output
     assert xcom_of(env, ti)["dry_run"]["decision"]["allowed"] is False
+
+
+def test_task_broker_decorator_runs_the_returned_command_and_passes_the_result_on(
+    env: dict[str, str], broker: BrokerHandle, core: client.CoreV1Api
+) -> None:
+    result = dags_test(env, "analytics_etl_e2e_decorated")
+    output = result.stdout + result.stderr
+    assert "e2e-decorated: reported 5 rows" in output, operator_lines(output)
+    with airflow_db(env) as db:
+        states = dict(
+            db.execute(
+                "SELECT task_id, state FROM task_instance WHERE dag_id = ?",
+                ("analytics_etl_e2e_decorated",),
+            ).fetchall()
+        )
+    assert states == {"pick_day": "success", "count_rows": "success", "report": "success"}
+    pods = core.list_namespaced_pod(
+        broker.namespace, label_selector="dag_id=analytics_etl_e2e_decorated"
+    ).items
+    assert len(pods) == 1  # on_finish_action="keep_pod"
+    (container,) = [c for c in pods[0].spec.containers if c.name == "base"]
+    assert container.command == ["python", "-m", "etl.count", "--day", "2026-01-01"]
+    assert_no_planted_values(broker, output)
