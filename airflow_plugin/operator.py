@@ -39,6 +39,7 @@ from airflow_plugin.secrets import SecretSpec, parse_secrets
 from airflow_plugin.settings import DEFAULT_CONN_ID, ConnectionConfigError
 from airflow_plugin.trigger import ON_KILL_ACTIONS, BrokerLaunchTrigger, OnKillAction
 from broker.core.api_models import (
+    MAX_GRACE_SECONDS,
     ContainerSpec,
     LaunchDryRun,
     LaunchRequest,
@@ -69,7 +70,6 @@ RESULT_CHECK_TIMEOUT_SECONDS = 60.0
 DEFAULT_LAUNCH_TIMEOUT_SECONDS = 7 * 24 * 3600
 # Fields a newer broker's request model may have; sent only when it does.
 _AFFINITY_FIELD = "affinity"
-_GRACE_FIELD = "termination_grace_period_seconds"
 
 
 def _exit_codes(value: int | Collection[int] | None) -> frozenset[int]:
@@ -171,8 +171,10 @@ class BrokerPodOperator(BaseOperator):
     :param on_finish_action: delete_pod | delete_succeeded_pod | keep_pod.
     :param on_kill_action: delete_pod (default) | keep_pod: what a user's kill (mark
         failed / succeeded, clear) does to the launch, also while deferred (Airflow 3.3+).
-    :param termination_grace_period: the pod's termination grace period; sent where the
-        broker's request model has ``termination_grace_period_seconds``, refused otherwise.
+    :param termination_grace_period: seconds (0 to 3600) between SIGTERM and SIGKILL when
+        the pod is stopped (its ``terminationGracePeriodSeconds``), as KPO; the broker
+        also deletes the pod with it on a kill. Default: the Kubernetes default (30s)
+        for the kubelet, and the broker's kills stop the pod at once.
     :param deferrable: free the worker slot while the pod runs (async trigger polls).
     :param poll_interval: seconds between status polls.
     :param logging_interval: deferrable only: every this many seconds while the pod
@@ -275,11 +277,11 @@ class BrokerPodOperator(BaseOperator):
             raise ValueError("logging_interval must be positive")
         if broker_unavailable_timeout_seconds < 0:
             raise ValueError("broker_unavailable_timeout_seconds must not be negative")
-        if termination_grace_period is not None and _GRACE_FIELD not in LaunchRequest.model_fields:
+        if termination_grace_period is not None and not (
+            0 <= termination_grace_period <= MAX_GRACE_SECONDS
+        ):
             raise ValueError(
-                "termination_grace_period is not supported by this podbroker version: the "
-                "broker's pods keep the Kubernetes default grace period (30s). Remove the "
-                "argument."
+                f"termination_grace_period must be between 0 and {MAX_GRACE_SECONDS} seconds"
             )
         self.image = image
         self.cmds = list(cmds or [])
@@ -356,9 +358,6 @@ class BrokerPodOperator(BaseOperator):
         }
         if self.affinity is not None:
             scheduling[_AFFINITY_FIELD] = self.affinity
-        extra: dict[str, Any] = {}
-        if self.termination_grace_period is not None:
-            extra[_GRACE_FIELD] = self.termination_grace_period
         try:
             return LaunchRequest(
                 task=TaskIdentity(
@@ -383,7 +382,7 @@ class BrokerPodOperator(BaseOperator):
                 service_account=self.service_account_name,
                 pod_template=self.pod_template,
                 timeout_seconds=self.deadline()[0],
-                **extra,
+                termination_grace_period_seconds=self.termination_grace_period,
             )
         except ValidationError as exc:
             problems = "; ".join(

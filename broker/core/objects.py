@@ -78,6 +78,11 @@ class PodInfo:
         return podmeta.secret_names_of(self.annotations)
 
     @property
+    def kill_grace_seconds(self) -> int:
+        """The grace period the broker deletes this pod with (see podmeta)."""
+        return podmeta.grace_seconds_of(self.annotations)
+
+    @property
     def finished(self) -> bool:
         return self.phase in FINISHED_PHASES
 

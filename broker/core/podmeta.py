@@ -35,6 +35,9 @@ one does (or the values were gone before they could be compared)."""
 SECRET_SOURCES_ANNOTATION = "podbroker.dev/secret-sources"
 LEASES_ANNOTATION = "podbroker.dev/lease-ids"
 ACCESSOR_ANNOTATION = "podbroker.dev/token-accessor"
+GRACE_ANNOTATION = "podbroker.dev/termination-grace-seconds"
+"""On a pod whose request asked for a termination grace period: the broker deletes it
+with that grace period (otherwise at once)."""
 
 
 def is_reserved(key: str) -> bool:
@@ -60,6 +63,7 @@ def pod_annotations(
     caller_identity: str,
     task: TaskIdentity,
     request_digest: str | None,
+    grace_seconds: int | None = None,
 ) -> dict[str, str]:
     annotations = {
         SECRET_NAMES_ANNOTATION: ",".join(secret_names),
@@ -68,7 +72,18 @@ def pod_annotations(
     }
     if request_digest is not None:
         annotations[REQUEST_DIGEST_ANNOTATION] = request_digest
+    if grace_seconds is not None:
+        annotations[GRACE_ANNOTATION] = str(grace_seconds)
     return annotations
+
+
+def grace_seconds_of(annotations: Mapping[str, str]) -> int:
+    """The grace period the broker deletes a pod with: the one its request asked for,
+    else 0 (at once)."""
+    try:
+        return max(0, int(annotations.get(GRACE_ANNOTATION, "0")))
+    except ValueError:
+        return 0
 
 
 def request_digest_of(annotations: Mapping[str, str]) -> str | None:

@@ -115,7 +115,8 @@ class Cleanup:
             )
         )
         self.finish(pod, reason=cleanup_reason)
-        self.cluster.delete_pod(pod.namespace, pod.name)
+        # The task's grace period, if its request asked for one (SIGTERM first).
+        self.cluster.delete_pod(pod.namespace, pod.name, grace_seconds=pod.kill_grace_seconds)
 
     def end_launch(self, pod: PodInfo, reason: str, *, cleanup_reason: str) -> None:
         """The broker itself ends a running launch (a newer try, an ended task)."""

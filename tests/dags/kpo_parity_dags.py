@@ -113,3 +113,13 @@ with DAG("analytics_etl_e2e_decorated", schedule=None, start_date=START, catchup
         print(f"e2e-decorated: reported {result['rows']} rows")
 
     report(count_rows(pick_day()))
+
+with DAG("analytics_etl_e2e_grace", schedule=None, start_date=START, catchup=False):
+    BrokerPodOperator(
+        task_id="load_gracefully",
+        image="python:3.12-slim",
+        secrets=["warehouse-readonly"],
+        termination_grace_period=45,
+        on_finish_action="keep_pod",
+        poll_interval=0.5,
+    )

@@ -165,3 +165,16 @@ def test_task_broker_decorator_runs_the_returned_command_and_passes_the_result_o
     (container,) = [c for c in pods[0].spec.containers if c.name == "base"]
     assert container.command == ["python", "-m", "etl.count", "--day", "2026-01-01"]
     assert_no_planted_values(broker, output)
+
+
+def test_termination_grace_period_reaches_the_pod(
+    env: dict[str, str], broker: BrokerHandle, core: client.CoreV1Api
+) -> None:
+    result = dags_test(env, "analytics_etl_e2e_grace")
+    output = result.stdout + result.stderr
+    assert latest_ti(env, "analytics_etl_e2e_grace")["state"] == "success", operator_lines(output)
+    pods = core.list_namespaced_pod(
+        broker.namespace, label_selector="dag_id=analytics_etl_e2e_grace"
+    ).items
+    assert len(pods) == 1  # on_finish_action="keep_pod"
+    assert pods[0].spec.termination_grace_period_seconds == 45
