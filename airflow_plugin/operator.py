@@ -170,7 +170,7 @@ class BrokerPodOperator(BaseOperator):
         skipped instead of failed (int or list), as KPO.
     :param on_finish_action: delete_pod | delete_succeeded_pod | keep_pod.
     :param on_kill_action: delete_pod (default) | keep_pod: what a user's kill (mark
-        failed / succeeded, clear) does to the launch, also while deferred (Airflow 3.3+).
+        failed / succeeded, clear) does to the launch, also while deferred.
     :param termination_grace_period: seconds (0 to 3600) between SIGTERM and SIGKILL when
         the pod is stopped (its ``terminationGracePeriodSeconds``), as KPO; the broker
         also deletes the pod with it on a kill. Default: the Kubernetes default (30s)

@@ -5,8 +5,11 @@ blocking operator does); the operator fetches logs on resume, and every
 new lines and defers again, as KubernetesPodOperator does). When a user marks the deferred
 task failed / succeeded or clears it, ``on_kill`` sends DELETE
 /v1/launches/{id}?reason=on_kill so its pod and Secret go too (``on_kill_action="keep_pod"``
-leaves them to the broker's launch timeout). ``BaseTrigger.on_kill`` exists from Airflow
-3.3: on older versions a killed deferred task's pod runs until its launch timeout."""
+leaves them to the broker's launch timeout). Airflow calls ``BaseTrigger.on_kill`` from
+3.3.0 on, hence the package's minimum Airflow version. Known Airflow defect (3.3.x,
+apache/airflow#73454): a triggerer whose heartbeat lapsed and whose triggers were handed
+to another triggerer may still call on_kill for them when it recovers, deleting a launch
+the new owner polls (the try then fails and retries)."""
 
 from __future__ import annotations
 
