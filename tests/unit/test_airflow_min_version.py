@@ -14,8 +14,10 @@ import tomllib
 from pathlib import Path
 
 import httpx
+import pytest
 from airflow.jobs import triggerer_job_runner
 from airflow.jobs.triggerer_job_runner import TriggerRunner
+from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
 from airflow.triggers.base import BaseTrigger
 from packaging.requirements import Requirement
 from packaging.version import Version
@@ -92,3 +94,55 @@ def test_a_triggerer_shutdown_leaves_the_launch_running(monkeypatch, conn_settin
     broker = _wired(monkeypatch, conn_settings)
     _run_then_cancel(BrokerLaunchTrigger("L1", poll_interval=0.01), None)
     assert [r.method for r in broker.requests if r.method != "GET"] == []
+
+
+class FakeTI:
+    dag_id = "analytics_etl_daily"
+    task_id = "load"
+    run_id = "manual__1"
+    map_index = -1
+
+
+@pytest.mark.parametrize(
+    ("state", "deleted"), [("deferred", False), ("failed", True), (None, True)]
+)
+def test_on_kill_for_a_task_still_deferred_is_a_handover_not_a_kill(
+    monkeypatch, conn_settings, state: str | None, deleted: bool
+) -> None:  # type: ignore[no-untyped-def]
+    """Airflow 3.3.x calls on_kill on a recovering triggerer for triggers it handed over
+    (apache/airflow#73454): while Airflow still has the task deferred, the launch stays."""
+    broker = _wired(monkeypatch, conn_settings)
+    asked: list[dict[str, object]] = []
+
+    def get_task_states(**query: object) -> dict[str, dict[str, str | None]]:
+        asked.append(query)
+        return {"manual__1": {"load": state}}
+
+    monkeypatch.setattr(RuntimeTaskInstance, "get_task_states", staticmethod(get_task_states))
+    trigger = BrokerLaunchTrigger("L1", poll_interval=0.01)
+    trigger.task_instance = FakeTI()  # type: ignore[assignment]
+    asyncio.run(trigger.on_kill())  # as run_trigger calls it on a user-action cancel
+    assert asked == [
+        {
+            "dag_id": "analytics_etl_daily",
+            "task_ids": ["load"],
+            "run_ids": ["manual__1"],
+            "map_index": None,
+        }
+    ]
+    assert broker.deleted is deleted
+
+
+def test_when_airflow_cannot_be_asked_on_kill_means_a_user_action(
+    monkeypatch, conn_settings
+) -> None:  # type: ignore[no-untyped-def]
+    broker = _wired(monkeypatch, conn_settings)
+
+    def unreachable(**query: object) -> dict[str, object]:
+        raise RuntimeError("no supervisor channel")
+
+    monkeypatch.setattr(RuntimeTaskInstance, "get_task_states", staticmethod(unreachable))
+    trigger = BrokerLaunchTrigger("L1", poll_interval=0.01)
+    trigger.task_instance = FakeTI()  # type: ignore[assignment]
+    asyncio.run(trigger.on_kill())  # as run_trigger calls it on a user-action cancel
+    assert broker.deleted
