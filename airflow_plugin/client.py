@@ -18,7 +18,7 @@ from urllib.parse import quote
 import httpx
 
 from airflow_plugin.settings import BrokerConnectionSettings
-from broker.core.api_models import ErrorBody, LaunchRequest, LaunchView
+from broker.core.api_models import ErrorBody, LaunchDryRun, LaunchRequest, LaunchView
 from broker.core.timeline import TaskTry, TaskTryAudit
 from broker.errors import BrokerError, BrokerUnavailableError, error_for_status
 
@@ -131,6 +131,19 @@ class BrokerClient:
             "POST", "/v1/launches", json=request.model_dump(mode="json", exclude_defaults=False)
         )
         return LaunchView.model_validate_json(response.content)
+
+    def dry_run(self, request: LaunchRequest) -> LaunchDryRun:
+        """POST /v1/launches?dry_run=true: the launch plan (pod manifest with Secret
+        references only, the Vault reads by path, the child token's policies) and the
+        policy decision. The broker creates nothing and reads no secret; a denial is a
+        decision in the answer, not an error."""
+        response = self._request(
+            "POST",
+            "/v1/launches",
+            params={"dry_run": "true"},
+            json=request.model_dump(mode="json", exclude_defaults=False),
+        )
+        return LaunchDryRun.model_validate_json(response.content)
 
     def get_launch(self, launch_id: str) -> LaunchView:
         """GET /v1/launches/{id}: phase, exit code, reason."""

@@ -322,6 +322,17 @@ class LaunchWatcher:
             view = self.status(view.launch_id)
         return view
 
+    def wait_for_result_check(self, view: LaunchView, *, timeout: float) -> LaunchView:
+        """Poll an ended launch until the broker's termination-message leak guard has
+        given its verdict (``result_check`` no longer ``unchecked``: the broker checks
+        as it cleans up the ended pod, within moments). Returns the last view, still
+        ``unchecked`` if ``timeout`` seconds passed first."""
+        deadline = self._clock() + timeout
+        while getattr(view, "result_check", None) == "unchecked" and self._clock() < deadline:
+            self._sleep(min(self.poll_interval, 1.0))
+            view = self.status(view.launch_id)
+        return view
+
     def follow_logs(self, view: LaunchView) -> None:
         """Stream the log into ``log`` as lines arrive. A stream that breaks or stays
         idle is reopened from the last timestamp seen (lines at or before it are

@@ -10,6 +10,7 @@ logging_interval); docs/migration-from-kpo.md maps every KPO parameter."""
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Collection, Iterator, Mapping, Sequence
@@ -27,13 +28,20 @@ from airflow_plugin.inputs import affinity_dict, env_dict, resources
 from airflow_plugin.inputs import tolerations as tolerations_of
 from airflow_plugin.launch_watch import LaunchWatcher, OutageTimeoutError, StartupFailedError
 from airflow_plugin.links import BrokerLaunchLink
-from airflow_plugin.result import ResultTooLargeError, task_result
+from airflow_plugin.result import (
+    ResultTooLargeError,
+    ResultUncheckedError,
+    ResultWithheldError,
+    task_result,
+)
 from airflow_plugin.retry import DEFAULT_UNAVAILABLE_TIMEOUT_SECONDS
 from airflow_plugin.secrets import SecretSpec, parse_secrets
 from airflow_plugin.settings import DEFAULT_CONN_ID, ConnectionConfigError
 from airflow_plugin.trigger import ON_KILL_ACTIONS, BrokerLaunchTrigger, OnKillAction
 from broker.core.api_models import (
+    MAX_GRACE_SECONDS,
     ContainerSpec,
+    LaunchDryRun,
     LaunchRequest,
     LaunchView,
     ResourceRequirements,
@@ -52,6 +60,9 @@ from broker.errors import (
 OnFinishAction = Literal["delete_pod", "delete_succeeded_pod", "keep_pod"]
 _ON_FINISH_ACTIONS = ("delete_pod", "delete_succeeded_pod", "keep_pod")
 _LAUNCH_ATTEMPTS = 3
+# How long a succeeded pod's return value waits for the broker's leak guard verdict
+# (given as the broker cleans up the ended pod, normally within a second).
+RESULT_CHECK_TIMEOUT_SECONDS = 60.0
 
 
 # The broker's longest launch timeout (LaunchRequest.timeout_seconds): the deadline of a
@@ -59,7 +70,6 @@ _LAUNCH_ATTEMPTS = 3
 DEFAULT_LAUNCH_TIMEOUT_SECONDS = 7 * 24 * 3600
 # Fields a newer broker's request model may have; sent only when it does.
 _AFFINITY_FIELD = "affinity"
-_GRACE_FIELD = "termination_grace_period_seconds"
 
 
 def _exit_codes(value: int | Collection[int] | None) -> frozenset[int]:
@@ -153,14 +163,18 @@ class BrokerPodOperator(BaseOperator):
     :param get_logs: copy the pod's log into the task log.
     :param do_xcom_push: push the task container's termination message
         (``/dev/termination-log``, at most 4095 bytes, parsed as JSON when it is JSON)
-        as XCom ``return_value`` when the pod succeeds. Default False, as KPO.
+        as XCom ``return_value`` when the pod succeeds. Default False, as KPO. The
+        broker withholds a message that contains a value it issued to the launch (the
+        task then fails without retry and nothing is pushed).
     :param skip_on_exit_code: exit code(s) of the task container that mark the task
         skipped instead of failed (int or list), as KPO.
     :param on_finish_action: delete_pod | delete_succeeded_pod | keep_pod.
     :param on_kill_action: delete_pod (default) | keep_pod: what a user's kill (mark
-        failed / succeeded, clear) does to the launch, also while deferred (Airflow 3.3+).
-    :param termination_grace_period: the pod's termination grace period; sent where the
-        broker's request model has ``termination_grace_period_seconds``, refused otherwise.
+        failed / succeeded, clear) does to the launch, also while deferred.
+    :param termination_grace_period: seconds (0 to 3600) between SIGTERM and SIGKILL when
+        the pod is stopped (its ``terminationGracePeriodSeconds``), as KPO; the broker
+        also deletes the pod with it on a kill. Default: the Kubernetes default (30s)
+        for the kubelet, and the broker's kills stop the pod at once.
     :param deferrable: free the worker slot while the pod runs (async trigger polls).
     :param poll_interval: seconds between status polls.
     :param logging_interval: deferrable only: every this many seconds while the pod
@@ -174,6 +188,11 @@ class BrokerPodOperator(BaseOperator):
         before failing the try (0: fail at once). A try that fails after its launch was
         created deletes the launch first, so a retry never runs beside an orphaned pod.
     :param podbroker_conn_id: the ``podbroker`` connection.
+    :param dry_run: launch nothing: ask the broker for the launch plan and its policy
+        decision (``POST /v1/launches?dry_run=true``; no pod, no Secret, nothing read
+        from Vault, audited as a dry run), show both in the task log, push the plan as
+        XCom ``dry_run`` and return it. A denial fails the task (without retry) after
+        the plan is shown, so a CI run of the DAG catches it.
 
     Reattaching: the launch is idempotent per task instance *try*. The same try started
     again (a resumed deferral, a restarted ``airflow tasks run``) gets the existing launch
@@ -236,6 +255,7 @@ class BrokerPodOperator(BaseOperator):
         launch_timeout_seconds: int | None = None,
         broker_unavailable_timeout_seconds: float = DEFAULT_UNAVAILABLE_TIMEOUT_SECONDS,
         podbroker_conn_id: str = DEFAULT_CONN_ID,
+        dry_run: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(do_xcom_push=do_xcom_push, **kwargs)
@@ -257,11 +277,11 @@ class BrokerPodOperator(BaseOperator):
             raise ValueError("logging_interval must be positive")
         if broker_unavailable_timeout_seconds < 0:
             raise ValueError("broker_unavailable_timeout_seconds must not be negative")
-        if termination_grace_period is not None and _GRACE_FIELD not in LaunchRequest.model_fields:
+        if termination_grace_period is not None and not (
+            0 <= termination_grace_period <= MAX_GRACE_SECONDS
+        ):
             raise ValueError(
-                "termination_grace_period is not supported by this podbroker version: the "
-                "broker's pods keep the Kubernetes default grace period (30s). Remove the "
-                "argument."
+                f"termination_grace_period must be between 0 and {MAX_GRACE_SECONDS} seconds"
             )
         self.image = image
         self.cmds = list(cmds or [])
@@ -302,6 +322,8 @@ class BrokerPodOperator(BaseOperator):
         self.launch_timeout_seconds = launch_timeout_seconds
         self.broker_unavailable_timeout_seconds = broker_unavailable_timeout_seconds
         self.podbroker_conn_id = podbroker_conn_id
+        # Not `self.dry_run`: that is BaseOperator's method (render the templates only).
+        self.plan_only = dry_run
         self._launch_id: str | None = None
         # The launch this try deleted, so a failing try does not delete it twice.
         self._deleted_launch: str | None = None
@@ -336,9 +358,6 @@ class BrokerPodOperator(BaseOperator):
         }
         if self.affinity is not None:
             scheduling[_AFFINITY_FIELD] = self.affinity
-        extra: dict[str, Any] = {}
-        if self.termination_grace_period is not None:
-            extra[_GRACE_FIELD] = self.termination_grace_period
         try:
             return LaunchRequest(
                 task=TaskIdentity(
@@ -363,7 +382,7 @@ class BrokerPodOperator(BaseOperator):
                 service_account=self.service_account_name,
                 pod_template=self.pod_template,
                 timeout_seconds=self.deadline()[0],
-                **extra,
+                termination_grace_period_seconds=self.termination_grace_period,
             )
         except ValidationError as exc:
             problems = "; ".join(
@@ -378,6 +397,8 @@ class BrokerPodOperator(BaseOperator):
     def execute(self, context: Context) -> Any:
         with broker_errors("the connection"):
             request = self.build_request(context)
+        if self.plan_only:
+            return self._dry_run(request, context)
         with self.hook.get_conn() as client:
             view = self._launch(client, request)
             self._launch_id = view.launch_id
@@ -428,6 +449,67 @@ class BrokerPodOperator(BaseOperator):
                 self._abandon(client, view.launch_id, "task_failed")
                 raise
             return self._finish(client, view)
+
+    def _dry_run(self, request: LaunchRequest, context: Context) -> dict[str, Any]:
+        """Plan and decide only (``dry_run=True``): log the plan and the decision, push
+        the plan as XCom ``dry_run``, fail on a denial. The plan holds names, Vault paths
+        and Secret references, never a value."""
+        action = f"planning {request.task.dag_id}.{request.task.task_id} (dry run)"
+        with self.hook.get_conn() as client, broker_errors(action):
+            plan = client.dry_run(request)
+        self._log_plan(plan)
+        value = plan.model_dump(mode="json")
+        context["ti"].xcom_push(key="dry_run", value=value)
+        decision = plan.decision
+        if not decision.allowed:
+            names = ", ".join([*decision.denied, *decision.unknown]) or "(unnamed)"
+            reasons = "; ".join(decision.reasons) or "no grant matches"
+            raise AirflowFailException(
+                f"dry run: podbroker would deny this launch: secrets not granted: {names}. "
+                f"{reasons}"
+            )
+        return value
+
+    def _log_plan(self, plan: LaunchDryRun) -> None:
+        decision = plan.decision
+        self.log.info(
+            "dry run: nothing launched. Launch %s would run pod %s/%s with Secret %s",
+            plan.launch_id,
+            plan.namespace,
+            plan.pod_name,
+            plan.secret_name,
+        )
+        self.log.info(
+            "dry run: policy decision: %s; matched grants: %s; denied: %s; unknown: %s%s",
+            "allowed" if decision.allowed else "DENIED",
+            ", ".join(decision.matched_grants) or "none",
+            ", ".join(decision.denied) or "none",
+            ", ".join(decision.unknown) or "none",
+            f"; reasons: {'; '.join(decision.reasons)}" if decision.reasons else "",
+        )
+        if decision.requires_verified_task:
+            self.log.info(
+                "dry run: a grant needs the task instance confirmed with Airflow "
+                "(not asked in a dry run)"
+            )
+        for read in plan.vault_reads:
+            self.log.info(
+                "dry run: would read %s (%s) at %s under grant %s",
+                read.name,
+                read.kind,
+                read.path,
+                read.grant,
+            )
+        if plan.token is not None:
+            self.log.info(
+                "dry run: child token with policies %s, ttl %ss, %s uses",
+                ", ".join(plan.token.policies),
+                plan.token.ttl_seconds,
+                plan.token.num_uses,
+            )
+        if not plan.secret_keys_known:
+            self.log.info("dry run: secret keys are learnt at launch: the pod shows no secret env")
+        self.log.info("dry run: pod manifest:\n%s", json.dumps(plan.pod, indent=2, sort_keys=True))
 
     def _defer(self, launch_id: str, *, started_at: float, last_log_ns: int | None) -> None:
         self.defer(
@@ -573,6 +655,12 @@ class BrokerPodOperator(BaseOperator):
         pod, AirflowSkipException for an exit code in ``skip_on_exit_code``, or the
         failure."""
         succeeded = view.phase == "Succeeded"
+        if succeeded and self.do_xcom_push:
+            # Before on_finish_action: the verdict is written on the pod.
+            with broker_errors("reading the launch status"):
+                view = self._watcher(client).wait_for_result_check(
+                    view, timeout=RESULT_CHECK_TIMEOUT_SECONDS
+                )
         if view.phase != "Deleted" and (
             self.on_finish_action == "delete_pod"
             or (self.on_finish_action == "delete_succeeded_pod" and succeeded)
@@ -597,8 +685,10 @@ class BrokerPodOperator(BaseOperator):
         None, so nothing is pushed, when the task wrote none. The value is not logged."""
         try:
             value = task_result(view)
-        except ResultTooLargeError as exc:
+        except (ResultTooLargeError, ResultWithheldError) as exc:
             raise AirflowFailException(str(exc)) from None
+        except ResultUncheckedError as exc:
+            raise AirflowException(f"{exc} (retryable)") from None
         if value is None:
             self.log.info("the task wrote no termination message: no return_value pushed")
         else:

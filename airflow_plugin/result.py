@@ -25,6 +25,16 @@ TERMINATION_LOG_PATH = "/dev/termination-log"
 MAX_TERMINATION_MESSAGE_BYTES = 4096
 
 
+class ResultWithheldError(ValueError):
+    """The broker withheld the termination message: it held a value issued to the
+    launch (or could no longer be checked). Never pushed."""
+
+
+class ResultUncheckedError(ValueError):
+    """The broker has not given its verdict on the termination message yet (its cleanup
+    of the ended pod lags): nothing is pushed; a retry may succeed."""
+
+
 class ResultTooLargeError(ValueError):
     """The termination message reached the kubelet's cap: it may have been cut short, so
     it is refused rather than pushed half-written."""
@@ -44,7 +54,22 @@ def task_result(view: LaunchView) -> Any:
     it is JSON (KubernetesPodOperator pushes a parsed ``return.json``), else the text as
     written; None (nothing pushed) when the task wrote nothing.
 
-    Raises ResultTooLargeError when the message is at the kubelet's 4096-byte cap."""
+    Raises ResultTooLargeError when the message is at the kubelet's 4096-byte cap, and
+    ResultWithheldError when the broker's leak guard withheld it (``result_check``),
+    ResultUncheckedError while the broker has not checked it yet."""
+    check = getattr(view, "result_check", None)
+    if check == "withheld":
+        raise ResultWithheldError(
+            f"the termination message of pod {view.pod_name} was withheld by the broker: "
+            "it contained a value issued to this launch (audited as secret_exposed), or "
+            "could no longer be checked. Nothing is pushed to XCom; write a result that "
+            "does not contain a secret."
+        )
+    if check == "unchecked":
+        raise ResultUncheckedError(
+            f"the broker has not yet checked the termination message of pod {view.pod_name} "
+            "for issued values: nothing is pushed to XCom"
+        )
     message = termination_message(view)
     if message is None:
         return None

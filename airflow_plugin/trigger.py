@@ -5,8 +5,11 @@ blocking operator does); the operator fetches logs on resume, and every
 new lines and defers again, as KubernetesPodOperator does). When a user marks the deferred
 task failed / succeeded or clears it, ``on_kill`` sends DELETE
 /v1/launches/{id}?reason=on_kill so its pod and Secret go too (``on_kill_action="keep_pod"``
-leaves them to the broker's launch timeout). ``BaseTrigger.on_kill`` exists from Airflow
-3.3: on older versions a killed deferred task's pod runs until its launch timeout."""
+leaves them to the broker's launch timeout). Airflow calls ``BaseTrigger.on_kill`` from
+3.3.0 on, hence the package's minimum Airflow version. Airflow 3.3.x also calls it on a
+triggerer that lost its heartbeat, had its triggers handed to another triggerer and then
+recovered (apache/airflow#73454): on_kill therefore first asks Airflow for the task
+instance's state and leaves the launch alone while the task is still deferred."""
 
 from __future__ import annotations
 
@@ -144,6 +147,37 @@ class BrokerLaunchTrigger(BaseTrigger):
             await client.aclose()
         yield event
 
+    async def _still_deferred(self) -> bool:
+        """True when Airflow says this trigger's task instance is still deferred, so
+        on_kill comes from a trigger handed to another triggerer, not from a user
+        (apache/airflow#73454). Asks through the triggerer's channel to Airflow's
+        execution API (``RuntimeTaskInstance.get_task_states``). False when there is no
+        task instance or Airflow cannot be asked: on_kill then means what Airflow
+        documents, a user action."""
+        ti = self.task_instance
+        if ti is None:
+            return False
+        map_index = getattr(ti, "map_index", -1)
+        map_index = -1 if map_index is None else int(map_index)
+        try:
+            import greenback
+            from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
+
+            # The triggerer's channel answers blocking calls through a greenback portal
+            # of the calling task; on_kill may run in a task of its own (wait_for).
+            await greenback.ensure_portal()
+            states = RuntimeTaskInstance.get_task_states(
+                dag_id=ti.dag_id,
+                task_ids=[ti.task_id],
+                run_ids=[ti.run_id],
+                map_index=map_index if map_index >= 0 else None,
+            )
+        except Exception as exc:  # no channel (tests, old runners), or Airflow unreachable
+            self.log.info("cannot ask Airflow for the state of %s: %s", ti.task_id, exc)
+            return False
+        key = ti.task_id if map_index < 0 else f"{ti.task_id}_{map_index}"
+        return bool((states.get(ti.run_id) or {}).get(key) == "deferred")
+
     async def on_kill(self) -> None:
         """The user acted on the deferred task (mark failed / succeeded, clear): DELETE
         /v1/launches/{id}?reason=on_kill so the broker deletes the pod and its Secret and
@@ -152,6 +186,13 @@ class BrokerLaunchTrigger(BaseTrigger):
         the pod at its launch timeout anyway. ``on_kill_action="keep_pod"``: nothing."""
         if self.on_kill_action == "keep_pod":
             self.log.info("task killed: keeping launch %s (on_kill_action)", self.launch_id)
+            return
+        if await self._still_deferred():
+            self.log.warning(
+                "on_kill for launch %s while its task is still deferred: the trigger moved to "
+                "another triggerer (not a user action); the launch is left running",
+                self.launch_id,
+            )
             return
         try:
             client = await BrokerHook(self.podbroker_conn_id).aget_conn()

@@ -51,6 +51,9 @@ MAX_EXPRESSIONS = 16  # match expressions / labels in one selector or term
 MAX_VALUES = 32  # values of one match expression
 MAX_EVENTS = 10  # pod events in a LaunchView, most recent first
 MAX_EVENT_MESSAGE = 500
+MAX_GRACE_SECONDS = 3600
+"""Longest termination grace period a request may ask for: a stopped task never keeps
+running, its values in memory, for more than an hour after the broker stopped it."""
 # Kubernetes object names: a DNS label (volumes, containers) or a DNS subdomain.
 DNS_LABEL_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$"
@@ -396,6 +399,13 @@ class LaunchRequest(Strict):
     )
     """Names from ``kubernetes.namespace_rules.NS.image_pull_secrets`` or the template's."""
     security_context: PodSecurity | None = None
+    termination_grace_period_seconds: (
+        Annotated[int, Field(ge=0, le=MAX_GRACE_SECONDS), NO_LAX_INTEGER] | None
+    ) = None
+    """Seconds between SIGTERM and SIGKILL when the pod is stopped: the pod's
+    ``terminationGracePeriodSeconds``, also used when the broker deletes the pod (a kill,
+    a newer try, an ended task instance). None: the Kubernetes default (30 s) for the
+    kubelet, and the broker's own deletions stop the pod at once."""
 
     @field_validator("secrets", mode="before")
     @classmethod
@@ -428,6 +438,10 @@ class PodEvent(Strict):
     last_seen: dt.datetime | None = None
 
 
+ResultCheck = Literal["unchecked", "clean", "withheld"]
+"""The termination-message leak guard's state for a launch with secrets (see
+broker.core.termination)."""
+
 PendingKind = Literal["unschedulable", "image_pull_error", "config_error", "invalid_image"]
 
 
@@ -458,6 +472,12 @@ class LaunchView(Strict):
     """While the pod is Pending: its most recent Events, newest first."""
     pending: PendingDiagnosis | None = None
     """While the pod is Pending and something is wrong: what, and whether it heals."""
+    result_check: ResultCheck | None = None
+    """Launches with secrets: ``unchecked`` until the ended pod's termination messages
+    were compared with the values issued to it (terminated containers show no message
+    until then), ``clean`` (messages shown) or ``withheld`` (a message held an issued
+    value, or could no longer be checked: never shown). None: no secrets, nothing to
+    check."""
 
 
 class ErrorBody(Strict):

@@ -374,7 +374,8 @@ def launch_event(
     launch_failed ``error``, ``stage``; reconciler_cleanup ``action``, ``object``;
     policy_applied ``source``, ``teams``, ``grants``, ``digest``; lease_renewed and
     lease_capped ``lease_id``, ``grant``, ``ttl``, ``expires_at``; secret_exposed
-    ``grant``, ``on_exposure``, ``revoked`` (never the value)."""
+    ``grant``, ``on_exposure``, ``revoked``, ``where`` (``termination_message`` when
+    not the log) (never the value)."""
     return AuditEvent(
         time=time or utc_now(),
         kind=kind,

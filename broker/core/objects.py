@@ -12,6 +12,7 @@ from typing import Literal, cast
 from broker.core import podmeta
 from broker.core.api_models import ContainerState, LaunchView, Phase
 from broker.core.models import TaskIdentity
+from broker.core.termination import result_check
 
 CONTAINER_NAME = "base"  # the KubernetesPodOperator's name for the task container
 FINISHED_PHASES = frozenset({"Succeeded", "Failed"})
@@ -77,6 +78,11 @@ class PodInfo:
         return podmeta.secret_names_of(self.annotations)
 
     @property
+    def kill_grace_seconds(self) -> int:
+        """The grace period the broker deletes this pod with (see podmeta)."""
+        return podmeta.grace_seconds_of(self.annotations)
+
+    @property
     def finished(self) -> bool:
         return self.phase in FINISHED_PHASES
 
@@ -132,18 +138,23 @@ class HeldByLaunch:
 
 
 def launch_view(pod: PodInfo, *, created: bool = True) -> LaunchView:
-    """What the API tells about a launch: phase, container states, exit code."""
+    """What the API tells about a launch: phase, container states, exit code. A
+    terminated container's message (its termination message: what the task wrote) of a
+    launch with secrets is shown only once the leak guard found it clean
+    (broker.core.termination)."""
     states: list[ContainerState] = []
     exit_code: int | None = None
     reason = pod.reason
+    check = result_check(pod.secret_names, pod.claimed, podmeta.result_check_of(pod.annotations))
     for item in pod.containers:
+        hidden = item.state == "terminated" and check not in (None, "clean")
         states.append(
             ContainerState(
                 name=item.name,
                 state=item.state,
                 exit_code=item.exit_code,
                 reason=item.reason,
-                message=item.message,
+                message=None if hidden else item.message,
             )
         )
         if item.state == "terminated" and item.name == CONTAINER_NAME:
@@ -163,4 +174,5 @@ def launch_view(pod: PodInfo, *, created: bool = True) -> LaunchView:
         reason=reason,
         secret_names=pod.secret_names,
         created=created,
+        result_check=check,
     )

@@ -205,8 +205,14 @@ def label_value(value: str) -> str:
 def request_digest(request: LaunchRequest) -> str:
     """What a launch asked for, as one digest: a second launch of the same task try
     reattaches only when it asks for exactly the same (image, command, env, secrets,
-    deliveries, template, scheduling, ...)."""
-    return hashlib.sha256(request.model_dump_json().encode()).hexdigest()
+    deliveries, template, scheduling, ...). Fields added later are left out while unset,
+    so a launch made before them still reattaches after an upgrade."""
+    unset_later = (
+        {"termination_grace_period_seconds"}
+        if request.termination_grace_period_seconds is None
+        else None
+    )
+    return hashlib.sha256(request.model_dump_json(exclude=unset_later).encode()).hexdigest()
 
 
 def task_labels(task: TaskIdentity) -> dict[str, str]:
@@ -875,7 +881,13 @@ def build_plan(request: LaunchRequest, policy: PlanPolicy, caller_identity: str)
     user_labels = _merge(request.scheduling.labels, template.labels)
     annotations = _merge(request.scheduling.annotations, template.annotations)
     annotations.update(
-        podmeta.pod_annotations(names, caller_identity, task, request_digest(request))
+        podmeta.pod_annotations(
+            names,
+            caller_identity,
+            task,
+            request_digest(request),
+            grace_seconds=request.termination_grace_period_seconds,
+        )
     )
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
@@ -904,6 +916,8 @@ def build_plan(request: LaunchRequest, policy: PlanPolicy, caller_identity: str)
         "containers": [container],
         **placement,
     }
+    if request.termination_grace_period_seconds is not None:
+        spec["terminationGracePeriodSeconds"] = request.termination_grace_period_seconds
     if template.sidecars:
         spec["initContainers"] = [_sidecar(sidecar) for sidecar in template.sidecars]
     if volumes:

@@ -28,9 +28,16 @@ CALLER_ANNOTATION = "podbroker.dev/caller"
 TASK_ANNOTATION = "podbroker.dev/task"
 REQUEST_DIGEST_ANNOTATION = "podbroker.dev/request-digest"
 CLEANED_ANNOTATION = "podbroker.dev/cleaned-at"
+RESULT_CHECK_ANNOTATION = "podbroker.dev/termination-message"
+"""On a finished pod of a launch with secrets, written with the claim: ``clean`` when no
+container's termination message holds a value issued to the launch, ``withheld`` when
+one does (or the values were gone before they could be compared)."""
 SECRET_SOURCES_ANNOTATION = "podbroker.dev/secret-sources"
 LEASES_ANNOTATION = "podbroker.dev/lease-ids"
 ACCESSOR_ANNOTATION = "podbroker.dev/token-accessor"
+GRACE_ANNOTATION = "podbroker.dev/termination-grace-seconds"
+"""On a pod whose request asked for a termination grace period: the broker deletes it
+with that grace period (otherwise at once)."""
 
 
 def is_reserved(key: str) -> bool:
@@ -56,6 +63,7 @@ def pod_annotations(
     caller_identity: str,
     task: TaskIdentity,
     request_digest: str | None,
+    grace_seconds: int | None = None,
 ) -> dict[str, str]:
     annotations = {
         SECRET_NAMES_ANNOTATION: ",".join(secret_names),
@@ -64,7 +72,18 @@ def pod_annotations(
     }
     if request_digest is not None:
         annotations[REQUEST_DIGEST_ANNOTATION] = request_digest
+    if grace_seconds is not None:
+        annotations[GRACE_ANNOTATION] = str(grace_seconds)
     return annotations
+
+
+def grace_seconds_of(annotations: Mapping[str, str]) -> int:
+    """The grace period the broker deletes a pod with: the one its request asked for,
+    else 0 (at once)."""
+    try:
+        return max(0, int(annotations.get(GRACE_ANNOTATION, "0")))
+    except ValueError:
+        return 0
 
 
 def request_digest_of(annotations: Mapping[str, str]) -> str | None:
@@ -112,9 +131,18 @@ def parse_stamp(text: str) -> dt.datetime | None:
         return None
 
 
-def claim_annotations(now: dt.datetime) -> dict[str, str]:
-    """What a replica writes on a finished pod to own its cleanup."""
-    return {CLEANED_ANNOTATION: _utc_stamp(now)}
+def claim_annotations(now: dt.datetime, result_check: str | None = None) -> dict[str, str]:
+    """What a replica writes on a finished pod to own its cleanup; with the verdict of
+    the termination-message leak guard (``clean`` / ``withheld``) when there is one."""
+    annotations = {CLEANED_ANNOTATION: _utc_stamp(now)}
+    if result_check is not None:
+        annotations[RESULT_CHECK_ANNOTATION] = result_check
+    return annotations
+
+
+def result_check_of(annotations: Mapping[str, str]) -> str | None:
+    """The leak guard's verdict on a claimed pod's termination messages, if written."""
+    return annotations.get(RESULT_CHECK_ANNOTATION)
 
 
 def cleaned_at(annotations: Mapping[str, str]) -> dt.datetime | None:

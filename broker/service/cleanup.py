@@ -17,6 +17,7 @@ from broker.core import podmeta
 from broker.core.models import Caller, TaskIdentity
 from broker.core.objects import PodInfo, SecretMeta, launch_view
 from broker.core.plan import secret_name_for
+from broker.core.termination import CLEAN, WITHHELD, exposed_in, values_by_secret
 from broker.errors import BrokerError, NotFoundError
 from broker.metrics import LIVE_SECRETS, VAULT_LATENCY
 from broker.service.ports import AuditSink, Cluster, HoldingsLedger, SecretStore
@@ -114,7 +115,8 @@ class Cleanup:
             )
         )
         self.finish(pod, reason=cleanup_reason)
-        self.cluster.delete_pod(pod.namespace, pod.name)
+        # The task's grace period, if its request asked for one (SIGTERM first).
+        self.cluster.delete_pod(pod.namespace, pod.name, grace_seconds=pod.kill_grace_seconds)
 
     def end_launch(self, pod: PodInfo, reason: str, *, cleanup_reason: str) -> None:
         """The broker itself ends a running launch (a newer try, an ended task)."""
@@ -130,8 +132,12 @@ class Cleanup:
         """Delete the pod's Secret and revoke its leases, once: the replica that claims
         the pod (an annotation written with the pod's resourceVersion as precondition)
         does it; the others see the claim and stop. ``force`` skips the claim (the sweep
-        finishing what a crashed claimant left)."""
-        if not force and not self.claim(pod):
+        finishing what a crashed claimant left).
+
+        The claim of an ended pod carries the termination-message leak guard's verdict
+        (:meth:`check_messages`), taken while the Secret still holds the values."""
+        verdict = self.check_messages(pod) if pod.finished and not force else None
+        if not force and not self.claim(pod, result_check=verdict):
             return
         task = pod.task
         if pod.finished and not force:
@@ -147,8 +153,48 @@ class Cleanup:
             )
         self.release_secret_of(pod, reason, task=task)
 
-    def claim(self, pod: PodInfo) -> bool:
-        """True if this replica now owns the cleanup of ``pod``."""
+    def check_messages(self, pod: PodInfo) -> str | None:
+        """Compare the ended pod's termination messages with the values issued to its
+        launch (read back from its own Secret: GET secrets, never logged): ``clean``, or
+        ``withheld`` (recorded as ``secret_exposed``, names only) when a message holds
+        one, or when the values are gone and it cannot be told. None: no secrets."""
+        if not pod.secret_names or not pod.launch_id:
+            return None
+        messages = [c.message for c in pod.containers if c.state == "terminated" and c.message]
+        if not messages:
+            return CLEAN
+        data = self.cluster.read_launch_secret_values(pod.namespace, pod.launch_id)
+        if not data:
+            log.warning(
+                "the values of launch %s are gone: its termination message is withheld",
+                pod.launch_id,
+            )
+            return WITHHELD
+        exposed = exposed_in(messages, values_by_secret(data, pod.secret_names))
+        if not exposed:
+            return CLEAN
+        log.warning(
+            "a value of %s showed in the termination message of launch %s: withheld",
+            ", ".join(sorted(exposed)),
+            pod.launch_id,
+        )
+        self.record_quietly(
+            ev.launch_event(
+                ev.EventKind.SECRET_EXPOSED,
+                launch_id=pod.launch_id,
+                task=pod.task,
+                secret_names=sorted(exposed),
+                namespace=pod.namespace,
+                pod=pod.name,
+                where="termination_message",
+                on_exposure="withhold",
+            )
+        )
+        return WITHHELD
+
+    def claim(self, pod: PodInfo, *, result_check: str | None = None) -> bool:
+        """True if this replica now owns the cleanup of ``pod`` (with ``result_check``,
+        the termination-message verdict, written in the same patch)."""
         for _ in range(3):
             if pod.claimed:
                 return False
@@ -157,7 +203,7 @@ class Cleanup:
                     pod.namespace,
                     pod.name,
                     pod.resource_version,
-                    podmeta.claim_annotations(dt.datetime.now(dt.UTC)),
+                    podmeta.claim_annotations(dt.datetime.now(dt.UTC), result_check),
                 ):
                     return True
             except NotFoundError:

@@ -122,6 +122,8 @@ class FakeCluster:
         self.secrets: dict[Key, StoredSecret] = {}
         self.events: dict[Key, list[PodEvent]] = {}
         self.deleted_pods: list[Key] = []
+        self.delete_graces: dict[Key, int] = {}
+        """The grace period each deleted pod was deleted with."""
         self.deleted_secrets: list[Key] = []
         self.logs: dict[Key, list[bytes]] = {}
         """Chunks pod_logs serves for a pod (namespace, name)."""
@@ -300,6 +302,7 @@ class FakeCluster:
             if self.pods.pop((namespace, name), None) is None:
                 return False
             self.deleted_pods.append((namespace, name))
+            self.delete_graces[(namespace, name)] = grace_seconds
             return True
 
     def claim_pod(

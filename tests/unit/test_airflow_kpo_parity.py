@@ -180,9 +180,13 @@ def test_deadline_is_explicit_and_logged(wire, capsys) -> None:  # type: ignore[
     assert operator(launch_timeout_seconds=90).deadline() == (90, "launch_timeout_seconds")
 
 
-def test_termination_grace_period_is_refused_until_the_broker_takes_it() -> None:
-    with pytest.raises(ValueError, match="termination_grace_period is not supported"):
-        operator(termination_grace_period=60)
+def test_termination_grace_period_is_sent_and_bounded(wire) -> None:  # type: ignore[no-untyped-def]
+    wire(ScriptedBroker(["Succeeded"]))
+    request = operator(termination_grace_period=90).build_request(ctx())  # type: ignore[arg-type]
+    assert request.termination_grace_period_seconds == 90
+    assert operator().build_request(ctx()).termination_grace_period_seconds is None  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="between 0 and 3600"):
+        operator(termination_grace_period=7200)
 
 
 # -- item 7: KPO input types --------------------------------------------------------------
