@@ -19,6 +19,7 @@ printed apart and are in no figure; nothing asserts on time.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import threading
 import time
@@ -31,11 +32,12 @@ from pathlib import Path
 
 import httpx
 import hvac
+import yaml
 from kubernetes import client
 
 from broker.audit.store import open_audit_store
 from broker.core.audit_events import EventKind
-from podbroker_devstack.broker_env import BrokerHandle
+from podbroker_devstack.broker_env import BrokerHandle, apply_example_policies
 from podbroker_devstack.kube import KWOK_NODE_ANNOTATION
 from podbroker_devstack.sources import SourceTree
 from podbroker_devstack.stack import local_stack
@@ -60,6 +62,9 @@ class ScaleOutFigures:
     submit_seconds: float = 0.0
     floor_per_second: float = 0.0
     duplicate_cleanups: int = 0
+    policy_cache_seconds: float = 10.0
+    policy_change_seconds: list[float] = field(default_factory=list)
+    """Per live replica: from a grant's removal applied in Vault to its first denial."""
     invariants: Figures = field(default_factory=Figures)
     samples: list[str] = field(default_factory=list)
 
@@ -70,7 +75,9 @@ class ScaleOutFigures:
     @property
     def ok(self) -> bool:
         return (
-            self.failed_beyond_one_retry == 0
+            len(self.policy_change_seconds) >= 1
+            and max(self.policy_change_seconds) <= self.policy_cache_seconds + 1
+            and self.failed_beyond_one_retry == 0
             and self.duplicate_cleanups == 0
             and self.invariants.ok
             and self.accepted == self.pods
@@ -108,6 +115,11 @@ class ScaleOutFigures:
             ("floor (Pod + Secret create)", f"{self.floor_per_second:.1f}/s", ""),
             ("throughput / floor", f"{ratio:.2f}x", ">= 0.8x"),
             ("time to clean up after the end", f"{inv.cleanup_seconds:.1f} s", ""),
+            (
+                "grant removal enforced, slowest replica",
+                f"{max(self.policy_change_seconds, default=float('nan')):.1f} s",
+                f"<= cache {self.policy_cache_seconds:g} s + 1 s probe",
+            ),
         ]
         print("Scale-out run (issue 15, figure 7): value, goal")
         for name, value, goal in rows:
@@ -204,6 +216,58 @@ class Submitter:
             return time.perf_counter() - started, str(response.json()["launch_id"])
 
 
+REMOVED_GRANT = "reports-upload"
+PROBE = {
+    "task": {"dag_id": "analytics_reports_probe", "task_id": "upload_probe", "run_id": "probe"},
+    "container": {"image": bursts.IMAGE},
+    "secrets": ["s3-reports"],
+}
+
+
+def without_grant(folder: Path, target: Path, grant_id: str) -> Path:
+    """A copy of the policy folder ``folder`` without the grant ``grant_id``."""
+    shutil.copytree(folder, target)
+    for path in (target / "teams").glob("*.yaml"):
+        document = yaml.safe_load(path.read_text())
+        kept = [g for g in document.get("grants", []) if g.get("id") != grant_id]
+        if len(kept) != len(document.get("grants", [])):
+            path.write_text(yaml.safe_dump({**document, "grants": kept}, sort_keys=False))
+            return target
+    raise ValueError(f"no grant {grant_id!r} in {folder}")
+
+
+def time_policy_change(stack: ChaosStack, urls: list[str], token: str, work: Path) -> list[float]:
+    """Apply the example policies without one grant; per replica, seconds until its
+    dry run of a launch that grant allowed is denied. The grant is put back after."""
+    headers = {"Authorization": f"Bearer {token}"}
+
+    def allowed(url: str) -> bool:
+        response = httpx.post(
+            f"{url}/v1/launches",
+            params={"dry_run": "true"},
+            json=PROBE,
+            headers=headers,
+            timeout=30,
+        )
+        if response.status_code not in (200, 403):
+            raise RuntimeError(f"probe: {response.status_code} {response.text[:160]}")
+        return response.status_code == 200
+
+    if not all(allowed(url) for url in urls):
+        raise RuntimeError("the probe is denied before the change")
+    apply_example_policies(stack.vault, without_grant(stack.sources.policies, work, REMOVED_GRANT))
+    applied = time.monotonic()
+    pending, seconds = set(urls), []
+    while pending and time.monotonic() - applied < 120:
+        for url in sorted(pending):
+            if not allowed(url):
+                seconds.append(time.monotonic() - applied)
+                pending.discard(url)
+        time.sleep(0.25)
+    apply_example_policies(stack.vault, stack.sources.policies)
+    return seconds if not pending else [*seconds, float("inf")]
+
+
 def run_scale_out(
     stack: ChaosStack,
     *,
@@ -267,6 +331,12 @@ def run_scale_out(
         f"{figures.in_flight} pods Running; ending them"
     )
 
+    settings = yaml.safe_load(first.config_path.read_text())
+    figures.policy_cache_seconds = float(settings["vault"]["policy_cache_seconds"])
+    figures.policy_change_seconds = time_policy_change(
+        stack, list(submitter.live), first.token, stack.folder / "policies-changed"
+    )
+    progress(f"[scale-out] grant removal enforced after {figures.policy_change_seconds} s")
     root = hvac.Client(url=stack.vault.url, token=stack.vault.root_token)
     figures.invariants.accepted_ids = set(submitter.launch_ids)
     try:
