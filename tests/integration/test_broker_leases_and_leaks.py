@@ -373,3 +373,66 @@ def test_a_one_shot_read_after_the_pod_ended_and_its_secret_went_is_masked_or_re
     assert "task: connecting" not in refused.text
     broker_log = Path(lease_broker.log_path).read_text()
     assert [i for i, v in enumerate(planted) if v in broker_log] == []
+
+
+def test_a_replica_that_did_not_make_the_launch_masks_its_log_after_the_end(
+    tmp_path: Path,
+    kube: ControlPlane,
+    kube_api: client.ApiClient,
+    vault: OpenBao,
+    postgres: Postgres,
+    sources: SourceTree,
+    unique: str,
+    lease_env: PolicyEnv,
+) -> None:
+    """Two replicas (the chart's default): the launch is made through one, its log read
+    after the end through the other, which saw the pod run (its watch) and held the
+    values from then on."""
+    database = f"audit_{unique}"
+    with psycopg.connect(postgres.dsn(), autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {database}")
+    layout = lease_env.layout
+    settings = {
+        "vault": {
+            "auth": {"method": "token", "token": lease_env.broker_token},
+            "config_mount": layout.config_mount,
+            "grant_policy_prefix": layout.policy_prefix,
+            "token_role": layout.token_role,
+        },
+        "audit": {"url": postgres.url(database), "signing_key_file": str(tmp_path / "a.pem")},
+    }
+    namespace = f"leak2-{unique}"
+    replicas: list[BrokerHandle] = []
+    try:
+        for name in ("a", "b"):
+            replicas.append(
+                start_broker(
+                    tmp_path / name,
+                    kube,
+                    vault,
+                    postgres,
+                    sources,
+                    task_namespace=namespace,
+                    extra_settings=settings,
+                )
+            )
+        client.CustomObjectsApi(kube_api).delete_cluster_custom_object(
+            "kwok.x-k8s.io", "v1alpha1", "clusterlogs", f"logs-{namespace}"
+        )
+        maker, reader = replicas
+        view = launch(maker, f"lease_leak_{uuid.uuid4().hex[:6]}", ["app"], run_for="4s")
+        launch_id = view["launch_id"]
+        print_log(kube_api, namespace, view["pod_name"], leaky_lines("no-db-password"), tmp_path)
+        assert eventually(lambda: secret_gone(kube_api, namespace, launch_id), timeout=60)
+        response = httpx.get(
+            f"{reader.url}/v1/launches/{launch_id}/logs", headers=reader.headers(), timeout=30
+        )
+        assert response.status_code == 200, response.text
+        assert "task: done" in response.text
+        encoded = base64.b64encode(KV_PASSWORD.encode()).decode()
+        planted = (KV_PASSWORD, encoded, KV_PASSWORD[10:])
+        assert [i for i, v in enumerate(planted) if v in response.text] == []
+        assert "***" in response.text
+    finally:
+        for broker in replicas:
+            broker.stop()
