@@ -17,7 +17,7 @@ from broker.core.models import Caller
 from broker.core.objects import CONTAINER_NAME, PodInfo, launch_view
 from broker.core.pending import diagnose_pending
 from broker.errors import BrokerError, ConflictError, NotFoundError
-from broker.metrics import SECRET_EXPOSURES
+from broker.metrics import LOG_READS_REFUSED, SECRET_EXPOSURES
 from broker.service.auth import authorize_dag
 from broker.service.cleanup import Cleanup
 from broker.service.ports import AuditSink, Cluster, LeaseLedger, PolicySource
@@ -118,6 +118,7 @@ class LaunchLookup:
                 "log of launch %s refused: its Secret is gone and no values are held",
                 pod.launch_id,
             )
+            LOG_READS_REFUSED.inc()
             raise ConflictError(self._unmaskable(pod))
         masker = LogMasker(values)
         return masker if masker.active else None

@@ -10,6 +10,7 @@ import pytest
 
 from broker.core.secret_value import SecretValue
 from broker.errors import ConflictError
+from broker.metrics import LOG_READS_REFUSED
 from broker.service.cleanup import Cleanup
 from broker.service.issued import IssuedValues
 from broker.service.lookup import LaunchLookup
@@ -141,8 +142,10 @@ def replica(svc: Services, issued: IssuedValues) -> tuple[Cleanup, LaunchLookup,
 def test_a_replica_holding_nothing_refuses_the_read_and_says_why(svc: Services) -> None:
     launch_id, _ = ended_launch(svc)
     _, other, _ = replica(svc, IssuedValues())  # e.g. restarted since the pod ran
+    before = LOG_READS_REFUSED._value.get()
     with pytest.raises(ConflictError) as refused:
         read(other, launch_id)
+    assert LOG_READS_REFUSED._value.get() == before + 1
     assert refused.value.http_status == 409
     reason = refused.value.reason
     assert "not served" in reason and "leak_guard.retain_seconds" in reason
