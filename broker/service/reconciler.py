@@ -131,9 +131,9 @@ class Reconciler:
         self._cleanups.submit(keep)
 
     def _finish(self, pod: PodInfo, key: str | None = None) -> None:
-        # Before the claim: the claimant deletes the Secret, then its values are gone.
-        self.cleanup.keep_issued_values(pod)
         try:
+            # Before the claim: the claimant deletes the Secret, then its values are gone.
+            self.cleanup.keep_issued_values(pod)
             self.cleanup.finish(pod)
         except BrokerError as exc:
             log.warning(
