@@ -124,6 +124,8 @@ class Reconciler:
         def keep() -> None:
             try:
                 self.cleanup.keep_issued_values(pod)
+            except Exception:  # a worker thread: say why instead of losing it
+                log.exception("holding the values of %s/%s failed", pod.namespace, pod.name)
             finally:
                 with self._cleaning_lock:
                     self._cleaning.discard(key)
