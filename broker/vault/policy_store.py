@@ -28,9 +28,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeVar
 
 import hvac
 import hvac.exceptions
@@ -42,11 +43,14 @@ from broker.vault.client import translate_errors
 from broker.vault.layout import VaultLayout
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PART_BYTES: Final = 256 * 1024
 """Largest part body (UTF-8 bytes), well under integrated storage's 1 MiB entry limit.
 A single catalog entry or grant larger than this still gets a part of its own."""
 INDEX_FORMAT: Final = 1
+VAULT_CONCURRENCY: Final = 8
+"""Requests in flight at once when ``plan``/``apply`` read or write ACL policies."""
 READ_ATTEMPTS: Final = 3
 """Index reads per policy read when parts vanish under it (concurrent applies)."""
 
@@ -256,12 +260,23 @@ def list_grant_policies(client: hvac.Client, layout: VaultLayout) -> dict[str, s
     """Every ACL policy named with the grant prefix -> its rules (``sys/policies/acl``)."""
     with translate_errors("list ACL policies"):
         names = client.sys.list_acl_policies()["data"]["keys"]
-    result: dict[str, str] = {}
-    for name in names:
-        if name.startswith(layout.policy_prefix):
-            with translate_errors(f"read ACL policy {name}"):
-                result[name] = client.sys.read_acl_policy(name)["data"]["policy"]
-    return result
+    ours = [name for name in names if name.startswith(layout.policy_prefix)]
+
+    def read(name: str) -> str:
+        with translate_errors(f"read ACL policy {name}"):
+            return str(client.sys.read_acl_policy(name)["data"]["policy"])
+
+    return dict(zip(ours, _each(read, ours), strict=True))
+
+
+def _each(work: Callable[[str], T], items: list[str]) -> list[T]:
+    """``work`` over ``items`` on :data:`VAULT_CONCURRENCY` threads (one request each:
+    10,000 ACL policies one after the other spend most of their time waiting), in
+    order; the first error is raised once every started request has ended."""
+    if len(items) <= 1:
+        return [work(item) for item in items]
+    with ThreadPoolExecutor(VAULT_CONCURRENCY, thread_name_prefix="policy-sync") as pool:
+        return list(pool.map(work, items))
 
 
 def merge(current: PolicySet, files: PolicySet) -> PolicySet:
@@ -462,10 +477,13 @@ def apply_plan(client: hvac.Client, plan_: PolicyPlan) -> None:
     documents of before parts, and pruned ACL policies."""
     layout = plan_.layout
     mount = layout.config_mount
-    for name, hcl in plan_.put_policies.items():
+
+    def put(name: str) -> None:
         with translate_errors(f"write ACL policy {name}"):
-            client.sys.create_or_update_acl_policy(name=name, policy=hcl)
+            client.sys.create_or_update_acl_policy(name=name, policy=plan_.put_policies[name])
         log.info("wrote Vault ACL policy %s", name)
+
+    _each(put, list(plan_.put_policies))
     for part in plan_.write_parts:
         path = layout.part_path(part.name)
         with translate_errors(f"write {mount}/{path}"):
