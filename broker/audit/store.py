@@ -20,6 +20,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -44,6 +45,7 @@ from broker.audit.chain import (
 from broker.audit.holdings import HoldingsLedger, open_launch
 from broker.audit.keys import key_id
 from broker.core.audit_events import AuditEvent, AuditEventError, format_time
+from broker.core.timeline import TaskTry
 from broker.errors import AuditUnavailableError, InvalidRequestError
 
 _BATCH: Final = 500
@@ -59,6 +61,16 @@ _COLUMNS: Final = (
 )
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class TaskTryPage:
+    """One page of a task try's launches: every record of ``launch_ids`` (position
+    order); ``next_after`` is the position to continue after (None: last page)."""
+
+    records: list[AuditRecord]
+    launch_ids: list[str]
+    next_after: int | None
 
 
 class _AbandonedError(Exception):
@@ -388,6 +400,56 @@ class AuditStore:
                 return
             after, limit = int(rows[-1].position), _BATCH
 
+    def task_try_records(
+        self,
+        task: TaskTry,
+        *,
+        limit: int,
+        after: int = 0,
+        since: datetime | None = None,
+    ) -> TaskTryPage:
+        """The records of the next ``limit`` launches of one task try (every try when
+        ``task.try_number`` is None), oldest first: launches whose first event of the
+        try is past position ``after`` (and at or after ``since``). Two index reads:
+        the try's own events (``ix_audit_records_task``: DAG, run, task, map index) give
+        the launch ids, then every record of those launches (launch_id index), which
+        includes their cleanup events that name no task. The caller matches the parsed
+        events again (the index expressions only narrow the read)."""
+        params: dict[str, Any] = {
+            "dag": task.dag_id,
+            "run": task.run_id,
+            "task": task.task_id,
+            "map": task.map_index,
+            "after": after,
+            "limit": limit + 1,
+        }
+        if task.try_number is not None:
+            params["try"] = task.try_number
+        if since is not None:
+            params["since"] = format_time(since)
+        query = task_launches_query(
+            self._engine.dialect.name, try_number="try" in params, since=since is not None
+        )
+        found = self._fetch_rows(query, params, "finding the launches of a task")
+        page = found[:limit]
+        launch_ids = [str(r.launch_id) for r in page]
+        more = int(page[-1].first) if len(found) > limit else None
+        return TaskTryPage(list(self._records_of(launch_ids)), launch_ids, more)
+
+    def _records_of(self, launch_ids: Sequence[str]) -> Iterator[AuditRecord]:
+        ids = list(dict.fromkeys(launch_ids))
+        for i in range(0, len(ids), _BATCH):
+            chunk = ids[i : i + _BATCH]
+            marks = ", ".join(f":id{n}" for n in range(len(chunk)))
+            rows = self._fetch_rows(
+                f"SELECT {_COLUMNS} FROM audit_records WHERE launch_id IN ({marks}) "  # noqa: S608
+                "ORDER BY position",
+                {f"id{n}": v for n, v in enumerate(chunk)},
+                "reading records of launches",
+            )
+            for row in rows:
+                yield _record(_stored(row))
+
     def records(self, start: int = 0, end: int | None = None) -> Iterator[AuditRecord]:
         """Records with ``start <= position < end`` (positions start at 1)."""
         for row in self.rows(start, end):
@@ -463,6 +525,22 @@ def open_audit_store(
         engine.dispose()
         raise
     return AuditStore(engine, shown, signing_key)
+
+
+def task_launches_query(dialect: str, *, try_number: bool, since: bool) -> str:
+    """The launches of one task try, each with the position of its first event there:
+    parameters ``dag``, ``run``, ``task``, ``map``, ``after``, ``limit`` (and ``try``,
+    ``since``). Its WHERE spells the index expressions of ``ix_audit_records_task``
+    exactly, so the database reads that task's index range only."""
+    run, task_id, map_index, try_expr = migrations.task_expressions(dialect)
+    extra = f" AND {try_expr} = :try" if try_number else ""
+    extra += " AND time >= :since" if since else ""
+    return (
+        "SELECT launch_id, MIN(position) AS first FROM audit_records "  # noqa: S608 (constants)
+        f"WHERE dag_id = :dag AND ({run}) = :run AND ({task_id}) = :task "
+        f"AND ({map_index}) = :map AND launch_id IS NOT NULL{extra} "
+        "GROUP BY launch_id HAVING MIN(position) > :after ORDER BY first LIMIT :limit"
+    )
 
 
 def _time_bounds(since: datetime | None, until: datetime | None) -> tuple[str, dict[str, Any]]:
