@@ -288,42 +288,56 @@ class AuditStore:
     def rows(self, start: int = 0, end: int | None = None) -> Iterator[StoredRow]:
         """Stored rows with ``start <= position < end``, in position order, in batches
         (keyset pagination: no cursor is held open between batches)."""
-        after = start - 1
+        where, params = "", {}
+        if end is not None:
+            where, params = "position < :end", {"end": end}
+        return self._rows_after(start - 1, where, params, "reading records")
+
+    def _rows_after(
+        self,
+        after: int,
+        where: str,
+        params: dict[str, Any],
+        doing: str,
+        *,
+        first_batch: int = _BATCH,
+    ) -> Iterator[StoredRow]:
+        """The one windowed read: rows past position ``after`` matching ``where`` (SQL
+        over constants and ``params``; empty: every row), in position order, in batches
+        of ``first_batch`` then :data:`_BATCH` (keyset pagination on the primary key: no
+        cursor is held open between batches, each batch is bounded by ``deadline``)."""
+        condition = f" AND {where}" if where else ""
+        query = (
+            f"SELECT {_COLUMNS} FROM audit_records WHERE position > :after{condition} "  # noqa: S608 (constants)
+            "ORDER BY position LIMIT :limit"
+        )
+        limit = first_batch
         while True:
-            params: dict[str, Any] = {"after": after, "limit": _BATCH}
-            bound = ""
-            if end is not None:
-                bound = " AND position < :end"
-                params["end"] = end
-            query = text(
-                f"SELECT {_COLUMNS} FROM audit_records WHERE position > :after{bound} "  # noqa: S608
-                "ORDER BY position LIMIT :limit"
-            )
-
-            def fetch(_: threading.Event, query: Any = query, params: Any = params) -> Any:
-                with self._engine.connect() as conn:
-                    return conn.execute(query, params).all()
-
-            try:
-                batch = self._bounded("reading records", fetch)
-            except SQLAlchemyError as exc:
-                raise self._unavailable(exc, "reading records") from exc
-            for r in batch:
-                yield StoredRow(
-                    int(r.position),
-                    r.time,
-                    r.kind,
-                    r.launch_id,
-                    r.dag_id,
-                    r.event_json,
-                    str(r.prev_hash),
-                    str(r.hash),
-                    r.signature,
-                    r.key_id,
-                )
-            if len(batch) < _BATCH:
+            batch = self._fetch_rows(query, {**params, "after": after, "limit": limit}, doing)
+            for row in batch:
+                yield _stored(row)
+            if len(batch) < limit:
                 return
-            after = int(batch[-1].position)
+            after, limit = int(batch[-1].position), _BATCH
+
+    def _rows_of_launches(
+        self, launch_ids: Iterable[str], where: str, params: dict[str, Any], doing: str
+    ) -> Iterator[StoredRow]:
+        """Rows of these launches matching ``where`` (launch_id index), in position order
+        within each batch of :data:`_BATCH` ids."""
+        ids = sorted(set(launch_ids))
+        condition = f" AND {where}" if where else ""
+        for i in range(0, len(ids), _BATCH):
+            chunk = ids[i : i + _BATCH]
+            marks = ", ".join(f":id{n}" for n in range(len(chunk)))
+            batch = self._fetch_rows(
+                f"SELECT {_COLUMNS} FROM audit_records WHERE launch_id IN ({marks}){condition} "  # noqa: S608
+                "ORDER BY position",
+                {**params, **{f"id{n}": v for n, v in enumerate(chunk)}},
+                doing,
+            )
+            for row in batch:
+                yield _stored(row)
 
     def _fetch_rows(self, sql: str, params: dict[str, Any], doing: str) -> list[Any]:
         query = text(sql)
@@ -362,43 +376,27 @@ class AuditStore:
         self, launch_ids: Iterable[str], before: datetime
     ) -> Iterator[AuditRecord]:
         """Records of these launches older than ``before`` (launch_id index)."""
-        ids = sorted(set(launch_ids))
-        for i in range(0, len(ids), _BATCH):
-            chunk = ids[i : i + _BATCH]
-            marks = ", ".join(f":id{n}" for n in range(len(chunk)))
-            params: dict[str, Any] = {f"id{n}": v for n, v in enumerate(chunk)}
-            params["before"] = format_time(before)
-            rows = self._fetch_rows(
-                f"SELECT {_COLUMNS} FROM audit_records WHERE launch_id IN ({marks}) "  # noqa: S608
-                "AND time < :before ORDER BY position",
-                params,
-                "reading records of launches",
-            )
-            for row in rows:
-                yield _record(_stored(row))
+        rows = self._rows_of_launches(
+            launch_ids,
+            "time < :before",
+            {"before": format_time(before)},
+            "reading records of launches",
+        )
+        for row in rows:
+            yield _record(row)
 
     def records_of_dag(self, dag_id: str, kind: str, before: datetime) -> Iterator[AuditRecord]:
         """Records of one DAG and kind older than ``before``, oldest first, in batches
         (dag_id index); the caller may stop early, so the first batch is small."""
-        after, limit = 0, 20
-        while True:
-            rows = self._fetch_rows(
-                f"SELECT {_COLUMNS} FROM audit_records WHERE dag_id = :dag AND kind = :kind "  # noqa: S608
-                "AND time < :before AND position > :after ORDER BY position LIMIT :limit",
-                {
-                    "dag": dag_id,
-                    "kind": kind,
-                    "before": format_time(before),
-                    "after": after,
-                    "limit": limit,
-                },
-                "reading records of a DAG",
-            )
-            for row in rows:
-                yield _record(_stored(row))
-            if len(rows) < limit:
-                return
-            after, limit = int(rows[-1].position), _BATCH
+        rows = self._rows_after(
+            0,
+            "dag_id = :dag AND kind = :kind AND time < :before",
+            {"dag": dag_id, "kind": kind, "before": format_time(before)},
+            "reading records of a DAG",
+            first_batch=20,
+        )
+        for row in rows:
+            yield _record(row)
 
     def task_try_records(
         self,
@@ -434,31 +432,13 @@ class AuditStore:
         page = found[:limit]
         launch_ids = [str(r.launch_id) for r in page]
         more = int(page[-1].first) if len(found) > limit else None
-        return TaskTryPage(list(self._records_of(launch_ids)), launch_ids, more)
-
-    def _records_of(self, launch_ids: Sequence[str]) -> Iterator[AuditRecord]:
-        ids = list(dict.fromkeys(launch_ids))
-        for i in range(0, len(ids), _BATCH):
-            chunk = ids[i : i + _BATCH]
-            marks = ", ".join(f":id{n}" for n in range(len(chunk)))
-            rows = self._fetch_rows(
-                f"SELECT {_COLUMNS} FROM audit_records WHERE launch_id IN ({marks}) "  # noqa: S608
-                "ORDER BY position",
-                {f"id{n}": v for n, v in enumerate(chunk)},
-                "reading records of launches",
-            )
-            for row in rows:
-                yield _record(_stored(row))
+        rows = self._rows_of_launches(launch_ids, "", {}, "reading records of launches")
+        return TaskTryPage([_record(row) for row in rows], launch_ids, more)
 
     def records(self, start: int = 0, end: int | None = None) -> Iterator[AuditRecord]:
         """Records with ``start <= position < end`` (positions start at 1)."""
         for row in self.rows(start, end):
-            try:
-                yield AuditRecord.from_row(row)
-            except (ValueError, ValidationError, AuditEventError) as exc:
-                raise InvalidRequestError(
-                    f"audit record {row.position} is unreadable; run `podbroker audit verify`"
-                ) from exc
+            yield _record(row)
 
     def events(self) -> Iterator[AuditEvent]:
         for record in self.records():
