@@ -15,7 +15,7 @@ from typing import Any
 
 import hvac
 
-from broker.errors import ConflictError, NotFoundError
+from broker.errors import ConflictError, InvalidRequestError, NotFoundError
 from broker.vault import names
 from broker.vault.client import translate_errors
 from broker.vault.layout import VaultLayout
@@ -146,7 +146,11 @@ def _hcl_list(items: list[str]) -> str:
 def catalog_dynamic_mounts(client: hvac.Client, layout: VaultLayout) -> set[str]:
     """Mounts of the dynamic secrets in the catalog stored in Vault (its index and
     parts, or the single-entry catalog document); empty when none is stored yet."""
-    entries = read_stored(client, layout)[0].catalog
+    try:
+        entries = read_stored(client, layout)[0].catalog
+    except InvalidRequestError as exc:
+        log.warning("the stored catalog is unreadable (%s): no dynamic mounts from it", exc.reason)
+        return set()
     return {
         str(entry["mount"])
         for entry in entries.values()

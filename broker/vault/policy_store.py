@@ -91,7 +91,10 @@ class Part:
         except ValueError:
             data = None
         if not name.endswith(f"-{digest}") or not isinstance(data, dict):
-            raise InvalidRequestError(f"policy part {name} does not match its name")
+            raise InvalidRequestError(
+                f"policy part {name} does not match its name; re-apply the policy files "
+                "with `policies apply --prune`"
+            )
         return cls(name, kind, data, body)
 
 
@@ -141,7 +144,7 @@ def _index_parts(index: StoredDocument, layout: VaultLayout) -> tuple[str, ...]:
     if data.get("format") != INDEX_FORMAT or not isinstance(names, str):
         raise InvalidRequestError(
             f"the policy index {layout.config_mount}/{layout.index_path} is malformed; "
-            "re-apply the policy files"
+            "re-apply the policy files with `policies apply --prune`"
         )
     return tuple(n for n in names.split("\n") if n)
 
@@ -175,7 +178,7 @@ def read_stored(
         return _assemble(parts.values(), index.version, names), parts
     raise InvalidRequestError(
         f"the policy index {layout.config_mount}/{layout.index_path} names parts that do "
-        "not exist; re-apply the policy files"
+        "not exist; re-apply the policy files with `policies apply --prune`"
     )
 
 
@@ -252,7 +255,7 @@ def parse_stored(stored: StoredPolicy, layout: VaultLayout) -> PolicySet:
         fields = ", ".join(".".join(map(str, e["loc"])) for e in exc.errors(include_input=False))
         raise InvalidRequestError(
             f"the policy stored in Vault ({layout.config_mount}/) is malformed at {fields}; "
-            "re-apply the policy files"
+            "re-apply the policy files with `policies apply --prune`"
         ) from exc
 
 
@@ -361,8 +364,15 @@ def plan(
     single-entry documents) and every ACL policy with the grant prefix; writes nothing.
     ``part_bytes`` bounds each part written (tests make it small)."""
     _require_mount(client, layout)
-    stored, _ = read_stored(client, layout)
-    current = parse_stored(stored, layout)
+    try:
+        stored, _ = read_stored(client, layout)
+        current = parse_stored(stored, layout)
+    except InvalidRequestError:
+        if not prune:
+            raise
+        # The way out of an unreadable store: the files replace it whole (its parts
+        # are left behind, unreferenced).
+        stored, current = _unreadable(client, layout), PolicySet()
     files = files.with_prefix(layout.policy_prefix)
     desired = files if prune else merge(current, files)
     result = PolicyPlan(layout=layout, desired=desired)
@@ -428,6 +438,17 @@ def _grant_summary(grant: Grant) -> str:
     limits = grant.constraints.model_dump(exclude_none=True)
     extra = f" {limits}" if limits else ""
     return f"dags={grant.dags}{tasks} secrets={list(grant.secrets)}{extra}"
+
+
+def _unreadable(client: hvac.Client, layout: VaultLayout) -> StoredPolicy:
+    """A store that cannot be read, as far as replacing it needs: the index version
+    (for check-and-set) and which single-entry documents exist."""
+    index = read_document(client, layout.config_mount, layout.index_path)
+    legacy = tuple(
+        read_document(client, layout.config_mount, path).version
+        for path in (layout.catalog_path, layout.grants_path)
+    )
+    return StoredPolicy({}, {}, index_version=index.version, legacy=(legacy[0], legacy[1]))
 
 
 def _plan_storage(

@@ -11,7 +11,7 @@ from prometheus_client import REGISTRY
 
 from broker.core.models import EnvDelivery, SecretRequest, TaskIdentity
 from broker.core.policy import Grant, KvSecret, PolicySet, Team, decide
-from broker.errors import VaultUnavailableError
+from broker.errors import InvalidRequestError, VaultUnavailableError
 from broker.vault import policy_store
 from broker.vault.policy_store import Part, apply_plan, plan, read_stored
 from broker.vault.resolver import VaultPolicySource
@@ -186,7 +186,7 @@ def test_a_single_entry_store_is_read_then_upgraded(legacy_env: PolicyEnv) -> No
     assert plan(e.root, e.layout, legacy).empty
 
 
-def test_a_part_that_does_not_match_its_name_fails_closed(penv: PolicyEnv) -> None:
+def test_a_part_that_does_not_match_its_name_fails_closed_until_replaced(penv: PolicyEnv) -> None:
     policy = big_policy(penv, 8)
     apply_plan(penv.root, plan(penv.root, penv.layout, policy))
     name = sorted(part_names(penv))[-1]
@@ -194,6 +194,13 @@ def test_a_part_that_does_not_match_its_name_fails_closed(penv: PolicyEnv) -> No
     penv.root.secrets.kv.v2.create_or_update_secret(
         penv.layout.part_path(name), {"body": tampered}, mount_point=penv.layout.config_mount
     )
-    source = VaultPolicySource(penv.session(), layout=penv.layout)
+    source = VaultPolicySource(penv.session(), cache_ttl=0.0, layout=penv.layout)
     with pytest.raises(VaultUnavailableError, match="does not match its name"):
         source.current()
+
+    # The way out the message names: apply --prune replaces the unreadable store.
+    with pytest.raises(InvalidRequestError, match="--prune"):
+        plan(penv.root, penv.layout, policy)
+    apply_plan(penv.root, plan(penv.root, penv.layout, policy, prune=True))
+    assert source.current() == policy.with_prefix(penv.layout.policy_prefix)
+    assert plan(penv.root, penv.layout, policy, prune=True).empty
