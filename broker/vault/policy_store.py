@@ -31,6 +31,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Literal, TypeVar
 
 import hvac
@@ -51,6 +52,9 @@ A single catalog entry or grant larger than this still gets a part of its own.""
 INDEX_FORMAT: Final = 1
 VAULT_CONCURRENCY: Final = 8
 """Requests in flight at once when ``plan``/``apply`` read or write ACL policies."""
+ORPHAN_GRACE: Final = timedelta(hours=1)
+"""``apply --prune`` deletes parts no index names once they are this old (younger ones
+may be an apply's in progress)."""
 READ_ATTEMPTS: Final = 3
 """Index reads per policy read when parts vanish under it (concurrent applies)."""
 
@@ -328,7 +332,8 @@ class PolicyPlan:
     index_cas: int = 0
     """The index version the plan was made against (0: none yet)."""
     drop_parts: list[str] = field(default_factory=list)
-    """Parts only the old index names (deleted once the new index is written)."""
+    """Parts only the old index names, and with ``--prune`` old parts no index names
+    (deleted once the new index is written)."""
     drop_legacy: list[str] = field(default_factory=list)
     """Single-entry documents left from before parts (deleted after the index)."""
     put_policies: dict[str, str] = field(default_factory=dict)
@@ -338,6 +343,7 @@ class PolicyPlan:
     def empty(self) -> bool:
         return not (
             self.index_doc is not None
+            or self.drop_parts
             or self.drop_legacy
             or self.put_policies
             or self.delete_policies
@@ -359,10 +365,13 @@ def plan(
     *,
     prune: bool = False,
     part_bytes: int = PART_BYTES,
+    orphan_grace: timedelta = ORPHAN_GRACE,
 ) -> PolicyPlan:
     """Compare the files with Vault. Reads the stored policy (index and parts, or the
     single-entry documents) and every ACL policy with the grant prefix; writes nothing.
-    ``part_bytes`` bounds each part written (tests make it small)."""
+    ``part_bytes`` bounds each part written (tests make it small). With ``prune``, parts
+    no index names (left by an apply that stopped, or lost a check-and-set race) are
+    removed too once older than ``orphan_grace``."""
     _require_mount(client, layout)
     try:
         stored, _ = read_stored(client, layout)
@@ -406,6 +415,11 @@ def plan(
             result.changes.append(Change("keep", "grant", gid))
 
     _plan_storage(client, result, stored, split_parts(desired, part_bytes))
+    if prune:
+        keep = set(stored.parts) | {p.name for p in split_parts(desired, part_bytes)}
+        orphans = _orphan_parts(client, layout, keep, orphan_grace)
+        result.drop_parts = sorted(set(result.drop_parts) | set(orphans))
+        result.changes.extend(Change("remove", "policy-store", f"part {n}") for n in orphans)
     if result.index_doc is not None and not any(
         c.kind in ("secret", "grant") and c.action != "keep" for c in result.changes
     ):
@@ -438,6 +452,36 @@ def _grant_summary(grant: Grant) -> str:
     limits = grant.constraints.model_dump(exclude_none=True)
     extra = f" {limits}" if limits else ""
     return f"dags={grant.dags}{tasks} secrets={list(grant.secrets)}{extra}"
+
+
+def _orphan_parts(
+    client: hvac.Client, layout: VaultLayout, keep: set[str], grace: timedelta
+) -> list[str]:
+    """Parts in ``{mount}/metadata/policies/parts/`` (LIST) that are not in ``keep`` and
+    were created more than ``grace`` ago (metadata read each). Younger ones may belong to
+    an apply still writing its parts before its index: they are left alone."""
+    mount = layout.config_mount
+    try:
+        with translate_errors(f"list {mount}/{layout.parts_path}"):
+            listed = client.secrets.kv.v2.list_secrets(path=layout.parts_path, mount_point=mount)
+    except NotFoundError:
+        return []
+    names = [str(n) for n in listed["data"]["keys"] if not str(n).endswith("/")]
+    cutoff = datetime.now(UTC) - grace
+    old = []
+    for name in sorted(set(names) - keep):
+        with translate_errors(f"read the metadata of {mount}/{layout.part_path(name)}"):
+            meta = client.secrets.kv.v2.read_secret_metadata(
+                path=layout.part_path(name), mount_point=mount
+            )
+        created = str(meta["data"].get("created_time") or "")
+        try:
+            when = datetime.strptime(created[:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC)
+        except ValueError:
+            continue
+        if when <= cutoff:
+            old.append(name)
+    return old
 
 
 def _unreadable(client: hvac.Client, layout: VaultLayout) -> StoredPolicy:

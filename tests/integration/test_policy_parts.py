@@ -5,6 +5,8 @@ apply; stores written by the single-entry layout are read and upgraded."""
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import hvac
 import pytest
 from prometheus_client import REGISTRY
@@ -204,3 +206,26 @@ def test_a_part_that_does_not_match_its_name_fails_closed_until_replaced(penv: P
     apply_plan(penv.root, plan(penv.root, penv.layout, policy, prune=True))
     assert source.current() == policy.with_prefix(penv.layout.policy_prefix)
     assert plan(penv.root, penv.layout, policy, prune=True).empty
+
+
+def test_prune_removes_parts_no_index_names_once_old_enough(penv: PolicyEnv) -> None:
+    """A part written by an apply that stopped before its index (or lost the race for
+    it) is named by nothing: ``apply --prune`` deletes it, unless it is young enough to
+    belong to an apply still under way."""
+    policy = big_policy(penv, 8)
+    apply_plan(penv.root, plan(penv.root, penv.layout, policy))
+    stray = policy_store.split_parts(big_policy(penv, 12))[-1]
+    penv.root.secrets.kv.v2.create_or_update_secret(
+        penv.layout.part_path(stray.name),
+        {"body": stray.body},
+        mount_point=penv.layout.config_mount,
+    )
+    assert plan(penv.root, penv.layout, policy).empty  # without --prune: left alone
+    assert plan(penv.root, penv.layout, policy, prune=True).empty  # too young
+    sweep = plan(penv.root, penv.layout, policy, prune=True, orphan_grace=timedelta(0))
+    assert sweep.drop_parts == [stray.name]
+    assert [str(c) for c in sweep.changes] == [f"- policy-store part {stray.name}"]
+    apply_plan(penv.root, sweep)
+    assert stray.name not in part_names(penv)
+    source = VaultPolicySource(penv.session(), layout=penv.layout)
+    assert source.current() == policy.with_prefix(penv.layout.policy_prefix)
