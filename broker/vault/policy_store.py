@@ -223,18 +223,21 @@ def split_parts(policy: PolicySet, budget: int = PART_BYTES) -> list[Part]:
     dumped = policy.model_dump(mode="json")
     parts: list[Part] = []
     catalog = sorted(dumped["catalog"].items())
-    for chunk in _chunks(catalog, budget):
+    for chunk in _chunks(catalog, budget - len(Part.make("catalog", {}).body)):
         parts.append(Part.make("catalog", dict(chunk)))
     for team in sorted(dumped["teams"]):
         body = dumped["teams"][team]
         head = {k: v for k, v in body.items() if k != "grants"}
-        chunks = _chunks(body.get("grants") or [], budget) or [[]]
+        frame = Part.make("team", {**head, "team": team, "grants": []})
+        chunks = _chunks(body.get("grants") or [], budget - len(frame.body.encode())) or [[]]
         for chunk in chunks:
             parts.append(Part.make("team", {**head, "team": team, "grants": list(chunk)}))
     return parts
 
 
 def _chunks(items: list[Any], budget: int) -> list[list[Any]]:
+    """``items`` in order, cut so each chunk's JSON (with commas) fits ``budget`` bytes;
+    an item larger than that alone is a chunk of its own."""
     chunks: list[list[Any]] = []
     current: list[Any] = []
     size = 0
