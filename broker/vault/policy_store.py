@@ -30,7 +30,7 @@ import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Literal, TypeVar
 
@@ -113,6 +113,9 @@ class StoredPolicy:
     index_version: int = 0
     parts: tuple[str, ...] = ()
     legacy: tuple[int, int] = (0, 0)
+    index_cas: int = 0
+    """The index's current KV version even when it holds no data (a deleted version):
+    what the next index write must check-and-set against."""
 
     @property
     def versions(self) -> tuple[int, ...]:
@@ -172,7 +175,7 @@ def read_stored(
     for attempt in range(READ_ATTEMPTS):
         index = read_document(client, layout.config_mount, layout.index_path)
         if index.data is None:
-            return _read_legacy(client, layout), {}
+            return replace(_read_legacy(client, layout), index_cas=index.version), {}
         names = _index_parts(index, layout)
         try:
             parts = {n: known.get(n) or read_part(client, layout, n) for n in names}
@@ -201,7 +204,9 @@ def _assemble(parts: Iterable[Part], index_version: int, names: tuple[str, ...])
         else:
             teams[name] = {**part.data, "grants": list(grants)}
             teams[name].pop("team", None)
-    return StoredPolicy(catalog, teams, index_version=index_version, parts=names)
+    return StoredPolicy(
+        catalog, teams, index_version=index_version, parts=names, index_cas=index_version
+    )
 
 
 def _read_legacy(client: hvac.Client, layout: VaultLayout) -> StoredPolicy:
@@ -495,7 +500,13 @@ def _unreadable(client: hvac.Client, layout: VaultLayout) -> StoredPolicy:
         read_document(client, layout.config_mount, path).version
         for path in (layout.catalog_path, layout.grants_path)
     )
-    return StoredPolicy({}, {}, index_version=index.version, legacy=(legacy[0], legacy[1]))
+    return StoredPolicy(
+        {},
+        {},
+        index_version=index.version if index.data is not None else 0,
+        legacy=(legacy[0], legacy[1]),
+        index_cas=index.version,
+    )
 
 
 def _plan_storage(
@@ -521,7 +532,7 @@ def _plan_storage(
         return
     result.write_parts = [p for p in parts if p.name not in have]
     result.index_doc = {"format": INDEX_FORMAT, "parts": "\n".join(names)}
-    result.index_cas = stored.index_version
+    result.index_cas = stored.index_cas
     result.drop_parts = sorted(have - set(names))
 
 
@@ -570,7 +581,8 @@ def apply_plan(client: hvac.Client, plan_: PolicyPlan) -> None:
                     mount_point=mount,
                 )
         except InvalidRequestError as exc:
-            if "check-and-set" in exc.reason:
+            # Vault's own text (kept off the translated reason) tells a CAS miss apart.
+            if "check-and-set" in str(exc.__cause__):
                 raise ConflictError(
                     f"{mount}/{layout.index_path} changed since the plan was made; plan again"
                 ) from exc

@@ -13,7 +13,7 @@ from prometheus_client import REGISTRY
 
 from broker.core.models import EnvDelivery, SecretRequest, TaskIdentity
 from broker.core.policy import Grant, KvSecret, PolicySet, Team, decide
-from broker.errors import InvalidRequestError, VaultUnavailableError
+from broker.errors import ConflictError, InvalidRequestError, VaultUnavailableError
 from broker.vault import policy_store
 from broker.vault.policy_store import Part, apply_plan, plan, read_stored
 from broker.vault.resolver import VaultPolicySource
@@ -229,3 +229,31 @@ def test_prune_removes_parts_no_index_names_once_old_enough(penv: PolicyEnv) -> 
     assert stray.name not in part_names(penv)
     source = VaultPolicySource(penv.session(), layout=penv.layout)
     assert source.current() == policy.with_prefix(penv.layout.policy_prefix)
+
+
+def test_a_deleted_index_denies_everything_until_applied_again(penv: PolicyEnv) -> None:
+    """Someone deletes the index's latest version: the broker finds no policy (every
+    request denied, not an old one), and the next apply writes over it."""
+    policy = big_policy(penv, 8)
+    apply_plan(penv.root, plan(penv.root, penv.layout, policy))
+    source = VaultPolicySource(penv.session(), cache_ttl=0.0, layout=penv.layout)
+    assert source.current() == policy.with_prefix(penv.layout.policy_prefix)
+    penv.root.secrets.kv.v2.delete_latest_version_of_secret(
+        penv.layout.index_path, mount_point=penv.layout.config_mount
+    )
+    assert source.current() == PolicySet().with_prefix(penv.layout.policy_prefix)
+    apply_plan(penv.root, plan(penv.root, penv.layout, policy))
+    assert source.current() == policy.with_prefix(penv.layout.policy_prefix)
+
+
+def test_two_applies_from_the_same_state_the_second_is_a_conflict(penv: PolicyEnv) -> None:
+    """Both planned against the same index: the first applies, the second is told to
+    plan again (409-like ConflictError), and what it wrote is never read."""
+    apply_plan(penv.root, plan(penv.root, penv.layout, big_policy(penv, 8)))
+    first = plan(penv.root, penv.layout, big_policy(penv, 8, tag="first"))
+    second = plan(penv.root, penv.layout, big_policy(penv, 8, tag="second"))
+    apply_plan(penv.root, first)
+    with pytest.raises(ConflictError, match="plan again"):
+        apply_plan(penv.root, second)
+    source = VaultPolicySource(penv.session(), layout=penv.layout)
+    assert {g.description for _, g in source.current().grants()} == {"first"}
