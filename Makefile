@@ -8,7 +8,7 @@ export PODBROKER_CACHE ?= $(HOME)/.cache/podbroker
 export UV_CACHE_DIR ?= $(PODBROKER_CACHE)/uv
 EXTRAS := broker,airflow,postgres,dev
 
-.PHONY: help venv binaries postgres-packages lint typecheck imports check unit test demo bench bench-burst bench-scale chaos lock clean
+.PHONY: help venv binaries postgres-packages lint typecheck imports check unit test demo bench bench-burst bench-scale bench-vault chaos lock clean
 
 help:
 	@echo "make demo   - local OpenBao + control plane + broker + example DAG runs + audit report"
@@ -16,6 +16,7 @@ help:
 	@echo "make bench  - launch latency benchmarks (printed tables)"
 	@echo "make bench-burst - scale figures: bursts vs the floor, cleanup, policy, audit, memory"
 	@echo "make bench-scale - scale-out: replicas on one audit store, many nodes and pods, a replica killed"
+	@echo "make bench-vault - Vault requests and storage writes per launch, by kind (counts)"
 	@echo "make chaos  - fault loops (kill, freeze, replicas) on the local stack, with figures"
 	@echo "make lock   - re-resolve constraints.txt from pyproject.toml"
 
@@ -75,6 +76,10 @@ demo: venv binaries postgres-packages
 
 bench: venv binaries postgres-packages
 	$(BIN)/python -m tests.bench.launch_latency
+
+# Issue 14's Vault load per launch (counted on OpenBao); BENCH_VAULT_ARGS e.g. "-n 50"
+bench-vault: venv binaries postgres-packages
+	$(BIN)/python -m tests.bench.vault_load $(BENCH_VAULT_ARGS)
 
 # Issue 15's figures in one run (several minutes); BENCH_BURST_ARGS e.g. "--bursts 50 --only burst"
 bench-burst: venv binaries postgres-packages

@@ -48,6 +48,11 @@ QUEUED_OVER_CAP = Counter(
     "Requests that waited in the waiting room because their route class was at its cap",
     ["route_class"],
 )
+LOG_READS_REFUSED = Counter(
+    "podbroker_log_reads_refused_total",
+    "Log reads refused (409) because the values issued to the launch were neither held "
+    "nor readable from its Secret, so the leak guard could not mask them",
+)
 VAULT_REQUESTS = Counter(
     "podbroker_vault_requests_total",
     "HTTP requests the broker sent to Vault, by operation (token_create, kv_read, "

@@ -212,6 +212,17 @@ class AirflowSettings(_Section):
         return self
 
 
+class LeakGuardSettings(_Section):
+    """How long the broker keeps, in memory only, the values it issued to a launch so
+    that log reads after the pod ended (its Secret deleted) are still masked. A read with
+    neither held values nor the Secret is refused (409), never served unmasked."""
+
+    retain_seconds: int = Field(default=3600, ge=0, le=7 * 86400)
+    """Values of an ended launch are dropped this long after its end (0: at the end)."""
+    max_launches: int = Field(default=10_000, ge=0, le=1_000_000)
+    """At most this many launches' values are held (the oldest ended ones go first)."""
+
+
 class LoggingSettings(_Section):
     format: Literal["text", "json"] = "text"
     """text: one line per record, control characters written out visibly; json: one
@@ -233,6 +244,7 @@ class BrokerSettings(BaseSettings):
     airflow: AirflowSettings = Field(default_factory=AirflowSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    leak_guard: LeakGuardSettings = Field(default_factory=LeakGuardSettings)
     pod_templates: dict[str, PodTemplate] = Field(default_factory=dict)
 
     @classmethod

@@ -65,6 +65,9 @@ SPARE_THREADS: Final = 8
 # them: the launch's own ``decision`` event records it.
 REFUSAL_STATUSES: Final = frozenset({401, 403, 413, 415, 422})
 MAX_REPORT_DAG_IDS: Final = 1000
+LAUNCH_AUDIT_PAGE: Final = 20
+"""Launches per page of GET /v1/audit/launches unless ``limit`` says otherwise."""
+LAUNCH_AUDIT_MAX_PAGE: Final = 100
 
 
 def error_response(exc: BrokerError) -> JSONResponse:
@@ -397,10 +400,28 @@ def create_app(runtime: Runtime, *, refusals: RefusalRecorder | None = None) -> 
         task_id: Annotated[str, Query(min_length=1, max_length=250, pattern=AIRFLOW_KEY_PATTERN)],
         map_index: Annotated[int, Query(ge=-1, le=INT32_MAX)] = -1,
         try_number: Annotated[int | None, Query(ge=0, le=INT32_MAX)] = None,
+        limit: Annotated[
+            int,
+            Query(ge=1, le=LAUNCH_AUDIT_MAX_PAGE, description="launches per page"),
+        ] = LAUNCH_AUDIT_PAGE,
+        cursor: Annotated[
+            str | None,
+            Query(
+                pattern=r"^[0-9]{1,18}$",
+                description="next_cursor of the previous page (opaque)",
+            ),
+        ] = None,
+        since: Annotated[
+            Timestamp,
+            Query(description="only launches whose first event is at or after this time"),
+        ] = None,
     ) -> TaskTryAudit:
         """What happened to the secrets of one task try (every try without
         ``try_number``): requested, decided, delivered, removed, revoked, exposure.
-        Names only; scoped like the report (the caller's DAG globs)."""
+        Names only; scoped like the report (the caller's DAG globs). Paginated: at most
+        ``limit`` launches, oldest first; ``next_cursor`` (when not null) asks for the
+        next page. Reads only the try's own events and its launches' records (indexed),
+        never the whole trail."""
         scope = _report_scope(runtime, who)
         task = TaskTry(
             dag_id=dag_id,
@@ -411,7 +432,12 @@ def create_app(runtime: Runtime, *, refusals: RefusalRecorder | None = None) -> 
         )
         if not in_scope(dag_id, scope):
             raise DeniedError(f"DAG {dag_id} is outside the scope of caller {who.identity}")
-        return task_try_audit(runtime.audit.events(), task, scope=scope)
+        page = runtime.audit.task_try_records(
+            task, limit=limit, after=int(cursor) if cursor else 0, since=since
+        )
+        audit = task_try_audit((r.event for r in page.records), task, scope=scope)
+        following = None if page.next_after is None else str(page.next_after)
+        return audit.model_copy(update={"next_cursor": following})
 
     @app.get("/healthz", response_class=PlainTextResponse)
     def healthz() -> str:

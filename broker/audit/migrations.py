@@ -106,10 +106,47 @@ def _v3(conn: Connection) -> None:
     conn.execute(text("CREATE INDEX ix_launch_leases_launch ON launch_leases (launch_id)"))
 
 
+def task_expressions(dialect: str) -> tuple[str, str, str, str]:
+    """SQL for an event's (run_id, task_id, map_index, try_number), read from its stored
+    JSON: the ``ix_audit_records_task`` index is built on the first three, and a query
+    uses it only when it spells them exactly so. ``map_index`` is -1 when absent."""
+    if dialect == "postgresql":
+        field = "((event_json::json) ->> '{}')"
+        return (
+            field.format("run_id"),
+            field.format("task_id"),
+            f"COALESCE(({field.format('map_index')})::integer, -1)",
+            f"(({field.format('try_number')})::integer)",
+        )
+    field = "json_extract(event_json, '$.{}')"
+    return (
+        field.format("run_id"),
+        field.format("task_id"),
+        f"COALESCE({field.format('map_index')}, -1)",
+        field.format("try_number"),
+    )
+
+
+def _v4(conn: Connection) -> None:
+    # An expression index, not new columns: rows appended by replicas still running the
+    # previous version during a rolling upgrade are indexed too. Building it reads every
+    # stored event once (no statement timeout for it).
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SET LOCAL statement_timeout = 0"))
+    run, task, map_index, _ = task_expressions(conn.dialect.name)
+    conn.execute(
+        text(
+            f"CREATE INDEX ix_audit_records_task ON audit_records "
+            f"(dag_id, ({run}), ({task}), ({map_index}), position)"
+        )
+    )
+
+
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(1, "audit_records, audit_head", _v1),
     Migration(2, "launch_holdings: what each launch holds in Vault", _v2),
     Migration(3, "launch_leases: renewal state of each dynamic lease", _v3),
+    Migration(4, "ix_audit_records_task: the events of one task instance", _v4),
 )
 LATEST: Final = MIGRATIONS[-1].version
 

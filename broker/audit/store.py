@@ -22,6 +22,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -47,6 +48,7 @@ from broker.audit.group_commit import AbandonedError, GroupCommitter, Pending
 from broker.audit.holdings import HoldingsLedger, open_launch
 from broker.audit.keys import key_id
 from broker.core.audit_events import AuditEvent, AuditEventError, format_time
+from broker.core.timeline import TaskTry
 from broker.errors import AuditUnavailableError, InvalidRequestError
 
 _BATCH: Final = 500
@@ -72,6 +74,16 @@ def _request_specific(exc: Exception) -> bool:
     """A failure one request's data may cause (worth retrying the group one by one);
     not a database that is unreachable, locked or out of time."""
     return not isinstance(exc, OperationalError | InterfaceError | TimeoutError)
+
+
+@dataclass(frozen=True)
+class TaskTryPage:
+    """One page of a task try's launches: every record of ``launch_ids`` (position
+    order); ``next_after`` is the position to continue after (None: last page)."""
+
+    records: list[AuditRecord]
+    launch_ids: list[str]
+    next_after: int | None
 
 
 def _make_engine(url: str, create: bool) -> tuple[Engine, str]:
@@ -303,42 +315,56 @@ class AuditStore:
     def rows(self, start: int = 0, end: int | None = None) -> Iterator[StoredRow]:
         """Stored rows with ``start <= position < end``, in position order, in batches
         (keyset pagination: no cursor is held open between batches)."""
-        after = start - 1
+        where, params = "", {}
+        if end is not None:
+            where, params = "position < :end", {"end": end}
+        return self._rows_after(start - 1, where, params, "reading records")
+
+    def _rows_after(
+        self,
+        after: int,
+        where: str,
+        params: dict[str, Any],
+        doing: str,
+        *,
+        first_batch: int = _BATCH,
+    ) -> Iterator[StoredRow]:
+        """The one windowed read: rows past position ``after`` matching ``where`` (SQL
+        over constants and ``params``; empty: every row), in position order, in batches
+        of ``first_batch`` then :data:`_BATCH` (keyset pagination on the primary key: no
+        cursor is held open between batches, each batch is bounded by ``deadline``)."""
+        condition = f" AND {where}" if where else ""
+        query = (
+            f"SELECT {_COLUMNS} FROM audit_records WHERE position > :after{condition} "  # noqa: S608 (constants)
+            "ORDER BY position LIMIT :limit"
+        )
+        limit = first_batch
         while True:
-            params: dict[str, Any] = {"after": after, "limit": _BATCH}
-            bound = ""
-            if end is not None:
-                bound = " AND position < :end"
-                params["end"] = end
-            query = text(
-                f"SELECT {_COLUMNS} FROM audit_records WHERE position > :after{bound} "  # noqa: S608
-                "ORDER BY position LIMIT :limit"
-            )
-
-            def fetch(_: threading.Event, query: Any = query, params: Any = params) -> Any:
-                with self._engine.connect() as conn:
-                    return conn.execute(query, params).all()
-
-            try:
-                batch = self._bounded("reading records", fetch)
-            except SQLAlchemyError as exc:
-                raise self._unavailable(exc, "reading records") from exc
-            for r in batch:
-                yield StoredRow(
-                    int(r.position),
-                    r.time,
-                    r.kind,
-                    r.launch_id,
-                    r.dag_id,
-                    r.event_json,
-                    str(r.prev_hash),
-                    str(r.hash),
-                    r.signature,
-                    r.key_id,
-                )
-            if len(batch) < _BATCH:
+            batch = self._fetch_rows(query, {**params, "after": after, "limit": limit}, doing)
+            for row in batch:
+                yield _stored(row)
+            if len(batch) < limit:
                 return
-            after = int(batch[-1].position)
+            after, limit = int(batch[-1].position), _BATCH
+
+    def _rows_of_launches(
+        self, launch_ids: Iterable[str], where: str, params: dict[str, Any], doing: str
+    ) -> Iterator[StoredRow]:
+        """Rows of these launches matching ``where`` (launch_id index), in position order
+        within each batch of :data:`_BATCH` ids."""
+        ids = sorted(set(launch_ids))
+        condition = f" AND {where}" if where else ""
+        for i in range(0, len(ids), _BATCH):
+            chunk = ids[i : i + _BATCH]
+            marks = ", ".join(f":id{n}" for n in range(len(chunk)))
+            batch = self._fetch_rows(
+                f"SELECT {_COLUMNS} FROM audit_records WHERE launch_id IN ({marks}){condition} "  # noqa: S608
+                "ORDER BY position",
+                {**params, **{f"id{n}": v for n, v in enumerate(chunk)}},
+                doing,
+            )
+            for row in batch:
+                yield _stored(row)
 
     def _fetch_rows(self, sql: str, params: dict[str, Any], doing: str) -> list[Any]:
         query = text(sql)
@@ -377,53 +403,69 @@ class AuditStore:
         self, launch_ids: Iterable[str], before: datetime
     ) -> Iterator[AuditRecord]:
         """Records of these launches older than ``before`` (launch_id index)."""
-        ids = sorted(set(launch_ids))
-        for i in range(0, len(ids), _BATCH):
-            chunk = ids[i : i + _BATCH]
-            marks = ", ".join(f":id{n}" for n in range(len(chunk)))
-            params: dict[str, Any] = {f"id{n}": v for n, v in enumerate(chunk)}
-            params["before"] = format_time(before)
-            rows = self._fetch_rows(
-                f"SELECT {_COLUMNS} FROM audit_records WHERE launch_id IN ({marks}) "  # noqa: S608
-                "AND time < :before ORDER BY position",
-                params,
-                "reading records of launches",
-            )
-            for row in rows:
-                yield _record(_stored(row))
+        rows = self._rows_of_launches(
+            launch_ids,
+            "time < :before",
+            {"before": format_time(before)},
+            "reading records of launches",
+        )
+        for row in rows:
+            yield _record(row)
 
     def records_of_dag(self, dag_id: str, kind: str, before: datetime) -> Iterator[AuditRecord]:
         """Records of one DAG and kind older than ``before``, oldest first, in batches
         (dag_id index); the caller may stop early, so the first batch is small."""
-        after, limit = 0, 20
-        while True:
-            rows = self._fetch_rows(
-                f"SELECT {_COLUMNS} FROM audit_records WHERE dag_id = :dag AND kind = :kind "  # noqa: S608
-                "AND time < :before AND position > :after ORDER BY position LIMIT :limit",
-                {
-                    "dag": dag_id,
-                    "kind": kind,
-                    "before": format_time(before),
-                    "after": after,
-                    "limit": limit,
-                },
-                "reading records of a DAG",
-            )
-            for row in rows:
-                yield _record(_stored(row))
-            if len(rows) < limit:
-                return
-            after, limit = int(rows[-1].position), _BATCH
+        rows = self._rows_after(
+            0,
+            "dag_id = :dag AND kind = :kind AND time < :before",
+            {"dag": dag_id, "kind": kind, "before": format_time(before)},
+            "reading records of a DAG",
+            first_batch=20,
+        )
+        for row in rows:
+            yield _record(row)
+
+    def task_try_records(
+        self,
+        task: TaskTry,
+        *,
+        limit: int,
+        after: int = 0,
+        since: datetime | None = None,
+    ) -> TaskTryPage:
+        """The records of the next ``limit`` launches of one task try (every try when
+        ``task.try_number`` is None), oldest first: launches whose first event of the
+        try is past position ``after`` (and at or after ``since``). Two index reads:
+        the try's own events (``ix_audit_records_task``: DAG, run, task, map index) give
+        the launch ids, then every record of those launches (launch_id index), which
+        includes their cleanup events that name no task. The caller matches the parsed
+        events again (the index expressions only narrow the read)."""
+        params: dict[str, Any] = {
+            "dag": task.dag_id,
+            "run": task.run_id,
+            "task": task.task_id,
+            "map": task.map_index,
+            "after": after,
+            "limit": limit + 1,
+        }
+        if task.try_number is not None:
+            params["try"] = task.try_number
+        if since is not None:
+            params["since"] = format_time(since)
+        query = task_launches_query(
+            self._engine.dialect.name, try_number="try" in params, since=since is not None
+        )
+        found = self._fetch_rows(query, params, "finding the launches of a task")
+        page = found[:limit]
+        launch_ids = [str(r.launch_id) for r in page]
+        more = int(page[-1].first) if len(found) > limit else None
+        rows = self._rows_of_launches(launch_ids, "", {}, "reading records of launches")
+        return TaskTryPage([_record(row) for row in rows], launch_ids, more)
 
     def records(self, start: int = 0, end: int | None = None) -> Iterator[AuditRecord]:
         """Records with ``start <= position < end`` (positions start at 1)."""
         for row in self.rows(start, end):
-            try:
-                yield AuditRecord.from_row(row)
-            except (ValueError, ValidationError, AuditEventError) as exc:
-                raise InvalidRequestError(
-                    f"audit record {row.position} is unreadable; run `podbroker audit verify`"
-                ) from exc
+            yield _record(row)
 
     def events(self) -> Iterator[AuditEvent]:
         for record in self.records():
@@ -491,6 +533,22 @@ def open_audit_store(
         engine.dispose()
         raise
     return AuditStore(engine, shown, signing_key)
+
+
+def task_launches_query(dialect: str, *, try_number: bool, since: bool) -> str:
+    """The launches of one task try, each with the position of its first event there:
+    parameters ``dag``, ``run``, ``task``, ``map``, ``after``, ``limit`` (and ``try``,
+    ``since``). Its WHERE spells the index expressions of ``ix_audit_records_task``
+    exactly, so the database reads that task's index range only."""
+    run, task_id, map_index, try_expr = migrations.task_expressions(dialect)
+    extra = f" AND {try_expr} = :try" if try_number else ""
+    extra += " AND time >= :since" if since else ""
+    return (
+        "SELECT launch_id, MIN(position) AS first FROM audit_records "  # noqa: S608 (constants)
+        f"WHERE dag_id = :dag AND ({run}) = :run AND ({task_id}) = :task "
+        f"AND ({map_index}) = :map AND launch_id IS NOT NULL{extra} "
+        "GROUP BY launch_id HAVING MIN(position) > :after ORDER BY first LIMIT :limit"
+    )
 
 
 def _time_bounds(since: datetime | None, until: datetime | None) -> tuple[str, dict[str, Any]]:

@@ -131,6 +131,9 @@ class LaunchTimeline(_Model):
 class TaskTryAudit(_Model):
     task: TaskTry
     launches: list[LaunchTimeline]
+    """One page of the try's launches, oldest first."""
+    next_cursor: str | None = None
+    """Pass as ``cursor`` for the next page; None: this is the last page."""
 
 
 def in_scope(dag_id: str, scope: Sequence[str] | None) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 import threading
 import time
 from collections.abc import Sequence
@@ -18,11 +19,15 @@ from broker.core.models import Caller, TaskIdentity
 from broker.core.objects import PodInfo, SecretMeta, launch_view
 from broker.core.plan import secret_name_for
 from broker.core.termination import CLEAN, WITHHELD, exposed_in, values_by_secret
+from broker.core.secret_value import SecretValue
 from broker.errors import BrokerError, NotFoundError
 from broker.metrics import LIVE_SECRETS, VAULT_LATENCY
+from broker.service.issued import IssuedValues
 from broker.service.ports import AuditSink, Cluster, HoldingsLedger, SecretStore
 
 log = logging.getLogger("podbroker.cleanup")
+# Secret data keys are ``s{index}.{key}``: index into the pod's requested secret names.
+_DATA_KEY = re.compile(r"^s(\d+)\.")
 _STORE_DOWN_SECONDS = 10.0
 _OUTBOX_SIZE = 10_000
 _FLUSH_IDLE_SECONDS = 5.0
@@ -36,11 +41,15 @@ class Cleanup:
         secrets: SecretStore,
         audit: AuditSink,
         ledger: HoldingsLedger | None = None,
+        issued: IssuedValues | None = None,
     ) -> None:
         self.cluster = cluster
         self.secrets = secrets
         self.audit = audit
         self.ledger = ledger
+        # The leak guard's values of each launch: every end seen here starts their
+        # retention clock (on every replica, the claimant or not).
+        self.issued = issued if issued is not None else IssuedValues()
         # After the store failed once, clean-ups stop waiting for it for a while: their
         # records wait in memory and are written by a background thread once it answers.
         self._store_down_until = 0.0
@@ -95,6 +104,43 @@ class Cleanup:
                     self._mark_store_down()
                     time.sleep(1.0)
 
+    # -- the leak guard's values -----------------------------------------------------------
+
+    def issued_values(self, pod: PodInfo) -> dict[str, list[SecretValue]] | None:
+        """The values issued to ``pod``'s launch (secret name -> values), for the leak
+        guard: those held in memory, else read back from the launch's Secret (GET
+        secrets/podbroker-LAUNCH_ID, its data) and held from then on. None when the
+        launch had no secrets, or has neither (its Secret is gone)."""
+        launch_id = pod.launch_id
+        if not pod.secret_names or launch_id is None:
+            return None
+        values = self.issued.values(launch_id)
+        if values is not None:
+            return values
+        data = self.cluster.read_launch_secret_values(pod.namespace, launch_id)
+        if not data:
+            return None
+        values = {}
+        for key, value in data.items():
+            match = _DATA_KEY.match(key)
+            index = int(match.group(1)) if match else -1
+            name = pod.secret_names[index] if 0 <= index < len(pod.secret_names) else "?"
+            values.setdefault(name, []).append(value)
+        self.issued.hold(launch_id, values)
+        if pod.finished:
+            self.issued.ended(launch_id)
+        return values
+
+    def keep_issued_values(self, pod: PodInfo) -> None:
+        """Hold the values of a launch this replica did not make (best effort): a later
+        log read here, after the pod ended and its Secret went, is still masked."""
+        if not pod.secret_names or pod.launch_id is None or self.issued.holds(pod.launch_id):
+            return
+        try:
+            self.issued_values(pod)
+        except BrokerError as exc:
+            log.info("could not read back the values of %s (%s)", pod.launch_id, exc.reason)
+
     # -- a pod's end ----------------------------------------------------------------------
 
     def terminate(
@@ -136,6 +182,7 @@ class Cleanup:
 
         The claim of an ended pod carries the termination-message leak guard's verdict
         (:meth:`check_messages`), taken while the Secret still holds the values."""
+        self.issued.ended(pod.launch_id)
         verdict = self.check_messages(pod) if pod.finished and not force else None
         if not force and not self.claim(pod, result_check=verdict):
             return
@@ -222,6 +269,7 @@ class Cleanup:
         launch_id = pod.launch_id
         if not launch_id:
             return
+        self.issued.ended(launch_id)
         meta = self.cluster.read_secret_metadata(pod.namespace, secret_name_for(launch_id))
         if meta is None:
             self.settle(launch_id, podmeta.VaultHoldings(), task=task or pod.task)
@@ -239,6 +287,7 @@ class Cleanup:
         """Delete a broker Secret and revoke the leases and child token its annotations
         name. Deleting comes first: values leave the cluster even if Vault or the
         audit store is down."""
+        self.issued.ended(meta.launch_id)
         known = meta.holdings
         if self.cluster.delete_secret(meta.namespace, meta.name):
             LIVE_SECRETS.dec()

@@ -396,6 +396,10 @@ class LaunchExecutor:
             secret=plan.secret_name,
         )
         self.audit.append_many([resolved, created])
+        # The leak guard masks the launch's log with these, even once its Secret is gone.
+        self.cleanup.issued.hold(
+            plan.launch_id, {s.name: list(s.keys.values()) for s in bundle.secrets}
+        )
         self.cluster.create_secret(manifest)
         LIVE_SECRETS.inc()
 
@@ -477,6 +481,7 @@ class LaunchExecutor:
     ) -> None:
         """Undo a half-made launch: the pod (its Secret goes with it), any leases and the
         child token. Undoing comes first; recording it never blocks it."""
+        self.cleanup.issued.forget(plan.launch_id)
         with contextlib.suppress(BrokerError):
             self.cluster.delete_pod(plan.namespace, plan.pod_name)
         with contextlib.suppress(BrokerError):

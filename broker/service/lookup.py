@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -17,17 +16,14 @@ from broker.core.leakguard import LogMasker
 from broker.core.models import Caller
 from broker.core.objects import CONTAINER_NAME, PodInfo, launch_view
 from broker.core.pending import diagnose_pending
-from broker.core.secret_value import SecretValue
-from broker.errors import BrokerError, NotFoundError
-from broker.metrics import SECRET_EXPOSURES
+from broker.errors import BrokerError, ConflictError, NotFoundError
+from broker.metrics import LOG_READS_REFUSED, SECRET_EXPOSURES
 from broker.service.auth import authorize_dag
 from broker.service.cleanup import Cleanup
 from broker.service.ports import AuditSink, Cluster, LeaseLedger, PolicySource
 
 log = logging.getLogger("podbroker.leakguard")
 
-# Secret data keys are ``s{index}.{key}``: index into the pod's requested secret names.
-_DATA_KEY = re.compile(r"^s(\d+)\.")
 _EXPOSURES_REMEMBERED = 4096
 
 
@@ -87,10 +83,13 @@ class LaunchLookup:
         """The pod's log. With ``follow`` the stream ends once the pod has finished and
         its log has gone quiet, even where the node keeps the stream open (kwok does).
 
-        Leak guard: every value issued to the launch (read back from its own Secret as
-        the stream starts, held only by this stream) is masked, in its common encodings
-        too; each exposed secret is audited (``secret_exposed``) and, where its grant
-        says ``on_exposure: revoke``, its dynamic credential is revoked at once."""
+        Leak guard: every value issued to the launch is masked, in its common encodings
+        too (values held in memory from the launch's start until
+        ``leak_guard.retain_seconds`` after its end, else read back from its own Secret);
+        each exposed secret is audited (``secret_exposed``) and, where its grant says
+        ``on_exposure: revoke``, its dynamic credential is revoked at once. A launch
+        whose values are neither held nor readable is refused (ConflictError, 409):
+        never served unmasked."""
         pod = self.find(caller, launch_id)
         masker = self._masker(pod)
         chunks = self.cluster.pod_logs(
@@ -107,19 +106,34 @@ class LaunchLookup:
         return self._masked(stream, masker, pod)
 
     def _masker(self, pod: PodInfo) -> LogMasker | None:
+        """The guard of one log read: from the values this replica holds for the launch
+        (kept from its Secret's creation, or from when this replica first saw it run,
+        until a while after it ends), else read back from the launch's Secret. A launch
+        that had secrets and has neither is refused (409): never served unmasked."""
         if not pod.secret_names or pod.launch_id is None:
             return None
-        data = self.cluster.read_launch_secret_values(pod.namespace, pod.launch_id)
-        if not data:
-            return None  # the launch ended: its values are gone (and revoked, if dynamic)
-        values: dict[str, list[SecretValue]] = {}
-        for key, value in data.items():
-            match = _DATA_KEY.match(key)
-            index = int(match.group(1)) if match else -1
-            name = pod.secret_names[index] if 0 <= index < len(pod.secret_names) else "?"
-            values.setdefault(name, []).append(value)
+        values = self.cleanup.issued_values(pod)
+        if values is None:
+            log.warning(
+                "log of launch %s refused: its Secret is gone and no values are held",
+                pod.launch_id,
+            )
+            LOG_READS_REFUSED.inc()
+            raise ConflictError(self._unmaskable(pod))
         masker = LogMasker(values)
         return masker if masker.active else None
+
+    def _unmaskable(self, pod: PodInfo) -> str:
+        retain = self.cleanup.issued.retain_seconds
+        state = "has ended" if pod.finished else f"is {pod.phase}"
+        return (
+            f"the log of launch {pod.launch_id} is not served: its pod {state} and its "
+            "Secret is gone, and this broker replica does not hold the values issued to it "
+            f"(it keeps them {retain:g} s after the end of a launch it saw running, "
+            "leak_guard.retain_seconds, but not across a restart), so the leak guard could "
+            "not mask them. Read the log sooner after the pod ends, raise "
+            "leak_guard.retain_seconds, or have a cluster administrator read the pod's log"
+        )
 
     def _masked(self, stream: Iterator[bytes], masker: LogMasker, pod: PodInfo) -> Iterator[bytes]:
         reported: set[str] = set()

@@ -90,7 +90,11 @@ class Reconciler:
             if not pod.claimed:
                 self._release_secret_of(pod, "pod deleted")
             return
-        if not pod.finished or pod.claimed:
+        if not pod.finished:
+            if pod.phase == "Running" and pod.secret_names:
+                self._keep_values(pod)
+            return
+        if pod.claimed:
             return
         if self._cleanups is None:
             self._finish(pod)
@@ -102,8 +106,36 @@ class Reconciler:
             self._cleaning.add(key)
         self._cleanups.submit(self._finish, pod, key)
 
+    def _keep_values(self, pod: PodInfo) -> None:
+        """Every replica holds the leak guard's values of the launches it sees run, so a
+        log read after the end is masked whichever replica answers it (one Secret read
+        per launch on replicas that did not make it; off the watch thread)."""
+        if pod.launch_id is None or self.cleanup.issued.holds(pod.launch_id):
+            return
+        if self._cleanups is None:
+            self.cleanup.keep_issued_values(pod)
+            return
+        key = f"values {pod.namespace}/{pod.name}"
+        with self._cleaning_lock:
+            if key in self._cleaning:
+                return
+            self._cleaning.add(key)
+
+        def keep() -> None:
+            try:
+                self.cleanup.keep_issued_values(pod)
+            except Exception:  # a worker thread: say why instead of losing it
+                log.exception("holding the values of %s/%s failed", pod.namespace, pod.name)
+            finally:
+                with self._cleaning_lock:
+                    self._cleaning.discard(key)
+
+        self._cleanups.submit(keep)
+
     def _finish(self, pod: PodInfo, key: str | None = None) -> None:
         try:
+            # Before the claim: the claimant deletes the Secret, then its values are gone.
+            self.cleanup.keep_issued_values(pod)
             self.cleanup.finish(pod)
         except BrokerError as exc:
             log.warning(
@@ -127,11 +159,17 @@ class Reconciler:
         now = dt.datetime.now(dt.UTC)
         live = 0
         running: list[PodInfo] = []
+        held_by = self.cleanup.issued.checkpoint()
+        swept = True
         for namespace in self.namespaces:
             try:
                 live += self._sweep_namespace(namespace, now, result, running)
             except BrokerError as exc:
+                swept = False
                 result.errors.append(f"{namespace}: {exc.reason}")
+        if swept:
+            # Ends this replica did not see start the retention of their held values.
+            self.cleanup.issued.ended_unless({p.launch_id for p in running}, held_by=held_by)
         LIVE_SECRETS.set(live)
         try:
             self._end_pods_of_ended_tasks(running, result)

@@ -21,6 +21,7 @@ from broker.kube.cluster import KubeCluster, load_api_client
 from broker.metrics import DEPENDENCY_UP
 from broker.service.auth import Authenticator
 from broker.service.cleanup import Cleanup
+from broker.service.issued import IssuedValues
 from broker.service.launching import LaunchExecutor
 from broker.service.lookup import LaunchLookup
 from broker.service.reconciler import Reconciler
@@ -187,7 +188,11 @@ def build_runtime(settings: BrokerSettings, *, dev_generate_key: bool = False) -
     )
     namespaces = plan_policy.namespaces
     ledger = audit.holdings()
-    cleanup = Cleanup(cluster=kube, secrets=resolver, audit=audit, ledger=ledger)
+    issued = IssuedValues(
+        retain_seconds=settings.leak_guard.retain_seconds,
+        max_launches=settings.leak_guard.max_launches,
+    )
+    cleanup = Cleanup(cluster=kube, secrets=resolver, audit=audit, ledger=ledger, issued=issued)
     renewals = LeaseRenewer(ledger=ledger, secrets=resolver, audit=audit)
     launches = LaunchExecutor(
         cluster=kube,

@@ -15,10 +15,11 @@ from typing import Any
 
 import hvac
 
-from broker.errors import ConflictError, NotFoundError
+from broker.errors import ConflictError, InvalidRequestError, NotFoundError
 from broker.vault import names
 from broker.vault.client import translate_errors
 from broker.vault.layout import VaultLayout
+from broker.vault.policy_store import read_stored
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,9 @@ def broker_policy_rules(
 ) -> list[tuple[str, list[str]]]:
     """The broker's ACL rules as (path, capabilities).
 
-    - read its two config documents; mint tokens through its token role only;
+    - read the stored policy: its index and parts (no listing, no metadata), and the
+      two documents of the single-entry layout stores written before parts still use;
+      mint tokens through its token role only;
       look up / renew itself; extend a child token it has just minted and recorded
       (``auth/token/renew``, token in the body: only the broker ever holds one);
     - renew and revoke leases only of the dynamic engines' credentials
@@ -85,6 +88,9 @@ def broker_policy_rules(
     not granted: ``sys/leases/lookup`` takes the lease in its body (unscopable) and the
     broker does not need it."""
     rules: list[tuple[str, list[str]]] = [
+        (layout.kv_data_path(layout.index_path), ["read"]),
+        (layout.kv_data_path(layout.part_path("*")), ["read"]),
+        # The single-entry layout of before parts, read while no index exists.
         (layout.kv_data_path(layout.catalog_path), ["read"]),
         (layout.kv_data_path(layout.grants_path), ["read"]),
         (f"auth/token/create/{layout.token_role}", ["update"]),
@@ -138,12 +144,12 @@ def _hcl_list(items: list[str]) -> str:
 
 
 def catalog_dynamic_mounts(client: hvac.Client, layout: VaultLayout) -> set[str]:
-    """Mounts of the dynamic secrets in the catalog stored in Vault (GET
-    ``{config_mount}/data/{catalog_path}``); empty when none is stored yet."""
-    stored = _read(client, layout.kv_data_path(layout.catalog_path))
-    document = (stored or {}).get("data") or {}
-    entries = document.get("secrets") if isinstance(document, dict) else None
-    if not isinstance(entries, dict):
+    """Mounts of the dynamic secrets in the catalog stored in Vault (its index and
+    parts, or the single-entry catalog document); empty when none is stored yet."""
+    try:
+        entries = read_stored(client, layout)[0].catalog
+    except InvalidRequestError as exc:
+        log.warning("the stored catalog is unreadable (%s): no dynamic mounts from it", exc.reason)
         return set()
     return {
         str(entry["mount"])

@@ -42,6 +42,7 @@ _OPERATIONS: tuple[tuple[str, str], ...] = (
     ("/v1/auth/token/revoke-accessor", "token_revoke"),
     ("/v1/auth/token/renew-self", "token_renew_self"),
     ("/v1/auth/token/lookup-self", "token_lookup_self"),
+    ("/v1/auth/token/renew", "token_renew"),  # a recorded child token extended to its TTL
     ("/v1/sys/leases/renew", "lease_renew"),
     ("/v1/sys/leases/revoke", "lease_revoke"),
     ("/login", "login"),

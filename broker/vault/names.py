@@ -8,6 +8,8 @@ from broker.core.policy.naming import (
     GRANT_POLICY_PREFIX,
     GRANTS_PATH,
     KUBERNETES_AUTH_ROLE,
+    POLICY_INDEX_PATH,
+    POLICY_PARTS_PATH,
     TOKEN_ROLE,
 )
 
@@ -18,5 +20,7 @@ __all__ = [
     "GRANTS_PATH",
     "GRANT_POLICY_PREFIX",
     "KUBERNETES_AUTH_ROLE",
+    "POLICY_INDEX_PATH",
+    "POLICY_PARTS_PATH",
     "TOKEN_ROLE",
 ]

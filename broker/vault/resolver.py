@@ -31,7 +31,7 @@ from broker.errors import (
 )
 from broker.vault.client import VaultSession, translate_errors
 from broker.vault.layout import VaultLayout
-from broker.vault.policy_store import StoredPolicy, parse_stored, read_stored
+from broker.vault.policy_store import Part, StoredPolicy, parse_stored, read_stored
 
 log = logging.getLogger(__name__)
 
@@ -94,20 +94,33 @@ class VaultPolicySource:
         self._clock = clock
         self._lock = threading.Lock()
         self._policy: PolicySet | None = None
-        self._versions: tuple[int, int] | None = None
+        self._versions: tuple[int, ...] | None = None
+        self._parts: dict[str, Part] = {}
         self._checked_at = float("-inf")
 
     def current(self) -> PolicySet:
-        """The policy from ``{config_mount}/data/policies/{catalog,grants}``, re-read when
-        ``cache_ttl`` has passed and re-parsed only when a KV version changed. Fails
-        closed: Vault unreachable -> :class:`VaultUnavailableError`, no stale answer."""
+        """The policy from ``{config_mount}/data/policies/index`` and the parts it names
+        (``.../policies/parts/*``), re-read when ``cache_ttl`` has passed. A refresh reads
+        the index only, plus the parts it has not read before (parts never change), and
+        re-parses only when the index version changed. A store without an index (written
+        before parts) is read from ``policies/{catalog,grants}``. Fails closed: Vault
+        unreachable -> :class:`VaultUnavailableError`, no stale answer."""
         with self._lock:
             now = self._clock()
             if self._policy is not None and now - self._checked_at < self.cache_ttl:
                 return self._policy
-            stored: StoredPolicy = self.session.call(
-                "read the podbroker policy", lambda c: read_stored(c, self.layout)
-            )
+            known = self._parts
+            stored: StoredPolicy
+            try:
+                stored, parts = self.session.call(
+                    "read the podbroker policy",
+                    lambda c: read_stored(c, self.layout, known),
+                )
+            except InvalidRequestError as exc:
+                # A malformed index or part is an outage of the policy source, not the
+                # caller's fault: retryable, and nothing is allowed meanwhile.
+                raise VaultUnavailableError(exc.reason) from exc
+            self._parts = parts
             if self._policy is None or stored.versions != self._versions:
                 try:
                     self._policy = parse_stored(stored, self.layout)
@@ -115,7 +128,7 @@ class VaultPolicySource:
                     # A malformed stored policy is an outage of the policy source, not the
                     # caller's fault: retryable, and nothing is allowed meanwhile.
                     raise VaultUnavailableError(exc.reason) from exc
-                if stored.versions == (0, 0):
+                if stored.empty:
                     log.warning(
                         "no podbroker policy in %s/ yet: every request is denied",
                         self.layout.config_mount,

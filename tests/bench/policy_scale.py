@@ -23,7 +23,7 @@ from broker.core.policy import PolicySet, decide
 from broker.errors import BrokerError
 from broker.vault.bootstrap import BootstrapOptions, bootstrap
 from broker.vault.layout import VaultLayout
-from broker.vault.policy_store import apply_plan, plan
+from broker.vault.policy_store import apply_plan, parse_stored, plan, read_stored
 
 CATALOG_SIZE = 200
 TEAMS = 10
@@ -125,13 +125,18 @@ class ApplyTiming:
     policies_written: int
     replan_changes: int
     error: str = ""
+    parts: int = 0
+    """KV parts the policy was stored in (index not counted)."""
+    read_s: float = 0.0
+    """A broker's first read of the stored policy (index, every part, parse)."""
 
 
 def time_plan_apply(
     folder: Path, vault_url: str, root_token: str, grants: int, progress: Callable[[str], None]
 ) -> ApplyTiming:
     """``policies plan`` and ``apply`` (the functions the CLI runs) of ``grants`` grants
-    into an OpenBao, then a second plan (nothing to change)."""
+    into an OpenBao, a broker's first read of the stored policy, then a second plan
+    (nothing to change)."""
     write_policy_folder(folder, grants, APPLY_CATALOG_SIZE)
     files: PolicySet = load_policy_dir(folder)
     root = hvac.Client(url=vault_url, token=root_token)
@@ -150,6 +155,10 @@ def time_plan_apply(
         return ApplyTiming(grants, plan_s, failed, 0.0, len(first.put_policies), -1, exc.reason)
     apply_s = time.perf_counter() - started
     started = time.perf_counter()
+    stored, parts = read_stored(root, layout)
+    parse_stored(stored, layout)
+    read_s = time.perf_counter() - started
+    started = time.perf_counter()
     second = plan(root, layout, files)
     replan_s = time.perf_counter() - started
     return ApplyTiming(
@@ -158,5 +167,7 @@ def time_plan_apply(
         apply_s,
         replan_s,
         len(first.put_policies),
-        len(second.put_policies),
+        len(second.put_policies) + len(second.write_parts),
+        parts=len(parts),
+        read_s=read_s,
     )

@@ -203,7 +203,8 @@ def run_policy(
             "policy",
             f"plan + apply, {t2.grants} grants",
             f"plan {t2.plan_s:.1f} s, apply {t2.apply_s:.1f} s ({t2.policies_written} ACL "
-            f"policies), plan again {t2.replan_s:.1f} s ({t2.replan_changes} changes)"
+            f"policies, {t2.parts} KV parts), broker's first read {t2.read_s:.2f} s, "
+            f"plan again {t2.replan_s:.1f} s ({t2.replan_changes} changes)"
             + (f"; FAILED after {t2.apply_s:.1f} s: {t2.error}" if t2.error else ""),
             "each under 60 s",
             t2.plan_s < 60 and t2.apply_s < 60 and t2.replan_changes == 0 and not t2.error,

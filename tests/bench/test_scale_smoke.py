@@ -60,6 +60,8 @@ def test_scale_benchmark_measures_every_figure(
                 "last 7 days, HTML",
                 "Airflow page (HTML, 7 days, 20 DAGs)",
                 "whole trail, JSON",
+                "one task try (GET /v1/audit/launches)",
+                "task index build (migration 4, once)",
                 "audit verify",
             )
         ],

@@ -24,9 +24,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from broker.audit import migrations
 from broker.audit.chain import make_row
 from broker.audit.keys import generate_signing_key, load_signing_key
-from broker.audit.store import AuditStore, open_audit_store
+from broker.audit.store import AuditStore, TaskTryPage, open_audit_store, task_launches_query
 from broker.core import audit_events as ev
 from broker.core.models import TaskIdentity
+from broker.core.timeline import TaskTry
 from broker.errors import AuditUnavailableError, InvalidRequestError
 from podbroker_devstack.postgres import Postgres
 
@@ -375,3 +376,121 @@ def test_concurrent_appends_share_commits_and_keep_each_callers_events_together(
     assert store._appends.transactions < callers
     result = store.verify(key.public_key())
     assert result.ok, result.summary()
+# -- the events of one task try: pages over an index (GET /v1/audit/launches) ----------
+
+
+def task_launch(
+    launch_id: str, dag: str, run: str, task: str, try_number: int, minute: int, map_index: int = -1
+) -> list[ev.AuditEvent]:
+    """A launch's events: requested (naming the task), then a cleanup naming no task."""
+    identity = TaskIdentity(
+        dag_id=dag, task_id=task, run_id=run, try_number=try_number, map_index=map_index
+    )
+    when = datetime(2026, 3, 1, tzinfo=UTC) + timedelta(minutes=minute)
+    return [
+        ev.launch_requested(
+            launch_id=launch_id, caller="sa:w", task=identity, secret_names=["db"], time=when
+        ),
+        ev.launch_event(
+            ev.EventKind.SECRET_DELETED,
+            launch_id=launch_id,
+            time=when + timedelta(seconds=30),
+            namespace="ns",
+            secret="s",
+        ),
+    ]
+
+
+def fill_tasks(store: AuditStore) -> None:
+    minute = itertools.count()
+    for i in range(5):  # five tries of etl/r1/load, with noise in between
+        store.append_many(task_launch(f"T{i}", "etl", "r1", "load", i + 1, next(minute)))
+        store.append_many(task_launch(f"O{i}", "etl", "r1", "other", 1, next(minute)))
+        store.append_many(task_launch(f"R{i}", "etl", "r2", "load", 1, next(minute)))
+        store.append_many(task_launch(f"M{i}", "etl", "r1", "load", 1, next(minute), map_index=i))
+        store.append_many(task_launch(f"D{i}", "etl2", "r1", "load", 1, next(minute)))
+
+
+def test_a_task_trys_launches_come_in_pages(store: AuditStore) -> None:
+    fill_tasks(store)
+    task = TaskTry(dag_id="etl", run_id="r1", task_id="load")
+    seen, after, pages = [], 0, 0
+    while True:
+        page = store.task_try_records(task, limit=2, after=after)
+        pages += 1
+        seen += page.launch_ids
+        # Every record of the page's launches, the cleanup that names no task included.
+        assert sorted({r.event.launch_id for r in page.records}) == sorted(page.launch_ids)
+        assert len(page.records) == 2 * len(page.launch_ids)
+        if page.next_after is None:
+            break
+        after = page.next_after
+    assert seen == ["T0", "T1", "T2", "T3", "T4"] and pages == 3
+
+    one_try = store.task_try_records(task.model_copy(update={"try_number": 4}), limit=10)
+    assert one_try.launch_ids == ["T3"] and one_try.next_after is None
+    mapped = store.task_try_records(task.model_copy(update={"map_index": 2}), limit=10)
+    assert mapped.launch_ids == ["M2"]
+    # T3 was requested at minute 15 (five launches per round): since keeps T3 and T4.
+    since = datetime(2026, 3, 1, tzinfo=UTC) + timedelta(minutes=15)
+    assert store.task_try_records(task, limit=10, since=since).launch_ids == ["T3", "T4"]
+    nothing = TaskTry(dag_id="etl", run_id="nope", task_id="load")
+    assert store.task_try_records(nothing, limit=10) == TaskTryPage([], [], None)
+
+
+def explain(store_url: str, query: str, params: dict[str, object]) -> str:
+    engine = sa.create_engine(store_url)
+    try:
+        with engine.connect() as conn:
+            if conn.dialect.name == "postgresql":
+                # A tiny table is read whole whatever the indexes: ask whether the index
+                # CAN serve the query.
+                conn.execute(sa.text("SET enable_seqscan = off"))
+                rows = conn.execute(sa.text(f"EXPLAIN {query}"), params)
+            else:
+                rows = conn.execute(sa.text(f"EXPLAIN QUERY PLAN {query}"), params)
+            return "\n".join(str(tuple(r)) for r in rows)
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("try_number", [None, 2])
+def test_the_task_query_reads_the_task_index(
+    store: AuditStore, store_url: str, try_number: int | None
+) -> None:
+    fill_tasks(store)
+    dialect = sa.make_url(store_url).get_backend_name()
+    query = task_launches_query(dialect, try_number=try_number is not None, since=True)
+    params: dict[str, object] = {
+        "dag": "etl",
+        "run": "r1",
+        "task": "load",
+        "map": -1,
+        "after": 0,
+        "limit": 3,
+        "since": "2026-01-01T00:00:00.000000Z",
+        "try": try_number,
+    }
+    plan = explain(store_url, query, params)
+    assert "ix_audit_records_task" in plan, plan
+    assert "SCAN audit_records" not in plan and "Seq Scan" not in plan, plan
+
+
+def test_the_task_index_is_built_over_a_trail_written_before_it(
+    store: AuditStore, store_url: str, key: Ed25519PrivateKey
+) -> None:
+    """Migration 4 on a store at version 3 that already holds events."""
+    fill_tasks(store)
+    store.close()
+    sql(
+        store_url,
+        "DROP INDEX ix_audit_records_task",
+        "DELETE FROM audit_schema WHERE version = 4",
+    )
+    with open_audit_store(store_url, key) as reopened:
+        task = TaskTry(dag_id="etl", run_id="r1", task_id="load")
+        assert reopened.task_try_records(task, limit=10).launch_ids == [f"T{i}" for i in range(5)]
+    dialect = sa.make_url(store_url).get_backend_name()
+    query = task_launches_query(dialect, try_number=False, since=False)
+    params = {"dag": "etl", "run": "r1", "task": "load", "map": -1, "after": 0, "limit": 3}
+    assert "ix_audit_records_task" in explain(store_url, query, params)

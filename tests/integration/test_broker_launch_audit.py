@@ -100,3 +100,46 @@ def test_scoped_like_the_report(broker: BrokerHandle) -> None:
     assert audit_of(broker, "not-a-token", **own).status_code == 401
     assert audit_of(broker, broker.token, **{**own, "map_index": "x"}).status_code == 422
     assert audit_of(broker, broker.token, **{**own, "dag_id": "a/b"}).status_code == 422
+
+
+def test_launches_come_in_pages_and_bad_paging_is_a_422(broker: BrokerHandle) -> None:
+    dag_id = f"analytics_etl_pages_{uuid.uuid4().hex[:6]}"
+    task = {"dag_id": dag_id, "task_id": "load", "run_id": "manual__p1"}
+    for try_number in (1, 2, 3):  # denied launches: recorded, nothing created
+        denied = httpx.post(
+            f"{broker.url}/v1/launches",
+            json={
+                "task": {**task, "try_number": try_number},
+                "container": {"image": "python:3.12-slim"},
+                "secrets": ["payments-api"],
+                "namespace": broker.namespace,
+            },
+            headers=broker.headers(),
+            timeout=30,
+        )
+        assert denied.status_code == 403, denied.text
+
+    first = audit_of(broker, broker.token, **task, limit=2)
+    assert first.status_code == 200, first.text
+    assert [x["try_number"] for x in first.json()["launches"]] == [1, 2]
+    cursor = first.json()["next_cursor"]
+    assert cursor
+    rest = audit_of(broker, broker.token, **task, limit=2, cursor=cursor)
+    assert [x["try_number"] for x in rest.json()["launches"]] == [3]
+    assert rest.json()["next_cursor"] is None
+    # The default page holds them all; a later `since` none of them.
+    assert len(audit_of(broker, broker.token, **task).json()["launches"]) == 3
+    later = audit_of(broker, broker.token, **task, since="2999-01-01T00:00:00Z")
+    assert later.status_code == 200 and later.json()["launches"] == []
+
+    for field, bad in (
+        ("limit", 0),
+        ("limit", 101),
+        ("limit", "x"),
+        ("cursor", "-1"),
+        ("cursor", "abc"),
+        ("since", "yesterday"),
+    ):
+        refused = audit_of(broker, broker.token, **task, **{field: bad})
+        assert refused.status_code == 422, (field, bad, refused.text)
+        assert field in refused.json()["reason"], refused.text

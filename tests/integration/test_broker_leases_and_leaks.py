@@ -141,7 +141,9 @@ def lease_broker(
     handle.stop()
 
 
-def launch(broker: BrokerHandle, dag_id: str, secrets: list[Any]) -> dict[str, Any]:
+def launch(
+    broker: BrokerHandle, dag_id: str, secrets: list[Any], *, run_for: str = "300s"
+) -> dict[str, Any]:
     response = httpx.post(
         f"{broker.url}/v1/launches",
         json={
@@ -154,7 +156,7 @@ def launch(broker: BrokerHandle, dag_id: str, secrets: list[Any]) -> dict[str, A
             "container": {"image": "python:3.12-slim"},
             "secrets": secrets,
             "namespace": broker.namespace,
-            "scheduling": {"annotations": {RUN_DURATION_ANNOTATION: "300s"}},
+            "scheduling": {"annotations": {RUN_DURATION_ANNOTATION: run_for}},
         },
         headers=broker.headers(),
         timeout=30,
@@ -212,6 +214,47 @@ def leases_of(broker: BrokerHandle, launch_id: str) -> list[str]:
         return [r[0] for r in rows.fetchall()]
 
 
+def leaky_lines(password: str) -> list[tuple[str, str]]:
+    """A pod's log printing ``password``, the KV password's base64 and the KV password
+    split over two writes ("P": a partial line, as the container runtime writes it)."""
+    encoded = base64.b64encode(KV_PASSWORD.encode()).decode()
+    return [
+        ("F", "task: connecting"),
+        ("F", f"debug: PGPASSWORD={password}"),
+        ("F", f"debug: token={encoded}"),
+        ("P", f"half: {KV_PASSWORD[:10]}"),
+        ("F", f"{KV_PASSWORD[10:]} (two writes)"),
+        ("F", "task: done"),
+    ]
+
+
+def print_log(
+    kube_api: client.ApiClient,
+    namespace: str,
+    pod_name: str,
+    lines: list[tuple[str, str]],
+    folder: Path,
+) -> None:
+    """Make the kwok pod ``pod_name`` print ``lines`` (a namespaced Logs object)."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+    log_file = folder / f"{pod_name}.log"
+    log_file.write_text(
+        "".join(f"{stamp}.{i:09d}Z stdout {tag} {text}\n" for i, (tag, text) in enumerate(lines))
+    )
+    client.CustomObjectsApi(kube_api).create_namespaced_custom_object(
+        "kwok.x-k8s.io",
+        "v1alpha1",
+        namespace,
+        "logs",
+        {
+            "apiVersion": "kwok.x-k8s.io/v1alpha1",
+            "kind": "Logs",
+            "metadata": {"name": pod_name, "namespace": namespace},
+            "spec": {"logs": [{"containers": ["base"], "logsFile": str(log_file)}]},
+        },
+    )
+
+
 def test_a_task_running_three_leases_keeps_its_login_and_loses_it_at_the_cap(
     lease_broker: BrokerHandle,
     kube_api: client.ApiClient,
@@ -253,32 +296,8 @@ def test_values_printed_by_the_pod_are_masked_audited_and_revoked(
     namespace, launch_id = lease_broker.namespace, view["launch_id"]
     user, password = db_login(secret_data(kube_api, namespace, launch_id))
     (lease_id,) = leases_of(lease_broker, launch_id)
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
     encoded = base64.b64encode(KV_PASSWORD.encode()).decode()
-    lines = [
-        ("F", "task: connecting"),
-        ("F", f"debug: PGPASSWORD={password}"),
-        ("F", f"debug: token={encoded}"),
-        ("P", f"half: {KV_PASSWORD[:10]}"),
-        ("F", f"{KV_PASSWORD[10:]} (two writes)"),
-        ("F", "task: done"),
-    ]
-    log_file = tmp_path / "pod.log"
-    log_file.write_text(
-        "".join(f"{stamp}.{i:09d}Z stdout {tag} {text}\n" for i, (tag, text) in enumerate(lines))
-    )
-    client.CustomObjectsApi(kube_api).create_namespaced_custom_object(
-        "kwok.x-k8s.io",
-        "v1alpha1",
-        namespace,
-        "logs",
-        {
-            "apiVersion": "kwok.x-k8s.io/v1alpha1",
-            "kind": "Logs",
-            "metadata": {"name": view["pod_name"], "namespace": namespace},
-            "spec": {"logs": [{"containers": ["base"], "logsFile": str(log_file)}]},
-        },
-    )
+    print_log(kube_api, namespace, view["pod_name"], leaky_lines(password), tmp_path)
 
     def relayed() -> str:
         response = httpx.get(
@@ -307,3 +326,113 @@ def test_values_printed_by_the_pod_are_masked_audited_and_revoked(
     with pytest.raises(ApiException):
         client.CoreV1Api(kube_api).read_namespaced_secret("no-such", namespace)
     assert user not in Path(lease_broker.log_path).read_text()
+
+
+def secret_gone(kube_api: client.ApiClient, namespace: str, launch_id: str) -> bool:
+    try:
+        client.CoreV1Api(kube_api).read_namespaced_secret(f"podbroker-{launch_id}", namespace)
+    except ApiException as exc:
+        return exc.status == 404
+    return False
+
+
+def test_a_one_shot_read_after_the_pod_ended_and_its_secret_went_is_masked_or_refused(
+    lease_broker: BrokerHandle,
+    kube_api: client.ApiClient,
+    tmp_path: Path,
+) -> None:
+    """The deferrable operator's path: the log is read once, after the pod ended and
+    the broker deleted its Secret. The values the broker held since the launch mask it;
+    a broker that no longer holds them (restarted) refuses the read, never unmasked."""
+    view = launch(
+        lease_broker, f"lease_leak_{uuid.uuid4().hex[:6]}", ["short-db", "app"], run_for="3s"
+    )
+    namespace, launch_id = lease_broker.namespace, view["launch_id"]
+    user, password = db_login(secret_data(kube_api, namespace, launch_id))
+    print_log(kube_api, namespace, view["pod_name"], leaky_lines(password), tmp_path)
+    assert eventually(lambda: secret_gone(kube_api, namespace, launch_id), timeout=60)
+    planted = (password, KV_PASSWORD, base64.b64encode(KV_PASSWORD.encode()).decode())
+    url = f"{lease_broker.url}/v1/launches/{launch_id}/logs"
+
+    response = httpx.get(url, headers=lease_broker.headers(), timeout=30)
+    assert response.status_code == 200, response.text
+    assert "task: connecting" in response.text and "task: done" in response.text
+    # (indexes, not values: a failure must not print what leaked)
+    assert [i for i, v in enumerate((*planted, KV_PASSWORD[10:])) if v in response.text] == []
+    assert "***" in response.text
+    kinds = [kind for kind, _ in audit_kinds(lease_broker, launch_id)]
+    assert "secret_exposed" in kinds
+
+    # A restarted broker holds nothing of it: the read is refused and says why.
+    lease_broker.restart()
+    refused = httpx.get(url, headers=lease_broker.headers(), timeout=30)
+    assert refused.status_code == 409, refused.text
+    assert refused.json()["error"] == "conflict"
+    assert "leak_guard.retain_seconds" in refused.text
+    assert [i for i, v in enumerate((*planted, user)) if v in refused.text] == []
+    assert "task: connecting" not in refused.text
+    broker_log = Path(lease_broker.log_path).read_text()
+    assert [i for i, v in enumerate(planted) if v in broker_log] == []
+
+
+def test_a_replica_that_did_not_make_the_launch_masks_its_log_after_the_end(
+    tmp_path: Path,
+    kube: ControlPlane,
+    kube_api: client.ApiClient,
+    vault: OpenBao,
+    postgres: Postgres,
+    sources: SourceTree,
+    unique: str,
+    lease_env: PolicyEnv,
+) -> None:
+    """Two replicas (the chart's default): the launch is made through one, its log read
+    after the end through the other, which saw the pod run (its watch) and held the
+    values from then on."""
+    database = f"audit_{unique}"
+    with psycopg.connect(postgres.dsn(), autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {database}")
+    layout = lease_env.layout
+    settings = {
+        "vault": {
+            "auth": {"method": "token", "token": lease_env.broker_token},
+            "config_mount": layout.config_mount,
+            "grant_policy_prefix": layout.policy_prefix,
+            "token_role": layout.token_role,
+        },
+        "audit": {"url": postgres.url(database), "signing_key_file": str(tmp_path / "a.pem")},
+    }
+    namespace = f"leak2-{unique}"
+    replicas: list[BrokerHandle] = []
+    try:
+        for name in ("a", "b"):
+            replicas.append(
+                start_broker(
+                    tmp_path / name,
+                    kube,
+                    vault,
+                    postgres,
+                    sources,
+                    task_namespace=namespace,
+                    extra_settings=settings,
+                )
+            )
+        client.CustomObjectsApi(kube_api).delete_cluster_custom_object(
+            "kwok.x-k8s.io", "v1alpha1", "clusterlogs", f"logs-{namespace}"
+        )
+        maker, reader = replicas
+        view = launch(maker, f"lease_leak_{uuid.uuid4().hex[:6]}", ["app"], run_for="4s")
+        launch_id = view["launch_id"]
+        print_log(kube_api, namespace, view["pod_name"], leaky_lines("no-db-password"), tmp_path)
+        assert eventually(lambda: secret_gone(kube_api, namespace, launch_id), timeout=60)
+        response = httpx.get(
+            f"{reader.url}/v1/launches/{launch_id}/logs", headers=reader.headers(), timeout=30
+        )
+        assert response.status_code == 200, response.text
+        assert "task: done" in response.text
+        encoded = base64.b64encode(KV_PASSWORD.encode()).decode()
+        planted = (KV_PASSWORD, encoded, KV_PASSWORD[10:])
+        assert [i for i, v in enumerate(planted) if v in response.text] == []
+        assert "***" in response.text
+    finally:
+        for broker in replicas:
+            broker.stop()

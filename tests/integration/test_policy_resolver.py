@@ -202,7 +202,7 @@ def test_broker_token_cannot_read_team_secrets(penv: PolicyEnv) -> None:
         broker.auth.token.create(policies=[f"{penv.layout.policy_prefix}data.etl"])
     # but it reads its own config mount
     assert broker.secrets.kv.v2.read_secret_version(
-        penv.layout.catalog_path,
+        penv.layout.index_path,
         mount_point=penv.layout.config_mount,
         raise_on_deleted_version=True,
     )

@@ -78,16 +78,10 @@ def test_plan_apply_idempotent_prune_and_export(
     assert stored == grant_acl_hcl(loaded, "analytics/warehouse-etl", etl)
     assert 'path "secret/data/analytics/warehouse-loader"' in stored
 
-    versions = [
-        kv_version(vault_root, cli.layout.config_mount, p)
-        for p in (cli.layout.catalog_path, cli.layout.grants_path)
-    ]
+    version = kv_version(vault_root, cli.layout.config_mount, cli.layout.index_path)
     again = cli("apply", str(files))
     assert again.exit_code == 0 and "no changes" in again.output
-    assert versions == [
-        kv_version(vault_root, cli.layout.config_mount, p)
-        for p in (cli.layout.catalog_path, cli.layout.grants_path)
-    ]
+    assert version == kv_version(vault_root, cli.layout.config_mount, cli.layout.index_path)
 
     # Drop a grant and change a secret: without --prune the grant is kept.
     team = files / "teams" / "ml-platform.yaml"
@@ -135,7 +129,7 @@ def test_apply_refuses_invalid_files_and_changes_nothing(
     assert not any(p.startswith(prefix) for p in vault_root.sys.list_acl_policies()["data"]["keys"])
     with pytest.raises(hvac.exceptions.InvalidPath):
         vault_root.secrets.kv.v2.read_secret_version(
-            cli.layout.catalog_path,
+            cli.layout.index_path,
             mount_point=cli.layout.config_mount,
             raise_on_deleted_version=True,
         )

@@ -59,9 +59,18 @@ def test_bootstrap_is_idempotent_and_least_privilege(
         policies=[layout.broker_policy], ttl="10m", no_default_policy=True
     )
     token = broker["auth"]["client_token"]
-    config = f"{layout.config_mount}/data/{layout.grants_path}"
-    assert capabilities(vault, token, config) == ["read"]
-    assert capabilities(vault, token, f"{layout.config_mount}/data/other") == ["deny"]
+    config = layout.config_mount
+    # The stored policy: index and parts, and the single-entry layout of before parts.
+    assert capabilities(vault, token, f"{config}/data/{layout.index_path}") == ["read"]
+    assert capabilities(vault, token, f"{config}/data/{layout.parts_path}/team-a-0f") == ["read"]
+    assert capabilities(vault, token, f"{config}/data/{layout.grants_path}") == ["read"]
+    assert capabilities(vault, token, f"{config}/data/{layout.catalog_path}") == ["read"]
+    # ... and nothing more: no listing, metadata, writes or other entries of the mount.
+    assert capabilities(vault, token, f"{config}/metadata/{layout.parts_path}/x") == ["deny"]
+    assert capabilities(vault, token, f"{config}/metadata/{layout.parts_path}") == ["deny"]
+    assert capabilities(vault, token, f"{config}/delete/{layout.index_path}") == ["deny"]
+    assert capabilities(vault, token, f"{config}/data/policies/other") == ["deny"]
+    assert capabilities(vault, token, f"{config}/data/other") == ["deny"]
     assert capabilities(vault, token, "secret/data/payments/provider-api") == ["deny"]
     assert capabilities(vault, token, "database/creds/orders-readonly") == ["deny"]
     assert capabilities(vault, token, f"auth/token/create/{layout.token_role}") == ["update"]

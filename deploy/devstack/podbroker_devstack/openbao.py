@@ -41,11 +41,13 @@ class OpenBao:
         self.process.stop()
 
 
-def start_openbao(folder: Path, *, tls: bool = False) -> OpenBao:
+def start_openbao(folder: Path, *, tls: bool = False, telemetry: bool = False) -> OpenBao:
     """Start `bao server -dev` on a free loopback port and wait for /v1/sys/health.
 
     A file audit device is declared in a config file (OpenBao 2.x no longer enables audit
-    devices through the API), so every request is in ``audit.log``."""
+    devices through the API), so every request is in ``audit.log``. With ``telemetry``,
+    ``sys/metrics?format=prometheus`` serves cumulative counters (storage puts and
+    deletes as ``vault_barrier_put_count`` / ``vault_barrier_delete_count``)."""
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
     root_token = "root-" + secrets.token_hex(12)
@@ -53,6 +55,11 @@ def start_openbao(folder: Path, *, tls: bool = False) -> OpenBao:
     config = folder / "bao.hcl"
     config.write_text(
         f'audit "file" "to-file" {{\n  options {{\n    file_path = "{audit_log}"\n  }}\n}}\n'
+        + (
+            'telemetry {\n  prometheus_retention_time = "24h"\n  disable_hostname = true\n}\n'
+            if telemetry
+            else ""
+        )
     )
     argv = [
         find_bao(),
