@@ -18,8 +18,8 @@ from broker.core import podmeta
 from broker.core.models import Caller, TaskIdentity
 from broker.core.objects import PodInfo, SecretMeta, launch_view
 from broker.core.plan import secret_name_for
-from broker.core.termination import CLEAN, WITHHELD, exposed_in, values_by_secret
 from broker.core.secret_value import SecretValue
+from broker.core.termination import CLEAN, WITHHELD, exposed_in, values_by_secret
 from broker.errors import BrokerError, NotFoundError
 from broker.metrics import LIVE_SECRETS, VAULT_LATENCY
 from broker.service.issued import IssuedValues

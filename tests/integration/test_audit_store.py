@@ -376,6 +376,8 @@ def test_concurrent_appends_share_commits_and_keep_each_callers_events_together(
     assert store._appends.transactions < callers
     result = store.verify(key.public_key())
     assert result.ok, result.summary()
+
+
 # -- the events of one task try: pages over an index (GET /v1/audit/launches) ----------
 
 
