@@ -249,13 +249,15 @@ def time_policy_change(stack: ChaosStack, urls: list[str], token: str, work: Pat
             headers=headers,
             timeout=30,
         )
-        if response.status_code not in (200, 403):
+        if response.status_code != 200:
             raise RuntimeError(f"probe: {response.status_code} {response.text[:160]}")
-        return response.status_code == 200
+        return bool(response.json()["decision"]["allowed"])  # a denial is a decision
 
     if not all(allowed(url) for url in urls):
         raise RuntimeError("the probe is denied before the change")
-    apply_example_policies(stack.vault, without_grant(stack.sources.policies, work, REMOVED_GRANT))
+    # --prune: without it, apply keeps what the files no longer name.
+    changed = without_grant(stack.sources.policies, work, REMOVED_GRANT)
+    apply_example_policies(stack.vault, changed, prune=True)
     applied = time.monotonic()
     pending, seconds = set(urls), []
     while pending and time.monotonic() - applied < 120:
@@ -264,7 +266,7 @@ def time_policy_change(stack: ChaosStack, urls: list[str], token: str, work: Pat
                 seconds.append(time.monotonic() - applied)
                 pending.discard(url)
         time.sleep(0.25)
-    apply_example_policies(stack.vault, stack.sources.policies)
+    apply_example_policies(stack.vault, stack.sources.policies, prune=True)
     return seconds if not pending else [*seconds, float("inf")]
 
 

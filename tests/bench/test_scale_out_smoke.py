@@ -31,3 +31,6 @@ def test_scale_out_keeps_every_invariant_with_a_replica_killed(
     assert not any(figures.invariants.violations.values()), figures.invariants.violations
     assert figures.duplicate_cleanups == 0
     assert figures.floor_per_second > 0 and figures.per_second > 0
+    # Every live replica denied the removed grant (measured, not bounded in time here).
+    assert len(figures.policy_change_seconds) == 2
+    assert all(s != float("inf") for s in figures.policy_change_seconds)
