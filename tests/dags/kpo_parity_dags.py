@@ -17,6 +17,8 @@ START = pendulum.datetime(2026, 1, 1, tz="UTC")
 EXIT_CODE = "kwok.podbroker.dev/exit-code"
 RUN_DURATION = "kwok.podbroker.dev/run-duration"
 TERMINATION_MESSAGE = "kwok.podbroker.dev/termination-message"
+WAITING_REASON = "kwok.podbroker.dev/waiting-reason"
+WAITING_MESSAGE = "kwok.podbroker.dev/waiting-message"
 
 with DAG("analytics_etl_e2e_skip", schedule=None, start_date=START, catchup=False):
     BrokerPodOperator(
@@ -121,5 +123,30 @@ with DAG("analytics_etl_e2e_grace", schedule=None, start_date=START, catchup=Fal
         secrets=["warehouse-readonly"],
         termination_grace_period=45,
         on_finish_action="keep_pod",
+        poll_interval=0.5,
+    )
+
+# Startup failures: long timeouts, so failing in seconds shows the task did not wait.
+with DAG("analytics_etl_e2e_image_pull", schedule=None, start_date=START, catchup=False):
+    BrokerPodOperator(
+        task_id="load_missing_image",
+        image="registry.invalid/etl/load:missing",
+        secrets=["warehouse-readonly"],
+        annotations={
+            WAITING_REASON: "ImagePullBackOff",
+            WAITING_MESSAGE: 'Back-off pulling image "registry.invalid/etl/load:missing"',
+        },
+        startup_timeout_seconds=900,
+        poll_interval=0.5,
+    )
+
+with DAG("analytics_etl_e2e_unschedulable", schedule=None, start_date=START, catchup=False):
+    BrokerPodOperator(
+        task_id="load_nowhere",
+        image="python:3.12-slim",
+        secrets=["warehouse-readonly"],
+        node_selector={"podbroker.dev/e2e-no-such-node": "true"},
+        schedule_timeout_seconds=5,
+        startup_timeout_seconds=900,
         poll_interval=0.5,
     )

@@ -178,3 +178,34 @@ def test_termination_grace_period_reaches_the_pod(
     ).items
     assert len(pods) == 1  # on_finish_action="keep_pod"
     assert pods[0].spec.termination_grace_period_seconds == 45
+
+
+def test_a_pod_that_cannot_pull_its_image_fails_at_once_with_the_reason(
+    env: dict[str, str], broker: BrokerHandle, core: client.CoreV1Api
+) -> None:
+    """ImagePullBackOff will not heal: the task fails without waiting for its 900 s
+    startup timeout, saying why, and the pod is not left behind."""
+    result = dags_test(env, "analytics_etl_e2e_image_pull")
+    output = result.stdout + result.stderr
+    assert latest_ti(env, "analytics_etl_e2e_image_pull")["state"] == "failed"
+    assert "cannot start: ImagePullBackOff" in output, operator_lines(output)
+    assert "registry.invalid/etl/load:missing" in output
+    assert "not waiting for the startup timeout" in output
+    pods = core.list_namespaced_pod(
+        broker.namespace, label_selector="dag_id=analytics_etl_e2e_image_pull"
+    ).items
+    assert all(p.metadata.deletion_timestamp for p in pods)
+    assert_no_planted_values(broker, output)
+
+
+def test_an_unschedulable_pod_fails_after_the_schedule_timeout_showing_why(
+    env: dict[str, str], broker: BrokerHandle
+) -> None:
+    """No node matches: the real scheduler's FailedScheduling reaches the task log and
+    the task fails after its 5 s schedule timeout, not its 900 s startup timeout."""
+    result = dags_test(env, "analytics_etl_e2e_unschedulable")
+    output = result.stdout + result.stderr
+    assert latest_ti(env, "analytics_etl_e2e_unschedulable")["state"] == "failed"
+    assert "not scheduled after 5s (schedule_timeout_seconds)" in output, operator_lines(output)
+    assert "FailedScheduling" in output or "unschedulable" in output.lower()
+    assert_no_planted_values(broker, output)
