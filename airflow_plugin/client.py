@@ -215,12 +215,22 @@ class BrokerClient:
             params.extend(("dag_ids", d) for d in sorted(set(dag_ids)))
         return self._request("GET", "/v1/audit/report", params=params).text
 
-    def launch_audit(self, task: TaskTry) -> TaskTryAudit:
+    def launch_audit(self, task: TaskTry, *, max_pages: int = 10) -> TaskTryAudit:
         """GET /v1/audit/launches: what happened to the secrets of one task try (every
-        try when ``task.try_number`` is None), names only."""
-        params = task.model_dump(exclude_none=True)
+        try when ``task.try_number`` is None), names only. Follows the broker's pages
+        (at most ``max_pages``; ``next_cursor`` is kept when more remain)."""
+        params: dict[str, object] = dict(task.model_dump(exclude_none=True))
         response = self._request("GET", "/v1/audit/launches", params=params)
-        return TaskTryAudit.model_validate_json(response.content)
+        audit = TaskTryAudit.model_validate_json(response.content)
+        launches = list(audit.launches)
+        for _ in range(max_pages - 1):
+            if audit.next_cursor is None:
+                break
+            params["cursor"] = audit.next_cursor
+            response = self._request("GET", "/v1/audit/launches", params=params)
+            audit = TaskTryAudit.model_validate_json(response.content)
+            launches.extend(audit.launches)
+        return audit.model_copy(update={"launches": launches})
 
 
 class AsyncBrokerClient:

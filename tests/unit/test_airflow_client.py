@@ -14,6 +14,7 @@ from airflow_plugin.client import BrokerClient
 from airflow_plugin.settings import BrokerConnectionSettings, settings_from_connection
 from broker.core.api_models import ContainerSpec, LaunchRequest
 from broker.core.models import SecretRequest, TaskIdentity
+from broker.core.timeline import TaskTry
 from broker.errors import (
     AuthenticationError,
     ConflictError,
@@ -200,3 +201,50 @@ def test_idle_follow_stream_ends_quietly_only_when_asked(tmp_path: Path) -> None
         assert lines == ["2026-11-24T10:00:00Z a"]
         with pytest.raises(TemporaryError):
             list(c.iter_log_lines("L1", follow=True))
+
+
+def test_launch_audit_follows_the_brokers_pages(tmp_path: Path) -> None:
+    """GET /v1/audit/launches is paginated: the task-instance view gets every page."""
+    task = TaskTry(dag_id="etl", run_id="r1", task_id="load")
+    pages = {
+        None: (["L1", "L2"], "c1"),
+        "c1": (["L3"], "c2"),
+        "c2": (["L4"], None),
+    }
+    seen: list[str | None] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        cursor = request.url.params.get("cursor")
+        seen.append(cursor)
+        assert request.url.params["dag_id"] == "etl"
+        ids, next_cursor = pages[cursor]
+        body = {
+            "task": task.model_dump(),
+            "launches": [_timeline(i) for i in ids],
+            "next_cursor": next_cursor,
+        }
+        return httpx.Response(200, json=body)
+
+    with BrokerClient(settings(tmp_path), transport=httpx.MockTransport(handler)) as client:
+        audit = client.launch_audit(task)
+        assert [t.launch_id for t in audit.launches] == ["L1", "L2", "L3", "L4"]
+        assert audit.next_cursor is None and seen == [None, "c1", "c2"]
+        seen.clear()
+        capped = client.launch_audit(task, max_pages=2)
+        assert [t.launch_id for t in capped.launches] == ["L1", "L2", "L3"]
+        assert capped.next_cursor == "c2"  # more remain
+
+
+def _timeline(launch_id: str) -> dict[str, object]:
+    return {
+        "launch_id": launch_id,
+        "try_number": 1,
+        "caller": None,
+        "image": None,
+        "requested": None,
+        "allowed": True,
+        "reasons": [],
+        "secrets": [],
+        "findings": [],
+        "events": [],
+    }
