@@ -4,6 +4,7 @@ thing runs in tests/e2e/test_airflow_plugin_ui.py."""
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Sequence
 from typing import Any
 
@@ -53,7 +54,11 @@ def page(
 def test_report_is_limited_to_readable_dags(monkeypatch: pytest.MonkeyPatch) -> None:
     text, calls = page(monkeypatch, ["b", "a"], "?dag=a")
     assert "Secret usage report" in text
-    assert calls == [{"fmt": "html", "dag": "a", "since": None, "dag_ids": ["a", "b"]}]
+    (call,) = calls
+    # No window given: the last 7 days (the report's cost grows with its window).
+    since = dt.datetime.fromisoformat(call.pop("since"))
+    assert dt.timedelta(days=7) - (dt.datetime.now(dt.UTC) - since) < dt.timedelta(minutes=5)
+    assert call == {"fmt": "html", "dag": "a", "dag_ids": ["a", "b"]}
 
 
 def test_a_user_who_may_read_no_dag_sees_an_empty_report(
@@ -62,3 +67,8 @@ def test_a_user_who_may_read_no_dag_sees_an_empty_report(
     text, calls = page(monkeypatch, [])
     assert calls == []
     assert "No DAG you may read" in text
+
+
+def test_since_all_asks_for_the_whole_trail(monkeypatch: pytest.MonkeyPatch) -> None:
+    _, calls = page(monkeypatch, ["a"], "?since=all")
+    assert calls[0]["since"] is None
