@@ -24,9 +24,9 @@ pytestmark = [pytest.mark.stack, pytest.mark.airflow]
 AIRFLOW = Path(sys.executable).parent / "airflow"
 
 
-@pytest.fixture(scope="module")
-def env(airflow_env: dict[str, str], broker: BrokerHandle) -> dict[str, str]:
-    """Airflow's environment plus the podbroker connection (static dev token)."""
+def with_connection(airflow_env: dict[str, str], broker: BrokerHandle) -> dict[str, str]:
+    """Airflow's environment plus the podbroker connection to ``broker`` (its static
+    dev token)."""
     conn = {
         "conn_type": "podbroker",
         "host": broker.url,
@@ -34,6 +34,11 @@ def env(airflow_env: dict[str, str], broker: BrokerHandle) -> dict[str, str]:
         "extra": {"namespace": broker.namespace, "timeout": 30},
     }
     return {**airflow_env, "AIRFLOW_CONN_PODBROKER_DEFAULT": json.dumps(conn)}
+
+
+@pytest.fixture(scope="module")
+def env(airflow_env: dict[str, str], broker: BrokerHandle) -> dict[str, str]:
+    return with_connection(airflow_env, broker)
 
 
 @pytest.fixture

@@ -26,7 +26,13 @@ from podbroker_devstack.kube import ControlPlane
 from podbroker_devstack.openbao import OpenBao
 from podbroker_devstack.postgres import Postgres
 from podbroker_devstack.sources import SourceTree
-from tests.e2e.test_airflow_broker import dags_test, everything_airflow_kept, latest_ti, xcom_of
+from tests.e2e.test_airflow_broker import (
+    dags_test,
+    everything_airflow_kept,
+    latest_ti,
+    with_connection,
+    xcom_of,
+)
 from tests.integration.vault_policy_env import make_env
 
 pytestmark = [pytest.mark.stack, pytest.mark.airflow]
@@ -110,13 +116,7 @@ def leak_broker(
 
 @pytest.fixture(scope="module")
 def env(airflow_env: dict[str, str], leak_broker: BrokerHandle) -> dict[str, str]:
-    conn = {
-        "conn_type": "podbroker",
-        "host": leak_broker.url,
-        "password": leak_broker.token,
-        "extra": {"namespace": leak_broker.namespace, "timeout": 30},
-    }
-    return {**airflow_env, "AIRFLOW_CONN_PODBROKER_DEFAULT": json.dumps(conn)}
+    return with_connection(airflow_env, leak_broker)
 
 
 def audit_of(broker: BrokerHandle, launch_id: str) -> list[tuple[str, dict[str, Any]]]:

@@ -7,10 +7,8 @@ failed in Airflow loses its pod and its database lease (checked in Vault)."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import uuid
@@ -33,6 +31,7 @@ from podbroker_devstack.broker_env import (
     WORKER_SERVICE_ACCOUNT,
     BrokerHandle,
 )
+from tests.e2e.test_airflow_broker import latest_ti, with_connection
 from tests.helpers import eventually
 
 pytestmark = [pytest.mark.stack, pytest.mark.airflow]
@@ -43,32 +42,13 @@ LONG_DAG = "analytics_etl_verify_e2e_long"
 
 @pytest.fixture(scope="module")
 def env(airflow_env: dict[str, str], verified_broker: BrokerHandle) -> dict[str, str]:
-    conn = {
-        "conn_type": "podbroker",
-        "host": verified_broker.url,
-        "password": verified_broker.token,
-        "extra": {"namespace": verified_broker.namespace, "timeout": 30},
-    }
-    return {**airflow_env, "AIRFLOW_CONN_PODBROKER_DEFAULT": json.dumps(conn)}
+    return with_connection(airflow_env, verified_broker)
 
 
 @pytest.fixture
 def core(verified_broker: BrokerHandle) -> Iterator[client.CoreV1Api]:
     with verified_broker.kube.api_client() as api:
         yield client.CoreV1Api(api)
-
-
-def latest_ti(env: dict[str, str], dag_id: str) -> dict[str, Any]:
-    with sqlite3.connect(Path(env["AIRFLOW_HOME"]) / "airflow.db") as db:
-        db.row_factory = sqlite3.Row
-        row = db.execute(
-            "SELECT ti.* FROM task_instance ti JOIN dag_run dr"
-            " ON dr.dag_id = ti.dag_id AND dr.run_id = ti.run_id"
-            " WHERE ti.dag_id = ? ORDER BY dr.id DESC LIMIT 1",
-            (dag_id,),
-        ).fetchone()
-    assert row is not None, f"no task instance of {dag_id}"
-    return dict(row)
 
 
 def identity_of(ti: dict[str, Any], **changes: Any) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from podbroker_devstack.openbao import OpenBao
 from podbroker_devstack.postgres import Postgres
 from podbroker_devstack.sources import SourceTree
 from tests.helpers import eventually
+from tests.integration.vault_database import can_login, database_mount
 from tests.integration.vault_policy_env import PolicyEnv, make_env
 
 pytestmark = pytest.mark.stack
@@ -46,29 +47,8 @@ def lease_env(
 ) -> PolicyEnv:
     env = make_env(vault, vault_root, unique)
     mount = f"db-{unique}"
-    vault_root.sys.enable_secrets_engine("database", path=mount)
-    vault_root.write_data(
-        f"{mount}/config/pg",
-        data={
-            "plugin_name": "postgresql-database-plugin",
-            "allowed_roles": "*",
-            "connection_url": f"postgresql://{{{{username}}}}:{{{{password}}}}@{postgres.host}:"
-            f"{postgres.port}/postgres",
-            "username": postgres.superuser,
-            "password": postgres.password,
-        },
-    )
-    vault_root.write_data(
-        f"{mount}/roles/short",
-        data={
-            "db_name": "pg",
-            "creation_statements": [
-                "CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' "
-                "VALID UNTIL '{{expiration}}';"
-            ],
-            "default_ttl": f"{LEASE_TTL}s",
-            "max_ttl": "1h",
-        },
+    database_mount(
+        vault_root, postgres, mount, role="short", default_ttl=f"{LEASE_TTL}s", max_ttl="1h"
     )
     vault_root.secrets.kv.v2.create_or_update_secret(
         "team/app", {"password": KV_PASSWORD}, mount_point=env.kv_mount
@@ -174,21 +154,6 @@ def db_login(data: dict[str, str]) -> tuple[str, str]:
     user = next(v for k, v in data.items() if k.endswith(".username"))
     password = next(v for k, v in data.items() if k.endswith(".password") and v != KV_PASSWORD)
     return user, password
-
-
-def can_login(postgres: Postgres, username: str, password: str) -> bool:
-    try:
-        with psycopg.connect(
-            host=postgres.host,
-            port=postgres.port,
-            user=username,
-            password=password,
-            dbname="postgres",
-            connect_timeout=5,
-        ) as conn:
-            return conn.execute("select 1").fetchone() == (1,)
-    except psycopg.OperationalError:
-        return False
 
 
 def lease_ttl(vault_root: hvac.Client, lease_id: str) -> int | None:
