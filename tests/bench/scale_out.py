@@ -129,15 +129,13 @@ class ScaleOutFigures:
         print(f"  verdict: {'OK' if self.ok else 'MISS'}")
 
 
-def add_kwok_nodes(api: client.ApiClient, total: int, progress: Callable[[str], None]) -> None:
+def add_kwok_nodes(api: client.ApiClient, total: int, progress: Callable[[str], None]) -> list[str]:
     """Nodes kwok-node-1 ... up to ``total`` nodes (kwok-node-0 comes with the stack),
-    each managed by kwok (the annotation), waited for until Ready."""
+    each managed by kwok (the annotation), waited for until Ready; the names added."""
     core = client.CoreV1Api(api)
-    names = [f"kwok-node-{i}" for i in range(1, total)]
     existing = {n.metadata.name for n in core.list_node().items}
-    for name in names:
-        if name in existing:
-            continue
+    added = [f"kwok-node-{i}" for i in range(1, total) if f"kwok-node-{i}" not in existing]
+    for name in added:
         core.create_node(
             client.V1Node(
                 metadata=client.V1ObjectMeta(
@@ -155,7 +153,7 @@ def add_kwok_nodes(api: client.ApiClient, total: int, progress: Callable[[str], 
         )
         if ready >= total:
             progress(f"[scale-out] {ready} kwok nodes Ready")
-            return
+            return added
         time.sleep(1)
     raise RuntimeError(f"only {ready} of {total} kwok nodes became Ready")
 
@@ -281,7 +279,25 @@ def run_scale_out(
 ) -> ScaleOutFigures:
     figures = ScaleOutFigures(replicas, nodes, pods, concurrency)
     admin = stack.kube.api_client()
-    add_kwok_nodes(admin, nodes, progress)
+    added_nodes = add_kwok_nodes(admin, nodes, progress)
+    try:
+        return _run(stack, figures, admin, progress)
+    finally:
+        # The control plane may be shared (the smoke test runs on the session's): leave
+        # it with the nodes it had, or later pods land on these.
+        core = client.CoreV1Api(admin)
+        for name in added_nodes:
+            core.delete_node(name)
+        admin.close()
+
+
+def _run(
+    stack: ChaosStack,
+    figures: ScaleOutFigures,
+    admin: client.ApiClient,
+    progress: Callable[[str], None],
+) -> ScaleOutFigures:
+    replicas, pods, concurrency = figures.replicas, figures.pods, figures.concurrency
     first = stack.broker("scaleout")
     handles = [first] + [start_replica(first, n) for n in range(2, replicas + 1)]
     progress(f"[scale-out] {replicas} replicas ready on one PostgreSQL audit store")
@@ -354,7 +370,6 @@ def run_scale_out(
     finally:
         for handle in handles:
             handle.stop()
-        admin.close()
     return figures
 
 

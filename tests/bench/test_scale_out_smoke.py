@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from kubernetes import client
 
 from podbroker_devstack.kube import ControlPlane
 from podbroker_devstack.openbao import OpenBao
@@ -23,7 +24,12 @@ def test_scale_out_keeps_every_invariant_with_a_replica_killed(
     tmp_path: Path, kube: ControlPlane, vault: OpenBao, postgres: Postgres, sources: SourceTree
 ) -> None:
     stack = ChaosStack(tmp_path, kube, vault, postgres, sources)
-    figures = run_scale_out(stack, replicas=3, nodes=3, pods=24, concurrency=8)
+    with kube.api_client() as api:
+        nodes_before = {n.metadata.name for n in client.CoreV1Api(api).list_node().items}
+        figures = run_scale_out(stack, replicas=3, nodes=3, pods=24, concurrency=8)
+        # The session's control plane keeps only its own nodes (other tests expect them).
+        nodes_after = {n.metadata.name for n in client.CoreV1Api(api).list_node().items}
+    assert nodes_after == nodes_before
     figures.print()
     assert figures.accepted == 24 and figures.in_flight == 24
     assert figures.failed_beyond_one_retry == 0, figures.samples
