@@ -8,7 +8,7 @@ export PODBROKER_CACHE ?= $(HOME)/.cache/podbroker
 export UV_CACHE_DIR ?= $(PODBROKER_CACHE)/uv
 EXTRAS := broker,airflow,postgres,dev
 
-.PHONY: help venv binaries postgres-packages lint typecheck imports check unit test demo bench bench-burst bench-scale bench-vault chaos lock clean
+.PHONY: help venv binaries postgres-packages browser-packages lint typecheck imports check unit test demo bench bench-burst bench-scale bench-vault chaos lock clean
 
 help:
 	@echo "make demo   - local OpenBao + control plane + broker + example DAG runs + audit report"
@@ -53,6 +53,13 @@ postgres-packages:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
 	fi
 
+# The UI tests drive a real headless browser (Debian's chromium).
+browser-packages:
+	@if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then \
+	  echo "==> installing chromium (headless browser for the UI tests) from Debian's packages"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	fi
+
 lint: venv
 	$(BIN)/ruff check broker airflow_plugin tests deploy/devstack
 	$(BIN)/ruff format --check broker airflow_plugin tests deploy/devstack
@@ -68,7 +75,7 @@ check: lint typecheck imports
 unit: venv
 	$(BIN)/pytest tests/unit -q
 
-test: venv binaries postgres-packages check
+test: venv binaries postgres-packages browser-packages check
 	$(BIN)/pytest tests -q -p no:cacheprovider
 
 demo: venv binaries postgres-packages
