@@ -76,7 +76,7 @@ unit: venv
 	$(BIN)/pytest tests/unit -q
 
 test: venv binaries postgres-packages browser-packages check
-	$(BIN)/pytest tests -q -p no:cacheprovider
+	$(BIN)/pytest tests -q -p no:cacheprovider --durations=20
 
 demo: venv binaries postgres-packages
 	$(BIN)/podbroker-dev demo
