@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import hvac
 
-from broker.errors import ConflictError, InvalidRequestError, NotFoundError
+from broker.errors import BrokerError, ConflictError, InvalidRequestError, NotFoundError
 from broker.vault import names
 from broker.vault.client import translate_errors
 from broker.vault.layout import VaultLayout
@@ -62,6 +63,26 @@ class BootstrapOptions:
     """Mounts of dynamic secrets engines whose leases the broker may renew and revoke.
     The mounts of the catalog already stored in Vault are added to these."""
     kubernetes: KubernetesAuthOptions | None = None
+
+
+KV_UPGRADE_SECONDS = 15.0
+
+
+def await_kv_ready(client: hvac.Client, mount: str, timeout: float = KV_UPGRADE_SECONDS) -> None:
+    """A KV v2 mount just enabled (or a server just started) upgrades its storage for a
+    moment and refuses every request meanwhile ("Upgrading from non-versioned to
+    versioned data"): wait, bounded, until it answers."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with translate_errors(f"read {mount}/config"):
+                client.read(f"{mount}/config")
+            return
+        except BrokerError as exc:
+            upgrading = "upgrading" in str(exc.__cause__ or "").lower()
+            if not upgrading or time.monotonic() > deadline:
+                raise
+        time.sleep(0.1)
 
 
 def broker_policy_rules(
@@ -208,6 +229,7 @@ def bootstrap(client: hvac.Client, options: BootstrapOptions) -> list[str]:
                 description="podbroker policy catalog and grants",
             )
         changes.append(f"enabled KV v2 secrets engine at {layout.config_mount}/")
+        await_kv_ready(client, layout.config_mount)
     elif entry.get("type") != "kv" or str((entry.get("options") or {}).get("version")) != "2":
         raise ConflictError(f"{layout.config_mount}/ exists and is not a KV version 2 mount")
 

@@ -81,8 +81,21 @@ def start_openbao(folder: Path, *, tls: bool = False, telemetry: bool = False) -
         response = httpx.get(f"{url}/v1/sys/health", timeout=1.0, verify=verify)
         return response.status_code == 200 and response.json().get("sealed") is False
 
+    def kv_ready() -> bool:
+        # The dev server's secret/ (KV v2) upgrades its storage just after start and
+        # refuses writes meanwhile ("Upgrading from non-versioned to versioned data").
+        verify = ssl.create_default_context(cafile=str(ca_file)) if ca_file else True
+        response = httpx.get(
+            f"{url}/v1/secret/config",
+            headers={"X-Vault-Token": root_token},
+            timeout=1.0,
+            verify=verify,
+        )
+        return response.status_code == 200
+
     try:
         wait_until(healthy, timeout=30, what="OpenBao", alive=process)
+        wait_until(kv_ready, timeout=30, what="OpenBao's secret/ KV engine", alive=process)
     except StackError:
         process.stop()
         raise
