@@ -140,7 +140,12 @@ def measure_cleanup(
         body["scheduling"]["annotations"] = {RUN_DURATION_ANNOTATION: run_duration}
         with httpx.Client(base_url=broker.url, headers=broker.headers(), timeout=120) as http:
             _, launch_id = bursts.post_launch(http, body, retries)
-            view = http.get(f"/v1/launches/{launch_id}").raise_for_status().json()
+            response = http.get(f"/v1/launches/{launch_id}")
+            while response.status_code == 503:  # over the status cap: wait as told
+                retries.append(1)
+                time.sleep(float(response.headers.get("Retry-After", "1")))
+                response = http.get(f"/v1/launches/{launch_id}")
+            view = response.raise_for_status().json()
         launched[view["pod_name"]] = launch_id
 
     burst_ids: list[str] = []
