@@ -70,6 +70,12 @@ def _unbounded(_doing: str, work: Callable[[], Any]) -> Any:
     return work()
 
 
+Writer = Callable[[str, Callable[[Connection], Any]], Any]
+"""Runs ``op(conn)`` in a committed write transaction and returns its result: the audit
+store's group commit (``AuditStore.holdings``), so the ledger's writes share the audit
+writer's transactions instead of queueing on the database's write lock beside it."""
+
+
 def _bounded(doing: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
     """Run the method under the store's deadline: a frozen database gives a prompt
     AuditUnavailableError, never a hung cleanup."""
@@ -89,10 +95,18 @@ class HoldingsLedger:
     state of each dynamic lease, so renewal survives restarts and one replica renews)
     of the audit store's database."""
 
-    def __init__(self, engine: Engine, shown_url: str, *, bounded: Bounded = _unbounded) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        shown_url: str,
+        *,
+        bounded: Bounded = _unbounded,
+        writer: Writer | None = None,
+    ) -> None:
         self._engine = engine
         self._url = shown_url
         self._run = bounded
+        self._writer = writer
 
     def _fail(self, exc: BaseException, doing: str) -> AuditUnavailableError:
         cause = type(getattr(exc, "orig", None) or exc).__name__
@@ -100,10 +114,22 @@ class HoldingsLedger:
             f"holdings ledger {self._url} unavailable while {doing} ({cause})"
         )
 
-    def _write(self) -> Connection:
-        return self._engine.connect().execution_options(podbroker_write=True)
+    def _write_op(self, doing: str, op: Callable[[Connection], T]) -> T:
+        """The one write path: ``op(conn)`` committed (through the writer when given,
+        else in a transaction of its own under the store's deadline)."""
 
-    @_bounded("recording what a launch holds")
+        def own_transaction() -> T:
+            connection = self._engine.connect().execution_options(podbroker_write=True)
+            with connection as conn, conn.begin():
+                return op(conn)
+
+        try:
+            if self._writer is not None:
+                return cast(T, self._writer(doing, op))
+            return cast(T, self._run(doing, own_transaction))
+        except SQLAlchemyError as exc:
+            raise self._fail(exc, doing) from exc
+
     def hold(
         self,
         launch_id: str,
@@ -113,41 +139,38 @@ class HoldingsLedger:
         lease_ids: Sequence[str] = (),
     ) -> None:
         """Add what Vault just issued for ``launch_id`` (committed before returning)."""
-        try:
-            with self._write() as conn, conn.begin():
-                row = conn.execute(
-                    text(
-                        "SELECT lease_ids, token_accessor FROM launch_holdings "
-                        "WHERE launch_id = :id"
-                    ),
-                    {"id": launch_id},
-                ).first()
-                if row is None:
-                    conn.execute(
-                        text(
-                            "INSERT INTO launch_holdings (launch_id, namespace, lease_ids, "
-                            "token_accessor, created_at) VALUES (:id, :ns, :leases, :acc, :t)"
-                        ),
-                        {
-                            "id": launch_id,
-                            "ns": namespace,
-                            "leases": json.dumps(list(lease_ids)),
-                            "acc": token_accessor,
-                            "t": _now(),
-                        },
-                    )
-                    return
-                leases = list(dict.fromkeys([*json.loads(row[0] or "[]"), *lease_ids]))
+
+        def op(conn: Connection) -> None:
+            row = conn.execute(
+                text("SELECT lease_ids, token_accessor FROM launch_holdings WHERE launch_id = :id"),
+                {"id": launch_id},
+            ).first()
+            if row is None:
                 conn.execute(
                     text(
-                        "UPDATE launch_holdings SET lease_ids = :leases, "
-                        "token_accessor = COALESCE(:acc, token_accessor), released_at = NULL "
-                        "WHERE launch_id = :id"
+                        "INSERT INTO launch_holdings (launch_id, namespace, lease_ids, "
+                        "token_accessor, created_at) VALUES (:id, :ns, :leases, :acc, :t)"
                     ),
-                    {"id": launch_id, "leases": json.dumps(leases), "acc": token_accessor},
+                    {
+                        "id": launch_id,
+                        "ns": namespace,
+                        "leases": json.dumps(list(lease_ids)),
+                        "acc": token_accessor,
+                        "t": _now(),
+                    },
                 )
-        except SQLAlchemyError as exc:
-            raise self._fail(exc, "recording what a launch holds") from exc
+                return
+            leases = list(dict.fromkeys([*json.loads(row[0] or "[]"), *lease_ids]))
+            conn.execute(
+                text(
+                    "UPDATE launch_holdings SET lease_ids = :leases, "
+                    "token_accessor = COALESCE(:acc, token_accessor), released_at = NULL "
+                    "WHERE launch_id = :id"
+                ),
+                {"id": launch_id, "leases": json.dumps(leases), "acc": token_accessor},
+            )
+
+        self._write_op("recording what a launch holds", op)
 
     @_bounded("reading what a launch holds")
     def held(self, launch_id: str) -> VaultHoldings | None:
@@ -167,20 +190,19 @@ class HoldingsLedger:
             return None
         return VaultHoldings(tuple(json.loads(row[0] or "[]")), row[1])
 
-    @_bounded("marking holdings released")
     def released(self, launch_id: str) -> None:
         """Everything ``launch_id`` held was given back."""
-        try:
-            with self._write() as conn, conn.begin():
-                conn.execute(
-                    text(
-                        "UPDATE launch_holdings SET released_at = :t "
-                        "WHERE launch_id = :id AND released_at IS NULL"
-                    ),
-                    {"id": launch_id, "t": _now()},
-                )
-        except SQLAlchemyError as exc:
-            raise self._fail(exc, "marking a launch's holdings released") from exc
+
+        def op(conn: Connection) -> None:
+            conn.execute(
+                text(
+                    "UPDATE launch_holdings SET released_at = :t "
+                    "WHERE launch_id = :id AND released_at IS NULL"
+                ),
+                {"id": launch_id, "t": _now()},
+            )
+
+        self._write_op("marking holdings released", op)
 
     @_bounded("listing unreleased holdings")
     def unreleased(self, limit: int = 1000) -> list[HeldByLaunch]:
@@ -209,36 +231,35 @@ class HoldingsLedger:
 
     # -- lease renewal (schema v3) ----------------------------------------------------------
 
-    @_bounded("recording a lease")
     def track_lease(self, launch_id: str, lease: IssuedLease, next_renewal_at: float) -> None:
         """Record a lease issued to ``launch_id`` for renewal (idempotent)."""
-        try:
-            with self._write() as conn, conn.begin():
-                exists = conn.execute(
-                    text("SELECT 1 FROM launch_leases WHERE lease_id = :id"),
-                    {"id": lease.lease_id},
-                ).first()
-                if exists:
-                    return
-                conn.execute(
-                    text(
-                        "INSERT INTO launch_leases (lease_id, launch_id, secret_name, grant_id, "
-                        "ttl_seconds, cap_at, expires_at, next_renewal_at, renewals) VALUES "
-                        "(:id, :launch, :name, :grant, :ttl, :cap, :exp, :next, 0)"
-                    ),
-                    {
-                        "id": lease.lease_id,
-                        "launch": launch_id,
-                        "name": lease.secret_name,
-                        "grant": lease.grant,
-                        "ttl": lease.ttl_seconds,
-                        "cap": _ms(lease.cap_at),
-                        "exp": _ms(lease.issued_at + lease.ttl_seconds),
-                        "next": _ms(next_renewal_at),
-                    },
-                )
-        except SQLAlchemyError as exc:
-            raise self._fail(exc, "recording a lease for renewal") from exc
+
+        def op(conn: Connection) -> None:
+            exists = conn.execute(
+                text("SELECT 1 FROM launch_leases WHERE lease_id = :id"),
+                {"id": lease.lease_id},
+            ).first()
+            if exists:
+                return
+            conn.execute(
+                text(
+                    "INSERT INTO launch_leases (lease_id, launch_id, secret_name, grant_id, "
+                    "ttl_seconds, cap_at, expires_at, next_renewal_at, renewals) VALUES "
+                    "(:id, :launch, :name, :grant, :ttl, :cap, :exp, :next, 0)"
+                ),
+                {
+                    "id": lease.lease_id,
+                    "launch": launch_id,
+                    "name": lease.secret_name,
+                    "grant": lease.grant,
+                    "ttl": lease.ttl_seconds,
+                    "cap": _ms(lease.cap_at),
+                    "exp": _ms(lease.issued_at + lease.ttl_seconds),
+                    "next": _ms(next_renewal_at),
+                },
+            )
+
+        self._write_op("recording a lease", op)
 
     @_bounded("listing due leases")
     def due_leases(self, now: float, limit: int) -> list[LeaseRecord]:
@@ -275,64 +296,61 @@ class HoldingsLedger:
             raise self._fail(exc, "reading the next lease renewal") from exc
         return None if found is None else int(found) / 1000
 
-    @_bounded("claiming a lease")
     def claim_lease(self, lease_id: str, now: float, until: float) -> bool:
         """Claim one due lease for renewal until ``until`` (compare-and-set in one
         UPDATE): exactly one replica gets True."""
-        try:
-            with self._write() as conn, conn.begin():
-                result = conn.execute(
-                    text(
-                        "UPDATE launch_leases SET renewing_until = :until WHERE lease_id = :id "
-                        "AND next_renewal_at IS NOT NULL AND next_renewal_at <= :now "
-                        "AND (renewing_until IS NULL OR renewing_until < :now)"
-                    ),
-                    {"id": lease_id, "now": _ms(now), "until": _ms(until)},
-                )
-                return bool(result.rowcount == 1)
-        except SQLAlchemyError as exc:
-            raise self._fail(exc, "claiming a lease for renewal") from exc
 
-    @_bounded("recording a renewal")
+        def op(conn: Connection) -> bool:
+            result = conn.execute(
+                text(
+                    "UPDATE launch_leases SET renewing_until = :until WHERE lease_id = :id "
+                    "AND next_renewal_at IS NOT NULL AND next_renewal_at <= :now "
+                    "AND (renewing_until IS NULL OR renewing_until < :now)"
+                ),
+                {"id": lease_id, "now": _ms(now), "until": _ms(until)},
+            )
+            return bool(result.rowcount == 1)
+
+        return self._write_op("claiming a lease", op)
+
     def lease_renewed(
         self, lease_id: str, *, expires_at: float, next_renewal_at: float | None
     ) -> None:
         """The claimed lease now expires at ``expires_at``; renew it again at
         ``next_renewal_at`` (None: never, it reached its cap). Releases the claim."""
-        try:
-            with self._write() as conn, conn.begin():
-                conn.execute(
-                    text(
-                        "UPDATE launch_leases SET expires_at = :exp, next_renewal_at = :next, "
-                        "renewing_until = NULL, renewals = renewals + 1 WHERE lease_id = :id"
-                    ),
-                    {
-                        "id": lease_id,
-                        "exp": _ms(expires_at),
-                        "next": None if next_renewal_at is None else _ms(next_renewal_at),
-                    },
-                )
-        except SQLAlchemyError as exc:
-            raise self._fail(exc, "recording a lease renewal") from exc
 
-    @_bounded("rescheduling a renewal")
+        def op(conn: Connection) -> None:
+            conn.execute(
+                text(
+                    "UPDATE launch_leases SET expires_at = :exp, next_renewal_at = :next, "
+                    "renewing_until = NULL, renewals = renewals + 1 WHERE lease_id = :id"
+                ),
+                {
+                    "id": lease_id,
+                    "exp": _ms(expires_at),
+                    "next": None if next_renewal_at is None else _ms(next_renewal_at),
+                },
+            )
+
+        self._write_op("recording a renewal", op)
+
     def lease_retry(self, lease_id: str, *, next_renewal_at: float | None) -> None:
         """The renewal failed: release the claim and try again at ``next_renewal_at``
         (None: give up, the lease is gone)."""
-        try:
-            with self._write() as conn, conn.begin():
-                conn.execute(
-                    text(
-                        "UPDATE launch_leases SET next_renewal_at = :next, renewing_until = NULL "
-                        "WHERE lease_id = :id"
-                    ),
-                    {
-                        "id": lease_id,
-                        "next": None if next_renewal_at is None else _ms(next_renewal_at),
-                    },
-                )
-        except SQLAlchemyError as exc:
-            raise self._fail(exc, "rescheduling a lease renewal") from exc
+
+        def op(conn: Connection) -> None:
+            conn.execute(
+                text(
+                    "UPDATE launch_leases SET next_renewal_at = :next, renewing_until = NULL "
+                    "WHERE lease_id = :id"
+                ),
+                {
+                    "id": lease_id,
+                    "next": None if next_renewal_at is None else _ms(next_renewal_at),
+                },
+            )
+
+        self._write_op("rescheduling a renewal", op)
 
     @_bounded("listing a launch's leases")
     def leases_of(self, launch_id: str) -> list[LeaseRecord]:

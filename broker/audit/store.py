@@ -66,8 +66,22 @@ _COLUMNS: Final = (
 T = TypeVar("T")
 
 
-_AppendRequest = tuple[tuple[AuditEvent, ...], tuple[str, str] | None]
-"""One caller's events and the launch they open in the holdings ledger, if any."""
+@dataclass(frozen=True)
+class _Append:
+    """One caller's events and the launch they open in the holdings ledger, if any."""
+
+    events: tuple[AuditEvent, ...]
+    opens: tuple[str, str] | None
+
+
+@dataclass(frozen=True)
+class _LedgerWrite:
+    """A holdings-ledger write, run in the writer's transaction (its result returned)."""
+
+    op: Callable[[Connection], Any]
+
+
+_Request = _Append | _LedgerWrite
 
 
 def _request_specific(exc: Exception) -> bool:
@@ -155,7 +169,7 @@ class AuditStore:
         self._key = signing_key
         self.deadline = deadline
         self._workers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="audit-store")
-        self._appends: GroupCommitter[_AppendRequest, list[StoredRow]] = GroupCommitter(
+        self._writer: GroupCommitter[_Request, Any] = GroupCommitter(
             self._write_group, "audit-writer", one_by_one=_request_specific
         )
 
@@ -200,14 +214,8 @@ class AuditStore:
             )
         if not events or not all(isinstance(event, AuditEvent) for event in events):
             raise TypeError("append_many takes a non-empty sequence of AuditEvent")
-        pending = self._appends.submit((tuple(events), opens))
         try:
-            rows = pending.result.result(timeout=self.deadline)
-        except FutureTimeout:
-            pending.abandoned.set()  # left out of the group: never committed later
-            raise AuditUnavailableError(
-                f"audit store {self.url} did not answer within {self.deadline:g}s while appending"
-            ) from None
+            rows: list[StoredRow] = self._write_through(_Append(tuple(events), opens), "appending")
         except SQLAlchemyError as exc:
             raise self._unavailable(exc, "appending") from exc
         return [
@@ -222,57 +230,81 @@ class AuditStore:
             for row, event in zip(rows, events, strict=True)
         ]
 
-    def _write_group(
-        self, group: Sequence[Pending[_AppendRequest, list[StoredRow]]]
-    ) -> list[list[StoredRow]]:
-        """Every request of ``group`` chained in order, in ONE committed transaction."""
-        assert self._key is not None
-        key = self._key
-        results: list[list[StoredRow]] = []
+    def _write_through(self, request: _Request, doing: str) -> Any:
+        """``request`` written by the writer thread in its next group, waited for at
+        most ``deadline``; past it the request is left out (never committed later)."""
+        pending = self._writer.submit(request)
+        try:
+            return pending.result.result(timeout=self.deadline)
+        except FutureTimeout:
+            pending.abandoned.set()
+            raise AuditUnavailableError(
+                f"audit store {self.url} did not answer within {self.deadline:g}s while {doing}"
+            ) from None
+
+    def _write_group(self, group: Sequence[Pending[_Request, Any]]) -> list[Any]:
+        """Every request of ``group`` in ONE committed transaction: the appends chained
+        in order (the chain head read and moved once), then the ledger writes."""
+        appends = [p.payload for p in group if isinstance(p.payload, _Append)]
+        results: dict[int, Any] = {}
         with self._write() as conn, conn.begin():
-            head = conn.execute(
-                text(
-                    "SELECT position, hash FROM audit_head WHERE id = 1"  # noqa: S608 (constants)
-                    + (" FOR UPDATE" if conn.dialect.name == "postgresql" else "")
-                )
-            ).one()
-            position, previous = int(head.position), str(head.hash)
-            for pending in group:
-                events, _ = pending.payload
-                rows = []
-                for event in events:
-                    position += 1
-                    row = make_row(event, position, previous, key)
-                    previous = row.hash
-                    rows.append(row)
-                results.append(rows)
-            conn.execute(
-                text(
-                    f"INSERT INTO audit_records ({_COLUMNS}) VALUES (:position, :time, :kind, "  # noqa: S608
-                    ":launch_id, :dag_id, :event_json, :prev_hash, :hash, :signature, :key_id)"
-                ),
-                [row.__dict__ for rows in results for row in rows],
-            )
-            last = results[-1][-1]
-            conn.execute(
-                text(
-                    "UPDATE audit_head SET position = :p, hash = :h, "
-                    "signature = :s, key_id = :k WHERE id = 1"
-                ),
-                {
-                    "p": last.position,
-                    "h": last.hash,
-                    "s": sign_head(key, last.position, last.hash),
-                    "k": last.key_id,
-                },
-            )
-            for pending in group:
-                _, opens = pending.payload
-                if opens is not None:
-                    open_launch(conn, *opens)
+            if appends:
+                chained = iter(self._chain(conn, appends))
+                for n, pending in enumerate(group):
+                    if isinstance(pending.payload, _Append):
+                        results[n] = next(chained)
+            for n, pending in enumerate(group):
+                if isinstance(pending.payload, _LedgerWrite):
+                    results[n] = pending.payload.op(conn)
             if any(pending.abandoned.is_set() for pending in group):
                 raise AbandonedError  # a caller already answered "unavailable"
-        return results
+        return [results[n] for n in range(len(group))]
+
+    def _chain(self, conn: Connection, appends: Sequence[_Append]) -> list[list[StoredRow]]:
+        """Insert ``appends``' events after the chain head, in order, and move the head."""
+        if self._key is None:
+            raise AuditUnavailableError(f"audit store {self.url} has no signing key")
+        key = self._key
+        head = conn.execute(
+            text(
+                "SELECT position, hash FROM audit_head WHERE id = 1"  # noqa: S608 (constants)
+                + (" FOR UPDATE" if conn.dialect.name == "postgresql" else "")
+            )
+        ).one()
+        position, previous = int(head.position), str(head.hash)
+        chained: list[list[StoredRow]] = []
+        for append in appends:
+            rows = []
+            for audit_event in append.events:
+                position += 1
+                row = make_row(audit_event, position, previous, key)
+                previous = row.hash
+                rows.append(row)
+            chained.append(rows)
+        conn.execute(
+            text(
+                f"INSERT INTO audit_records ({_COLUMNS}) VALUES (:position, :time, :kind, "  # noqa: S608
+                ":launch_id, :dag_id, :event_json, :prev_hash, :hash, :signature, :key_id)"
+            ),
+            [row.__dict__ for rows in chained for row in rows],
+        )
+        last = chained[-1][-1]
+        conn.execute(
+            text(
+                "UPDATE audit_head SET position = :p, hash = :h, "
+                "signature = :s, key_id = :k WHERE id = 1"
+            ),
+            {
+                "p": last.position,
+                "h": last.hash,
+                "s": sign_head(key, last.position, last.hash),
+                "k": last.key_id,
+            },
+        )
+        for append in appends:
+            if append.opens is not None:
+                open_launch(conn, *append.opens)
+        return chained
 
     def ping(self) -> None:
         """SELECT the schema version; raise AuditUnavailableError if unreachable or unready."""
@@ -483,6 +515,9 @@ class AuditStore:
             self._engine,
             self.url,
             bounded=lambda doing, work: self._bounded(doing, lambda _abandoned: work()),
+            # Its writes join the audit writer's groups: beside them, in transactions of
+            # their own, they queued on SQLite's write lock (the cleanup profile showed it).
+            writer=lambda doing, op: self._write_through(_LedgerWrite(op), doing),
         )
 
     @property
@@ -490,7 +525,7 @@ class AuditStore:
         return None if self._key is None else key_id(self._key.public_key())
 
     def close(self) -> None:
-        self._appends.close()
+        self._writer.close()
         self._workers.shutdown(wait=False, cancel_futures=True)
         self._engine.dispose()
 

@@ -373,7 +373,7 @@ def test_concurrent_appends_share_commits_and_keep_each_callers_events_together(
     for own in positions:
         assert own == list(range(own[0], own[0] + 3))
     assert sorted(p for own in positions for p in own) == list(range(1, 3 * callers + 1))
-    assert store._appends.transactions < callers
+    assert store._writer.transactions < callers
     result = store.verify(key.public_key())
     assert result.ok, result.summary()
 
@@ -496,3 +496,30 @@ def test_the_task_index_is_built_over_a_trail_written_before_it(
     query = task_launches_query(dialect, try_number=False, since=False)
     params = {"dag": "etl", "run": "r1", "task": "load", "map": -1, "after": 0, "limit": 3}
     assert "ix_audit_records_task" in explain(store_url, query, params)
+
+
+def test_ledger_writes_join_the_audit_writers_groups(
+    store: AuditStore, key: Ed25519PrivateKey
+) -> None:
+    """The holdings ledger writes through the audit writer: appends and ledger writes
+    from 48 callers at once share transactions (beside the writer, in transactions of
+    their own, ledger writes queued on SQLite's write lock), and every write lands."""
+    callers = 48
+    ledger = store.holdings()
+    barrier = threading.Barrier(callers)
+
+    def work(n: int) -> None:
+        barrier.wait()
+        if n % 2:
+            store.append_many([event(n)], opens=(f"L{n}", "tasks"))
+        else:
+            ledger.hold(f"L{n}", "tasks", token_accessor=f"acc-{n}", lease_ids=[f"lease-{n}"])
+            ledger.released(f"L{n}")
+
+    with ThreadPoolExecutor(callers) as pool:
+        list(pool.map(work, range(callers)))
+    assert store._writer.transactions < callers + callers // 2
+    held = {h.launch_id for h in ledger.unreleased()}
+    assert held == {f"L{n}" for n in range(1, callers, 2)}  # opened, holding nothing yet
+    assert all(ledger.held(f"L{n}") is None for n in range(0, callers, 2))  # released
+    assert store.verify(key.public_key()).ok
