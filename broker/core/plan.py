@@ -246,6 +246,28 @@ def pod_name_for(task: TaskIdentity, launch_id: str) -> str:
     return f"{_dns_part(task.dag_id, 20)}-{_dns_part(task.task_id, 20)}-{launch_id[:12]}"
 
 
+_DATA_KEY_INDEX = re.compile(r"^s(\d+)\.")
+
+
+def secret_data_key(index: int, key: str) -> str:
+    """The launch Secret's data key of ``key`` of the ``index``-th requested secret."""
+    return f"s{index}.{re.sub(r'[^A-Za-z0-9._-]', '_', key)}"
+
+
+def values_by_secret(
+    data: Mapping[str, SecretValue], secret_names: Sequence[str]
+) -> dict[str, list[SecretValue]]:
+    """A launch Secret's data grouped by the secret each value was issued for (the
+    inverse of :func:`secret_data_key`; "?" for a key of no known secret)."""
+    values: dict[str, list[SecretValue]] = {}
+    for key, value in data.items():
+        match = _DATA_KEY_INDEX.match(key)
+        index = int(match.group(1)) if match else -1
+        name = secret_names[index] if 0 <= index < len(secret_names) else "?"
+        values.setdefault(name, []).append(value)
+    return values
+
+
 def secret_name_for(launch_id: str) -> str:
     return f"{SECRET_NAME_PREFIX}{launch_id}"
 
@@ -386,7 +408,7 @@ class LaunchPlan:
             keys = sorted(resolved_keys.get(request.name, ()))
             delivery = request.delivery
             for key in keys:
-                data_key = f"s{index}.{re.sub(r'[^A-Za-z0-9._-]', '_', key)}"
+                data_key = secret_data_key(index, key)
                 if isinstance(delivery, EnvDelivery):
                     if delivery.mapping is not None:
                         if key not in delivery.mapping:

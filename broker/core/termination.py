@@ -7,7 +7,6 @@ that verdict is ``clean``. Pure: the service reads the values and writes the ver
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Final
 
@@ -15,27 +14,10 @@ from broker.core.api_models import ResultCheck
 from broker.core.leakguard import encodings
 from broker.core.secret_value import SecretValue
 
-__all__ = ["CLEAN", "WITHHELD", "ResultCheck", "exposed_in", "result_check", "values_by_secret"]
+__all__ = ["CLEAN", "WITHHELD", "ResultCheck", "exposed_in", "result_check"]
 
 CLEAN: Final = "clean"
 WITHHELD: Final = "withheld"
-
-# Secret data keys are ``s{index}.{key}``: index into the pod's requested secret names.
-_DATA_KEY = re.compile(r"^s(\d+)\.")
-
-
-def values_by_secret(
-    data: Mapping[str, SecretValue], secret_names: Sequence[str]
-) -> dict[str, list[SecretValue]]:
-    """A launch Secret's data grouped by the secret each value was issued for ("?" for
-    a key of no known secret)."""
-    values: dict[str, list[SecretValue]] = {}
-    for key, value in data.items():
-        match = _DATA_KEY.match(key)
-        index = int(match.group(1)) if match else -1
-        name = secret_names[index] if 0 <= index < len(secret_names) else "?"
-        values.setdefault(name, []).append(value)
-    return values
 
 
 def exposed_in(messages: Iterable[str], values: Mapping[str, Iterable[SecretValue]]) -> set[str]:

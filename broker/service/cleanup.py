@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import re
 import threading
 import time
 from collections.abc import Sequence
@@ -17,17 +16,15 @@ from broker.core import audit_events as ev
 from broker.core import podmeta
 from broker.core.models import Caller, TaskIdentity
 from broker.core.objects import PodInfo, SecretMeta, launch_view
-from broker.core.plan import secret_name_for
+from broker.core.plan import secret_name_for, values_by_secret
 from broker.core.secret_value import SecretValue
-from broker.core.termination import CLEAN, WITHHELD, exposed_in, values_by_secret
+from broker.core.termination import CLEAN, WITHHELD, exposed_in
 from broker.errors import BrokerError, NotFoundError
 from broker.metrics import LIVE_SECRETS, VAULT_LATENCY
 from broker.service.issued import IssuedValues
 from broker.service.ports import AuditSink, Cluster, HoldingsLedger, SecretStore
 
 log = logging.getLogger("podbroker.cleanup")
-# Secret data keys are ``s{index}.{key}``: index into the pod's requested secret names.
-_DATA_KEY = re.compile(r"^s(\d+)\.")
 _STORE_DOWN_SECONDS = 10.0
 _OUTBOX_SIZE = 10_000
 _FLUSH_IDLE_SECONDS = 5.0
@@ -120,12 +117,7 @@ class Cleanup:
         data = self.cluster.read_launch_secret_values(pod.namespace, launch_id)
         if not data:
             return None
-        values = {}
-        for key, value in data.items():
-            match = _DATA_KEY.match(key)
-            index = int(match.group(1)) if match else -1
-            name = pod.secret_names[index] if 0 <= index < len(pod.secret_names) else "?"
-            values.setdefault(name, []).append(value)
+        values = values_by_secret(data, pod.secret_names)
         self.issued.hold(launch_id, values)
         if pod.finished:
             self.issued.ended(launch_id)
@@ -202,22 +194,23 @@ class Cleanup:
 
     def check_messages(self, pod: PodInfo) -> str | None:
         """Compare the ended pod's termination messages with the values issued to its
-        launch (read back from its own Secret: GET secrets, never logged): ``clean``, or
-        ``withheld`` (recorded as ``secret_exposed``, names only) when a message holds
-        one, or when the values are gone and it cannot be told. None: no secrets."""
+        launch (the leak guard's: held in memory, else read back from its own Secret;
+        never logged): ``clean``, or ``withheld`` (recorded as ``secret_exposed``, names
+        only) when a message holds one, or when the values are gone and it cannot be
+        told. None: no secrets."""
         if not pod.secret_names or not pod.launch_id:
             return None
         messages = [c.message for c in pod.containers if c.state == "terminated" and c.message]
         if not messages:
             return CLEAN
-        data = self.cluster.read_launch_secret_values(pod.namespace, pod.launch_id)
-        if not data:
+        values = self.issued_values(pod)
+        if values is None:
             log.warning(
                 "the values of launch %s are gone: its termination message is withheld",
                 pod.launch_id,
             )
             return WITHHELD
-        exposed = exposed_in(messages, values_by_secret(data, pod.secret_names))
+        exposed = exposed_in(messages, values)
         if not exposed:
             return CLEAN
         log.warning(

@@ -15,8 +15,9 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from broker.core import podmeta
 from broker.core.audit_events import EventKind
 from broker.core.objects import ContainerStatus, PodInfo, launch_view
+from broker.core.plan import values_by_secret
 from broker.core.secret_value import SecretValue
-from broker.core.termination import exposed_in, values_by_secret
+from broker.core.termination import exposed_in
 from tests.unit.fakes import Services, make_task
 from tests.unit.test_airflow_kpo_parity import WithMessage, conn_settings, ctx, wire
 from tests.unit.test_airflow_operator import operator
