@@ -175,14 +175,16 @@ class SecretResolver:
         nobody holds, without leases, that ends on its own within the grace.
         On any failure, leases obtained so far and the child token are revoked."""
         spec = plan.token
-        provisional = on_issue is not None and spec.token_type == "service"
-        mint_ttl = min(spec.ttl_seconds, self.mint_grace_seconds) if provisional else None
-        child_token, accessor = self._mint(spec, ttl_seconds=mint_ttl)
+        recorded_service_token = on_issue is not None and spec.token_type == "service"
+        grace: int | None = None
+        if recorded_service_token and self.mint_grace_seconds < spec.ttl_seconds:
+            grace = self.mint_grace_seconds
+        child_token, accessor = self._mint(spec, provisional_ttl=grace)
         if on_issue is not None:
             try:
                 # A batch token has no accessor: nothing to record or revoke, it just ends.
                 on_issue(accessor or None, ())
-                if mint_ttl is not None and mint_ttl < spec.ttl_seconds:
+                if grace is not None:
                     self._extend(child_token, spec.ttl_seconds)
             except BaseException:
                 self._cleanup([], accessor)
@@ -224,18 +226,17 @@ class SecretResolver:
             grant_policies=list(plan.token.policies),
         )
 
-    def _mint(self, spec: ChildToken, *, ttl_seconds: int | None = None) -> tuple[str, str]:
-        """Mint the child token; ``ttl_seconds`` shorter than the plan's makes it
-        provisional (renewable up to the plan's TTL, which is its explicit maximum)."""
+    def _mint(self, spec: ChildToken, *, provisional_ttl: int | None = None) -> tuple[str, str]:
+        """Mint the child token; with ``provisional_ttl`` it lives that long and is
+        renewable up to the plan's TTL (its explicit maximum)."""
         if not spec.policies:
             raise DeniedError("no grant policy to read secrets with")
 
-        provisional = ttl_seconds is not None and ttl_seconds < spec.ttl_seconds
         body: dict[str, Any] = {
             "policies": list(spec.policies),
             "meta": dict(spec.metadata),
-            "ttl": f"{ttl_seconds if provisional else spec.ttl_seconds}s",
-            "renewable": provisional,
+            "ttl": f"{provisional_ttl or spec.ttl_seconds}s",
+            "renewable": provisional_ttl is not None,
             "display_name": spec.display_name,
             "type": spec.token_type,
         }
