@@ -79,7 +79,6 @@ def leak_broker(
             },
         )
     )
-    layout = env.layout
     handle = start_broker(
         folder / "broker",
         kube,
@@ -87,14 +86,7 @@ def leak_broker(
         postgres,
         sources,
         task_namespace=f"leak-{unique}",
-        extra_settings={
-            "vault": {
-                "auth": {"method": "token", "token": env.broker_token},
-                "config_mount": layout.config_mount,
-                "grant_policy_prefix": layout.policy_prefix,
-                "token_role": layout.token_role,
-            }
-        },
+        extra_settings={"vault": env.broker_settings()},
     )
     # Every pod of the namespace prints LINES (CRI format; "P" is a partial line).
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())

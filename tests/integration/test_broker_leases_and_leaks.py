@@ -95,7 +95,6 @@ def lease_broker(
     lease_env: PolicyEnv,
     kube_api: client.ApiClient,
 ) -> Iterator[BrokerHandle]:
-    layout = lease_env.layout
     handle = start_broker(
         tmp_path / "broker",
         kube,
@@ -103,14 +102,7 @@ def lease_broker(
         postgres,
         sources,
         task_namespace=f"lease-{unique}",
-        extra_settings={
-            "vault": {
-                "auth": {"method": "token", "token": lease_env.broker_token},
-                "config_mount": layout.config_mount,
-                "grant_policy_prefix": layout.policy_prefix,
-                "token_role": layout.token_role,
-            }
-        },
+        extra_settings={"vault": lease_env.broker_settings()},
     )
     # Each test pod prints its own log (a namespaced kwok Logs object per pod).
     objects = client.CustomObjectsApi(kube_api)
@@ -356,14 +348,8 @@ def test_a_replica_that_did_not_make_the_launch_masks_its_log_after_the_end(
     database = f"audit_{unique}"
     with psycopg.connect(postgres.dsn(), autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {database}")
-    layout = lease_env.layout
     settings = {
-        "vault": {
-            "auth": {"method": "token", "token": lease_env.broker_token},
-            "config_mount": layout.config_mount,
-            "grant_policy_prefix": layout.policy_prefix,
-            "token_role": layout.token_role,
-        },
+        "vault": lease_env.broker_settings(),
         "audit": {"url": postgres.url(database), "signing_key_file": str(tmp_path / "a.pem")},
     }
     namespace = f"leak2-{unique}"
