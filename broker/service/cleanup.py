@@ -175,10 +175,23 @@ class Cleanup:
         The claim of an ended pod carries the termination-message leak guard's verdict
         (:meth:`check_messages`), taken while the Secret still holds the values."""
         self.issued.ended(pod.launch_id)
-        verdict = self.check_messages(pod) if pod.finished and not force else None
+        verdict, exposed = self.check_messages(pod) if pod.finished and not force else (None, [])
         if not force and not self.claim(pod, result_check=verdict):
             return
         task = pod.task
+        if exposed:  # recorded by the claimant only: every replica may check
+            self.record_quietly(
+                ev.launch_event(
+                    ev.EventKind.SECRET_EXPOSED,
+                    launch_id=pod.launch_id,
+                    task=task,
+                    secret_names=exposed,
+                    namespace=pod.namespace,
+                    pod=pod.name,
+                    where="termination_message",
+                    on_exposure="withhold",
+                )
+            )
         if pod.finished and not force:
             self.record_quietly(
                 ev.launch_event(
@@ -192,45 +205,33 @@ class Cleanup:
             )
         self.release_secret_of(pod, reason, task=task)
 
-    def check_messages(self, pod: PodInfo) -> str | None:
+    def check_messages(self, pod: PodInfo) -> tuple[str | None, list[str]]:
         """Compare the ended pod's termination messages with the values issued to its
         launch (the leak guard's: held in memory, else read back from its own Secret;
-        never logged): ``clean``, or ``withheld`` (recorded as ``secret_exposed``, names
-        only) when a message holds one, or when the values are gone and it cannot be
-        told. None: no secrets."""
+        never logged). The verdict: ``clean``, or ``withheld`` when a message holds one
+        (the names of the secrets exposed come with it) or when the values are gone and
+        it cannot be told; None: no secrets."""
         if not pod.secret_names or not pod.launch_id:
-            return None
+            return None, []
         messages = [c.message for c in pod.containers if c.state == "terminated" and c.message]
         if not messages:
-            return CLEAN
+            return CLEAN, []
         values = self.issued_values(pod)
         if values is None:
             log.warning(
                 "the values of launch %s are gone: its termination message is withheld",
                 pod.launch_id,
             )
-            return WITHHELD
-        exposed = exposed_in(messages, values)
+            return WITHHELD, []
+        exposed = sorted(exposed_in(messages, values))
         if not exposed:
-            return CLEAN
+            return CLEAN, []
         log.warning(
             "a value of %s showed in the termination message of launch %s: withheld",
-            ", ".join(sorted(exposed)),
+            ", ".join(exposed),
             pod.launch_id,
         )
-        self.record_quietly(
-            ev.launch_event(
-                ev.EventKind.SECRET_EXPOSED,
-                launch_id=pod.launch_id,
-                task=pod.task,
-                secret_names=sorted(exposed),
-                namespace=pod.namespace,
-                pod=pod.name,
-                where="termination_message",
-                on_exposure="withhold",
-            )
-        )
-        return WITHHELD
+        return WITHHELD, exposed
 
     def claim(self, pod: PodInfo, *, result_check: str | None = None) -> bool:
         """True if this replica now owns the cleanup of ``pod`` (with ``result_check``,

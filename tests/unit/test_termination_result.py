@@ -121,6 +121,18 @@ def test_a_message_holding_an_issued_value_is_withheld_and_audited(svc: Services
     assert PASSWORD not in exposed[0].model_dump_json()
 
 
+def test_replicas_that_both_check_a_leaking_message_audit_it_once(svc: Services) -> None:
+    """Every replica that sees the pod end checks its message (the values are held in
+    memory), but only the one whose claim wins records the exposure."""
+    pod = ended_pod(svc, f'{{"dsn": "{PASSWORD}"}}', values={"s0.password": PASSWORD})
+    other = svc.replica()
+    other.issued.hold(pod.launch_id or "", {"db": [SecretValue(PASSWORD)]})
+    svc.cleanup.finish(pod)
+    other.finish(pod)  # saw the same event; its claim loses
+    exposed = [e for e in svc.audit.events if e.kind == EventKind.SECRET_EXPOSED]
+    assert len(exposed) == 1
+
+
 def test_no_message_is_clean_without_reading_the_values(svc: Services) -> None:
     pod = ended_pod(svc, None, values={"s0.password": PASSWORD})
     svc.cleanup.finish(pod)
