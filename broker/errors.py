@@ -42,6 +42,14 @@ class InvalidRequestError(PermanentError):
     """The request or a policy file is malformed: fix it, do not retry (HTTP 422)."""
 
 
+class ContentTooLargeError(InvalidRequestError):
+    """The request body, or an object made from it, is too large: send less (HTTP 413)."""
+
+
+class UnsupportedMediaTypeError(InvalidRequestError):
+    """A launch body must be ``application/json`` (HTTP 415)."""
+
+
 class AuthenticationError(PermanentError):
     """The caller could not be authenticated: present a valid token (HTTP 401)."""
 
@@ -132,6 +140,8 @@ WIRE: Final[Mapping[type[BrokerError], tuple[int, str]]] = {
     NotFoundError: (404, "not_found"),
     ConflictError: (409, "conflict"),
     InvalidRequestError: (422, "invalid_request"),
+    ContentTooLargeError: (413, "too_large"),
+    UnsupportedMediaTypeError: (415, "unsupported_media_type"),
     ConfigurationError: (500, "misconfigured"),
     ForbiddenByClusterError: (500, "forbidden_by_cluster"),
     TemporaryError: (503, "unavailable"),

@@ -32,7 +32,6 @@ from broker.api.guard import (
     client_of,
     endpoint_of,
     reason_class,
-    wire_of,
 )
 from broker.api.limits import InFlightLimiter
 from broker.core.api_models import ErrorBody, LaunchDryRun, LaunchRequest, LaunchView
@@ -71,9 +70,8 @@ LAUNCH_AUDIT_MAX_PAGE: Final = 100
 
 
 def error_response(exc: BrokerError) -> JSONResponse:
-    """The ErrorBody and headers for ``exc``; status and code from broker.errors.WIRE
-    (or the guard's own 413/415)."""
-    status, code = wire_of(exc) or (status_for(exc), error_code(exc))
+    """The ErrorBody and headers for ``exc``; status and code from broker.errors.WIRE."""
+    status, code = status_for(exc), error_code(exc)
     body = ErrorBody(
         error=code,
         reason=exc.reason,
@@ -228,7 +226,7 @@ def create_app(runtime: Runtime, *, refusals: RefusalRecorder | None = None) -> 
     )
 
     def refused(request: Request, exc: BrokerError) -> None:
-        status = (wire_of(exc) or (status_for(exc), ""))[0]
+        status = status_for(exc)
         if status not in REFUSAL_STATUSES or (isinstance(exc, DeniedError) and exc.denied):
             return
         caller = getattr(request.state, CALLER_STATE_KEY, None)

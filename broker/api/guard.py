@@ -16,7 +16,14 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from broker.core.models import Caller
-from broker.errors import AuthenticationError, BrokerError, InvalidRequestError, status_for
+from broker.errors import (
+    AuthenticationError,
+    BrokerError,
+    ContentTooLargeError,
+    UnsupportedMediaTypeError,
+    error_code,
+    status_for,
+)
 from broker.service.refusals import RefusalRecorder
 
 CALLER_STATE_KEY: Final = "caller"
@@ -32,25 +39,6 @@ _KNOWN_ENDPOINTS: Final = frozenset(
         "/v1/audit/report",
     }
 )
-
-
-class ContentTooLargeError(InvalidRequestError):
-    """The request body is over ``limits.max_body_bytes`` (HTTP 413)."""
-
-
-class UnsupportedMediaTypeError(InvalidRequestError):
-    """A launch body must be ``application/json`` (HTTP 415)."""
-
-
-STATUS: Final[dict[type[BrokerError], tuple[int, str]]] = {
-    ContentTooLargeError: (413, "too_large"),
-    UnsupportedMediaTypeError: (415, "unsupported_media_type"),
-}
-"""The wire form of the guard's own refusals (beside broker.errors.WIRE)."""
-
-
-def wire_of(exc: BrokerError) -> tuple[int, str] | None:
-    return STATUS.get(type(exc))
 
 
 def endpoint_of(method: str, path: str) -> str:
@@ -134,7 +122,7 @@ class RequestGuard:
     async def _refuse(
         self, scope: Scope, receive: Receive, send: Send, exc: BrokerError, caller: Caller | None
     ) -> None:
-        status = (wire_of(exc) or (status_for(exc), ""))[0]
+        status = status_for(exc)
         self.refusals.record(
             caller=caller.identity if caller is not None else None,
             client=client_of(scope),
@@ -149,9 +137,8 @@ class RequestGuard:
 
 def reason_class(exc: BrokerError) -> str:
     """A short, bounded name for why a request was refused."""
-    wire = wire_of(exc)
-    if wire is not None:
-        return wire[1]
+    if isinstance(exc, ContentTooLargeError | UnsupportedMediaTypeError):
+        return error_code(exc)
     if isinstance(exc, AuthenticationError):
         return "unauthenticated"
     status = status_for(exc)

@@ -29,12 +29,14 @@ from broker.errors import (
 
 
 def _leaves(root: type[BrokerError]) -> list[type[BrokerError]]:
-    """The tree's leaves in broker.errors (other modules' subclasses, such as
-    PolicyFileError, travel as their nearest base in the table)."""
+    """The tree's leaves in broker.errors, and the classes raised as they are although
+    they have children (InvalidRequestError); other modules' subclasses, such as
+    PolicyFileError, travel as their nearest base in the table."""
     children = [c for c in root.__subclasses__() if c.__module__ == errors.__name__]
     if not children:
         return [root]
-    return [leaf for child in children for leaf in _leaves(child)]
+    raised_as_is = [root] if root is InvalidRequestError else []
+    return [*raised_as_is, *(leaf for child in children for leaf in _leaves(child))]
 
 
 LEAVES = _leaves(BrokerError)
@@ -52,6 +54,8 @@ def test_the_tree_has_the_leaves_the_callers_act_on() -> None:
     names = {kind.__name__ for kind in LEAVES}
     assert names == {
         "InvalidRequestError",
+        "ContentTooLargeError",
+        "UnsupportedMediaTypeError",
         "AuthenticationError",
         "DeniedError",
         "NotFoundError",
@@ -144,4 +148,4 @@ def test_api_server_answers_map_like_the_api() -> None:
 
 def test_too_large_for_the_api_server_is_the_requests_fault() -> None:
     exc = error_for_api_server_status(413, "create pod jobs/p: Request Entity Too Large")
-    assert not exc.retryable and 400 <= status_for(exc) < 500
+    assert not exc.retryable and status_for(exc) == 413
