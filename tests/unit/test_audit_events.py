@@ -75,6 +75,21 @@ def test_canonical_json_round_trips_exactly() -> None:
     assert list(json.loads(text)) == sorted(json.loads(text))
 
 
+def test_a_stored_event_is_read_back_with_its_types_checked_not_its_write_guards() -> None:
+    """Reading back skips the write-time guards (the hash protects what they checked)
+    but still refuses data of the wrong shape; making an event still runs them all."""
+    stored = json.loads(
+        ev.launch_event(ev.EventKind.LAUNCH_FAILED, launch_id="L1", stage="s").canonical_json()
+    )
+    read = ev.AuditEvent.from_json_dict({**stored, "details": {"note": "x" * 5000}})
+    assert read.details == {"note": "x" * 5000}  # not cut again: as it was hashed
+    for broken in ({"secret_names": [1]}, {"details": []}, {"kind": "nope"}, {"time": "x"}):
+        with pytest.raises((ValidationError, ev.AuditEventError)):
+            ev.AuditEvent.from_json_dict({**stored, **broken})
+    with pytest.raises(ValidationError):
+        ev.AuditEvent.model_validate({**stored, "details": {"password": "p"}})
+
+
 def test_builders_fill_task_identity_and_details_layout() -> None:
     resolved = ev.secrets_resolved(
         launch_id="L9",
