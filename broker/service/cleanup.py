@@ -5,11 +5,12 @@ it (a down audit store is logged, not fatal)."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from queue import Empty, Full, Queue
 
 from broker.core import audit_events as ev
@@ -53,6 +54,7 @@ class Cleanup:
         self._outbox: Queue[ev.AuditEvent] = Queue(maxsize=_OUTBOX_SIZE)
         self._flusher: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._together = threading.local()
 
     def _store_down(self) -> bool:
         return time.monotonic() < self._store_down_until
@@ -60,24 +62,51 @@ class Cleanup:
     def _mark_store_down(self) -> None:
         self._store_down_until = time.monotonic() + _STORE_DOWN_SECONDS
 
+    @contextlib.contextmanager
+    def recorded_together(self) -> Iterator[None]:
+        """The steps of one clean-up are recorded in one commit once they are done (in
+        the order they happened), so undoing never waits for a commit per step.
+        Re-entrant: the outermost block writes."""
+        pending: list[ev.AuditEvent] | None = getattr(self._together, "pending", None)
+        if pending is not None:
+            yield
+            return
+        self._together.pending = pending = []
+        try:
+            yield
+        finally:
+            self._together.pending = None
+            if pending:
+                self._record_now(pending)
+
     def record_quietly(self, event: ev.AuditEvent) -> None:
         """Audit a clean-up step without letting a down audit store stop the clean-up:
         when the store fails (or failed a moment ago) the record is kept and written
-        afterwards, in order, by a background thread."""
+        afterwards, in order, by a background thread. Inside :meth:`recorded_together`
+        it waits for the block's end."""
+        pending: list[ev.AuditEvent] | None = getattr(self._together, "pending", None)
+        if pending is not None:
+            pending.append(event)
+            return
+        self._record_now([event])
+
+    def _record_now(self, events: list[ev.AuditEvent]) -> None:
         if not self._store_down() and self._outbox.empty():
             try:
-                self.audit.append(event)
+                self.audit.append_many(events)
                 return
             except BrokerError as exc:
                 self._mark_store_down()
                 log.warning(
-                    "audit store unavailable (%s); %s recorded later", exc.reason, event.kind
+                    "audit store unavailable (%s); %s recorded later",
+                    exc.reason,
+                    ", ".join(e.kind for e in events),
                 )
-        try:
-            self._outbox.put_nowait(event)
-        except Full:
-            log.warning("audit backlog full; %s not recorded", event.kind)
-            return
+        for event in events:
+            try:
+                self._outbox.put_nowait(event)
+            except Full:
+                log.warning("audit backlog full; %s not recorded", event.kind)
         self._start_flusher()
 
     def _start_flusher(self) -> None:
@@ -147,12 +176,13 @@ class Cleanup:
         """End a launch now (kill, superseded try, task instance ended in Airflow): say
         why, release its Secret and what it holds in Vault, delete its pod. Recording
         never blocks the undoing: a down audit store is logged, the kill goes on."""
-        self.record_quietly(
-            ev.launch_event(
-                kind, launch_id=pod.launch_id, task=pod.task, caller=by, by=by, reason=reason
+        with self.recorded_together():
+            self.record_quietly(
+                ev.launch_event(
+                    kind, launch_id=pod.launch_id, task=pod.task, caller=by, by=by, reason=reason
+                )
             )
-        )
-        self.finish(pod, reason=cleanup_reason)
+            self.finish(pod, reason=cleanup_reason)
         # The task's grace period, if its request asked for one (SIGTERM first).
         self.cluster.delete_pod(pod.namespace, pod.name, grace_seconds=pod.kill_grace_seconds)
 
@@ -173,7 +203,12 @@ class Cleanup:
         finishing what a crashed claimant left).
 
         The claim of an ended pod carries the termination-message leak guard's verdict
-        (:meth:`check_messages`), taken while the Secret still holds the values."""
+        (:meth:`check_messages`), taken while the Secret still holds the values. Its
+        records are written together once the Secret is gone and Vault given back."""
+        with self.recorded_together():
+            self._finish(pod, reason=reason, force=force)
+
+    def _finish(self, pod: PodInfo, *, reason: str, force: bool) -> None:
         self.issued.ended(pod.launch_id)
         verdict, exposed = self.check_messages(pod) if pod.finished and not force else (None, [])
         if not force and not self.claim(pod, result_check=verdict):

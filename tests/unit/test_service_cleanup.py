@@ -126,3 +126,34 @@ def test_a_secret_deleted_by_someone_else_is_given_back_from_the_ledger(svc: Ser
     assert svc.store.revoked_leases == list(bundle.lease_ids)
     assert svc.store.revoked_accessors == [bundle.token_accessor]
     assert svc.ledger.held(view.launch_id) is None
+
+
+def test_a_pods_end_is_recorded_in_one_commit_once_it_is_undone(svc: Services) -> None:
+    """The Secret is deleted and Vault given back before anything waits for the audit
+    store; the steps then go in one commit, in the order they happened."""
+    pod = finished_pod_with_secret(svc)
+    commits: list[list[EventKind]] = []
+    undone_before_commit: list[bool] = []
+    append_many = svc.audit.append_many
+
+    def recording(events, *, opens=None):  # type: ignore[no-untyped-def]
+        undone_before_commit.append(
+            len(svc.cluster.deleted_secrets) == 1 and svc.store.revoked_leases == [LEASE]
+        )
+        commits.append([event.kind for event in events])
+        return append_many(events, opens=opens)
+
+    svc.audit.append_many = recording  # type: ignore[method-assign]
+    svc.cleanup.finish(pod)
+    assert commits == [[EventKind.POD_FINISHED, EventKind.SECRET_DELETED, EventKind.LEASES_REVOKED]]
+    assert undone_before_commit == [True]
+
+
+def test_a_kill_is_recorded_with_its_steps_in_one_commit(svc: Services) -> None:
+    pod = svc.cluster.add_pod(make_task(), phase="Running", secret_names=["db"])
+    svc.cluster.add_secret_for(pod, lease_ids=[LEASE], accessor="acc-1")
+    before = len(svc.audit.events)
+    svc.cleanup.end_launch(pod, "superseded by try 2", cleanup_reason="superseded")
+    kinds = [event.kind for event in svc.audit.events[before:]]
+    assert kinds == [EventKind.LAUNCH_KILLED, EventKind.SECRET_DELETED, EventKind.LEASES_REVOKED]
+    assert svc.cluster.deleted_secrets and svc.store.revoked_accessors == ["acc-1"]
