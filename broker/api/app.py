@@ -151,7 +151,14 @@ _UNAVAILABLE: Final = {
     "description": "a dependency is unavailable: retry after Retry-After seconds",
     "headers": {"Retry-After": {"schema": {"type": "integer"}}},
 }
+# uvicorn answers this one itself, before the app sees the request.
+_UNREADABLE: Final = {
+    "description": "the HTTP request could not be read: malformed, or its URL is over the "
+    "server's limit (about 64 KiB: mind many long repeated query values)",
+    "content": {"text/plain": {"schema": {"type": "string"}}},
+}
 _COMMON: Final[dict[int | str, dict[str, Any]]] = {
+    400: _UNREADABLE,
     401: _UNAUTHENTICATED,
     403: {**_ERROR, "description": "denied (policy, or a DAG outside the caller's scope)"},
     413: {**_ERROR, "description": "request body over limits.max_body_bytes"},

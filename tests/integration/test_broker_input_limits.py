@@ -323,3 +323,19 @@ def test_the_schema_documents_what_the_broker_answers(guarded: BrokerHandle) -> 
     assert {"application/json", "text/csv", "text/html", "text/plain"} <= set(report)
     assert "Retry-After" in launch["503"]["headers"]
     assert spec["components"]["securitySchemes"]
+    # A URL over uvicorn's limit (many long dag_ids; httpx will not even build one) is
+    # uvicorn's 400 in plain text: documented for every operation under /v1.
+    query = "&".join([f"dag_ids={'d' * 249}"] * 300).encode()
+    host, port = guarded.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as raw:
+        raw.sendall(
+            b"GET /v1/audit/report?" + query + b" HTTP/1.1\r\nHost: broker\r\n"
+            b"Authorization: Bearer " + guarded.token.encode() + b"\r\n\r\n"
+        )
+        head = raw.recv(4096).lower()
+    assert head.startswith(b"http/1.1 400"), head
+    assert b"content-type: text/plain" in head, head
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            if path.startswith("/v1/"):
+                assert "text/plain" in operation["responses"]["400"]["content"], (method, path)
