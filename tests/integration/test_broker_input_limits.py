@@ -274,6 +274,54 @@ def test_refusals_are_audited_counted_and_reported(
     assert "401 unauthenticated on GET /v1/launches/{launch_id}" in table
 
 
+def refusal_counts(broker: BrokerHandle) -> dict[tuple[Any, ...], int]:
+    totals: dict[tuple[Any, ...], int] = {}
+    for e in events(broker, EventKind.REQUEST_REFUSED):
+        d = e.details
+        key = (e.caller, d["endpoint"], d["status"], d["reason_class"])
+        totals[key] = totals.get(key, 0) + d["count"]
+    return totals
+
+
+def test_refusals_on_status_logs_and_kill_are_audited_and_reported(
+    guarded: BrokerHandle,
+) -> None:
+    """A caller asking for a launch of a DAG outside its scope gets 403 on status, logs
+    and kill, and a malformed log read 422: each is recorded and is a denial of the
+    report, like a refused launch."""
+    dag_id = f"ml_refused_{uuid.uuid4().hex[:6]}"
+    made = post(guarded, launch_body(dag_id))
+    assert made.status_code == 201, made.text
+    one = f"{guarded.url}/v1/launches/{made.json()['launch_id']}"
+    etl = {"Authorization": f"Bearer {guarded.etl_token}"}
+    assert httpx.get(one, headers=etl, timeout=30).status_code == 403
+    assert httpx.get(f"{one}/logs", headers=etl, timeout=30).status_code == 403
+    assert httpx.delete(one, headers=etl, timeout=30).status_code == 403
+    bad_read = httpx.get(
+        f"{one}/logs", params={"since_seconds": 0}, headers=guarded.headers(), timeout=30
+    )
+    assert bad_read.status_code == 422, bad_read.text
+    # The launch is untouched: the refused kill did not reach it.
+    assert httpx.get(one, headers=guarded.headers(), timeout=30).json()["phase"] != "Deleted"
+
+    want = [
+        ("static:etl-only", "GET /v1/launches/{launch_id}", 403, "out_of_scope"),
+        ("static:etl-only", "GET /v1/launches/{launch_id}/logs", 403, "out_of_scope"),
+        ("static:etl-only", "DELETE /v1/launches/{launch_id}", 403, "out_of_scope"),
+        ("static:dev", "GET /v1/launches/{launch_id}/logs", 422, "invalid_request"),
+    ]
+    assert eventually(lambda: all(refusal_counts(guarded).get(k, 0) >= 1 for k in want), 20), (
+        refusal_counts(guarded)
+    )
+    report = httpx.get(f"{guarded.url}/v1/audit/report", headers=guarded.headers(), timeout=30)
+    rows = [(d["caller"], d["reasons"][0]) for d in report.json()["denials"] if not d["launch_id"]]
+    for caller, endpoint, status, reason_class in want:
+        shown = f"{status} {reason_class} on {endpoint}:"
+        assert any(c == caller and r.startswith(shown) for c, r in rows), (shown, rows)
+    out_of_scope = [r for _, r in rows if r.startswith("403 out_of_scope on GET /v1/launches/{")]
+    assert any(dag_id in r for r in out_of_scope), out_of_scope
+
+
 def test_report_is_scoped_to_its_reader(guarded: BrokerHandle, kube: ControlPlane) -> None:
     unique = uuid.uuid4().hex[:6]
     etl_dag, other_dag = f"analytics_etl_scope{unique}", f"ml_scope{unique}"
