@@ -201,6 +201,50 @@ def test_control_characters_and_bad_ids_are_422_not_503(
     assert not any(ch in reason for ch in "\x00\x1b\n")
 
 
+CONTROL_CHARACTERS = ["\n", "\r", "\t", "\x1b", "\x00", "\x7f", "\x85", "\x9b"]
+"""C0 (newline, CR, tab, ESC, NUL), DEL and C1 (NEL, CSI): they forge log and report
+lines or drive a terminal, and PostgreSQL refuses NUL outright."""
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+def test_control_characters_are_422_on_every_audit_store(
+    request: pytest.FixtureRequest, store: str
+) -> None:
+    """Wherever a stored or echoed text comes in (ids, image, labels, namespace, the
+    kill reason, report filters) a control character is refused with 422, whichever
+    audit store the broker writes to (the session broker's SQLite, ``guarded``'s
+    PostgreSQL), and the reason does not echo it."""
+    broker: BrokerHandle = request.getfixturevalue("broker" if store == "sqlite" else "guarded")
+    assert broker.audit_url.startswith(store)
+    one = f"{broker.url}/v1/launches/0123456789abcdef0123"
+    for char in CONTROL_CHARACTERS:
+        answers = []
+        for place, value in [
+            (("task", "dag_id"), f"analytics_etl_x{char}y"),
+            (("task", "task_id"), f"load{char}"),
+            (("task", "run_id"), f"manual__{char}"),
+            (("container", "image"), f"python{char}:3.12"),
+            (("scheduling", "labels"), {"team": f"a{char}b"}),
+            ((None, "namespace"), f"ns{char}"),
+        ]:
+            body = launch_body("analytics_etl_ctrl")
+            (body if place[0] is None else body[place[0]])[place[1]] = value
+            answers.append(post(broker, body))
+        answers.append(httpx.delete(one, params={"reason": f"a{char}b"}, headers=broker.headers()))
+        for name in ("team", "dag", "task", "secret"):
+            answers.append(
+                httpx.get(
+                    f"{broker.url}/v1/audit/report",
+                    params={"format": "table", name: f"x{char}y"},
+                    headers=broker.headers(),
+                    timeout=30,
+                )
+            )
+        for answer in answers:
+            assert answer.status_code == 422, (repr(char), answer.request.url, answer.text)
+            assert char not in answer.json()["reason"], (repr(char), answer.text)
+
+
 def test_airflow_ids_are_accepted(guarded: BrokerHandle) -> None:
     body = launch_body(
         "analytics_etl_ids.v2-x",
