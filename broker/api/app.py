@@ -2,8 +2,9 @@
 Every error body is an ErrorBody with a reason; none ever carries a secret value.
 
 Before a route runs, :class:`~broker.api.guard.RequestGuard` bounds the body and
-authenticates the caller. Refused requests (401, 403 out of scope, 413, 415, 422) are
-counted by the RefusalRecorder and end up in the report's denials."""
+authenticates the caller. Refused requests (401, 403 out of scope, 413, 415, 422, and a
+log read the leak guard refused, 409) are counted by the RefusalRecorder and end up in
+the report's denials."""
 
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ from broker.errors import (
     error_code,
     status_for,
 )
+from broker.service.lookup import UnmaskableLogError
 from broker.service.refusals import RefusalRecorder
 from broker.service.runtime import Runtime
 
@@ -60,9 +62,12 @@ log = logging.getLogger("podbroker.api")
 SPARE_THREADS: Final = 8
 """Worker threads beyond the in-flight caps: health and readiness probes, /metrics."""
 
-# Refusals the RefusalRecorder counts. A policy denial (403 naming secrets) is not among
-# them: the launch's own ``decision`` event records it.
+# Refusals the RefusalRecorder counts, and a log read the leak guard refused (409). A
+# policy denial (403 naming secrets) is not among them: the launch's own ``decision``
+# event records it.
 REFUSAL_STATUSES: Final = frozenset({401, 403, 413, 415, 422})
+LOG_UNMASKABLE: Final = "log_unmaskable"
+"""The reason class of a log read refused because its values could not be masked."""
 MAX_REPORT_DAG_IDS: Final = 1000
 LAUNCH_AUDIT_PAGE: Final = 20
 """Launches per page of GET /v1/audit/launches unless ``limit`` says otherwise."""
@@ -149,7 +154,14 @@ _UNAVAILABLE: Final = {
     "description": "a dependency is unavailable: retry after Retry-After seconds",
     "headers": {"Retry-After": {"schema": {"type": "integer"}}},
 }
+# uvicorn answers this one itself, before the app sees the request.
+_UNREADABLE: Final = {
+    "description": "the HTTP request could not be read: malformed, or its URL is over the "
+    "server's limit (about 64 KiB: mind many long repeated query values)",
+    "content": {"text/plain": {"schema": {"type": "string"}}},
+}
 _COMMON: Final[dict[int | str, dict[str, Any]]] = {
+    400: _UNREADABLE,
     401: _UNAUTHENTICATED,
     403: {**_ERROR, "description": "denied (policy, or a DAG outside the caller's scope)"},
     413: {**_ERROR, "description": "request body over limits.max_body_bytes"},
@@ -227,7 +239,11 @@ def create_app(runtime: Runtime, *, refusals: RefusalRecorder | None = None) -> 
 
     def refused(request: Request, exc: BrokerError) -> None:
         status = status_for(exc)
-        if status not in REFUSAL_STATUSES or (isinstance(exc, DeniedError) and exc.denied):
+        if isinstance(exc, UnmaskableLogError):
+            why = LOG_UNMASKABLE
+        elif status in REFUSAL_STATUSES and not (isinstance(exc, DeniedError) and exc.denied):
+            why = reason_class(exc)
+        else:
             return
         caller = getattr(request.state, CALLER_STATE_KEY, None)
         recorder.record(
@@ -235,7 +251,7 @@ def create_app(runtime: Runtime, *, refusals: RefusalRecorder | None = None) -> 
             client=client_of(request.scope),
             endpoint=endpoint_of(request.method, request.url.path),
             status=status,
-            reason_class=reason_class(exc),
+            reason_class=why,
             reason=exc.reason,
         )
 

@@ -205,9 +205,22 @@ REFUSED_VOLUME_KINDS: dict[str, str] = {
 }
 
 
+VOLUME_SOURCES = ("empty_dir", "config_map", "persistent_volume_claim", "ephemeral")
+
+
 class Volume(KubeShaped):
     """One pod volume: exactly one of ``empty_dir``, ``config_map``,
     ``persistent_volume_claim`` or ``ephemeral``."""
+
+    # The schema says "exactly one" too (a source given as null is not given).
+    model_config = ConfigDict(
+        json_schema_extra={
+            "oneOf": [
+                {"required": [source], "properties": {source: {"type": "object"}}}
+                for source in VOLUME_SOURCES
+            ]
+        }
+    )
 
     name: DnsLabel
     empty_dir: EmptyDirVolume | None = None
@@ -234,9 +247,7 @@ class Volume(KubeShaped):
             if s is not None
         ]
         if len(given) != 1:
-            raise ValueError(
-                "give exactly one of empty_dir, config_map, persistent_volume_claim, ephemeral"
-            )
+            raise ValueError(f"give exactly one of {', '.join(VOLUME_SOURCES)}")
         return self
 
 

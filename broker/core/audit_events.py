@@ -49,7 +49,7 @@ class EventKind(StrEnum):
     LAUNCH_DRY_RUN = "launch_dry_run"  # POST /v1/launches?dry_run=true: planned, nothing done
     RECONCILER_CLEANUP = "reconciler_cleanup"
     POLICY_APPLIED = "policy_applied"
-    REQUEST_REFUSED = "request_refused"  # 401/403/413/415/422, counted per caller and reason
+    REQUEST_REFUSED = "request_refused"  # 401/403/413/415/422, unmaskable log 409; counted
     LEASE_RENEWED = "lease_renewed"  # a running launch's lease renewed (first renewal only)
     LEASE_CAPPED = "lease_capped"  # renewed up to its grant's max_lease_ttl: expires there
     SECRET_EXPOSED = "secret_exposed"  # a value issued to a launch appeared in its log
@@ -416,7 +416,8 @@ def request_refused(
     client: str | None = None,
     time: datetime | None = None,
 ) -> AuditEvent:
-    """Requests refused before any launch work (401, 403 out of scope, 413, 415, 422):
+    """Requests refused before any launch work (401, 403 out of scope, 413, 415, 422; a
+    log read the leak guard refused, 409 ``log_unmaskable``):
     ``count`` of them by ``caller`` (None when unauthenticated; then ``client`` is the
     peer address) on ``endpoint`` with ``status`` and ``reason_class`` between
     ``first_time`` and ``last_time``; ``reason`` is the first one's message. Never the

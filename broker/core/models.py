@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -17,7 +16,12 @@ from pydantic import (
 
 SECRET_NAME_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,126}[a-z0-9])?$"
 ENV_VAR_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
-_ENV_RE = re.compile(ENV_VAR_PATTERN)
+# An env delivery's prefix: empty, or the start of a variable name.
+ENV_PREFIX_PATTERN = r"^([A-Za-z_][A-Za-z0-9_]*)?$"
+# An absolute path none of whose segments is "..": a segment is empty, starts with
+# anything but a dot, is "." or ".x...", or is ".." followed by more.
+_SEGMENT = r"([A-Za-z0-9_-][A-Za-z0-9._-]*|\.([A-Za-z0-9_-][A-Za-z0-9._-]*)?|\.\.[A-Za-z0-9._-]+)?"
+FILE_MOUNT_PATTERN = rf"^(/{_SEGMENT})+$"
 # Airflow's own rules: dag and task ids follow KEY_REGEX (airflow.utils.helpers, at most
 # 250 characters); run ids the scheduler's default ``allowed_run_id_pattern`` (which also
 # covers the ids Airflow makes itself, ``manual__<timestamp>`` ...).
@@ -76,8 +80,18 @@ class EnvDelivery(Strict):
     secret's name, so ``orders-db`` gives ``ORDERS_DB_PASSWORD``; ``prefix=""`` for none),
     or exactly as ``mapping`` says (key -> variable); unmapped keys are not delivered."""
 
+    # The schema states both rules below: "not both" as ``not``, the prefix by its pattern.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "not": {
+                "required": ["prefix", "mapping"],
+                "properties": {"prefix": {"type": "string"}, "mapping": {"type": "object"}},
+            }
+        }
+    )
+
     type: Literal["env"] = "env"
-    prefix: Annotated[str, Field(max_length=128, pattern=PRINTABLE_PATTERN)] | None = None
+    prefix: Annotated[str, Field(max_length=128, pattern=ENV_PREFIX_PATTERN)] | None = None
     mapping: (
         Annotated[
             dict[
@@ -93,8 +107,6 @@ class EnvDelivery(Strict):
     def _one_style(self) -> EnvDelivery:
         if self.prefix is not None and self.mapping is not None:
             raise ValueError("give either prefix or mapping, not both")
-        if self.prefix is not None and self.prefix and not _ENV_RE.match(self.prefix):
-            raise ValueError(f"prefix {self.prefix!r} is not a valid environment variable start")
         return self
 
 
@@ -106,13 +118,7 @@ class FileDelivery(Strict):
     model_config = ConfigDict(json_schema_extra={"required": ["type", "mount_path"]})
 
     type: Literal["file"] = "file"
-    mount_path: Annotated[str, Field(pattern=r"^/[A-Za-z0-9._/-]*$", max_length=250)]
-
-    @model_validator(mode="after")
-    def _safe_path(self) -> FileDelivery:
-        if ".." in self.mount_path.split("/"):
-            raise ValueError("mount_path must not contain '..'")
-        return self
+    mount_path: Annotated[str, Field(pattern=FILE_MOUNT_PATTERN, max_length=250)]
 
 
 def _delivery_type(value: Any) -> str:

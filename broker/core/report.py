@@ -11,11 +11,11 @@ Definitions the numbers follow:
   narrow every section, and so do the reader's scope (``dag_scope``: the DAG globs its
   ``callers`` rules give it; None for a report reader) and ``dag_ids`` (exact ids, e.g.
   the DAGs an Airflow user may read). A grant shows when its DAG glob lies inside them.
-- **Refused requests** (``request_refused``: 401, 403 out of scope, 413, 415, 422, each
-  counted) are listed among the denials for an unscoped reader without filters only: they
-  name no DAG. An event belongs to a team when the team is among the event's
-  ``teams``, or, when the event names no team, when one of that team's grants covers its
-  DAG, task and secret.
+- **Refused requests** (``request_refused``: 401, 403 out of scope, 413, 415, 422, a log
+  read the leak guard refused (409), each counted) are listed among the denials for an
+  unscoped reader without filters only: they name no DAG. An event belongs to a team
+  when the team is among the event's ``teams``, or, when the event names no team, when
+  one of that team's grants covers its DAG, task and secret.
 - A grant's secret is **used** when a use in the window is credited to it: the launch's
   ``decision`` event lists the grant for that secret in ``matched_grants``
   (secret -> grant ids), or, when the decision did not say, the grant's globs match the

@@ -27,6 +27,11 @@ log = logging.getLogger("podbroker.leakguard")
 _EXPOSURES_REMEMBERED = 4096
 
 
+class UnmaskableLogError(ConflictError):
+    """A log read refused because the leak guard has no values to mask it with (409).
+    The API audits it as a refused request, like a 403 or 422."""
+
+
 class LaunchLookup:
     def __init__(
         self,
@@ -88,7 +93,7 @@ class LaunchLookup:
         ``leak_guard.retain_seconds`` after its end, else read back from its own Secret);
         each exposed secret is audited (``secret_exposed``) and, where its grant says
         ``on_exposure: revoke``, its dynamic credential is revoked at once. A launch
-        whose values are neither held nor readable is refused (ConflictError, 409):
+        whose values are neither held nor readable is refused (UnmaskableLogError, 409):
         never served unmasked."""
         pod = self.find(caller, launch_id)
         masker = self._masker(pod)
@@ -119,7 +124,7 @@ class LaunchLookup:
                 pod.launch_id,
             )
             LOG_READS_REFUSED.inc()
-            raise ConflictError(self._unmaskable(pod))
+            raise UnmaskableLogError(self._unmaskable(pod))
         masker = LogMasker(values)
         return masker if masker.active else None
 

@@ -1,9 +1,10 @@
-"""Refused requests (401, 403 out of scope, 413, 415, 422) leave a trace that a flood
-cannot inflate: they are counted per (caller, endpoint, status, reason class) and one
-``request_refused`` audit event is written per key per interval, carrying the count. The
-first refusal of a key is written at once (by a background thread, so the refusing
-request never waits for the audit store). Never the request body: only the caller, the
-endpoint, the status, a reason class and the first refusal's message."""
+"""Refused requests (401, 403 out of scope, 413, 415, 422; 409 for a log read the leak
+guard refused) leave a trace that a flood cannot inflate: they are counted per (caller,
+endpoint, status, reason class) and one ``request_refused`` audit event is written per
+key per interval, carrying the count. The first refusal of a key is written at once (by
+a background thread, so the refusing request never waits for the audit store). Never the
+request body: only the caller, the endpoint, the status, a reason class and the first
+refusal's message."""
 
 from __future__ import annotations
 

@@ -201,6 +201,50 @@ def test_control_characters_and_bad_ids_are_422_not_503(
     assert not any(ch in reason for ch in "\x00\x1b\n")
 
 
+CONTROL_CHARACTERS = ["\n", "\r", "\t", "\x1b", "\x00", "\x7f", "\x85", "\x9b"]
+"""C0 (newline, CR, tab, ESC, NUL), DEL and C1 (NEL, CSI): they forge log and report
+lines or drive a terminal, and PostgreSQL refuses NUL outright."""
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+def test_control_characters_are_422_on_every_audit_store(
+    request: pytest.FixtureRequest, store: str
+) -> None:
+    """Wherever a stored or echoed text comes in (ids, image, labels, namespace, the
+    kill reason, report filters) a control character is refused with 422, whichever
+    audit store the broker writes to (the session broker's SQLite, ``guarded``'s
+    PostgreSQL), and the reason does not echo it."""
+    broker: BrokerHandle = request.getfixturevalue("broker" if store == "sqlite" else "guarded")
+    assert broker.audit_url.startswith(store)
+    one = f"{broker.url}/v1/launches/0123456789abcdef0123"
+    for char in CONTROL_CHARACTERS:
+        answers = []
+        for place, value in [
+            (("task", "dag_id"), f"analytics_etl_x{char}y"),
+            (("task", "task_id"), f"load{char}"),
+            (("task", "run_id"), f"manual__{char}"),
+            (("container", "image"), f"python{char}:3.12"),
+            (("scheduling", "labels"), {"team": f"a{char}b"}),
+            ((None, "namespace"), f"ns{char}"),
+        ]:
+            body = launch_body("analytics_etl_ctrl")
+            (body if place[0] is None else body[place[0]])[place[1]] = value
+            answers.append(post(broker, body))
+        answers.append(httpx.delete(one, params={"reason": f"a{char}b"}, headers=broker.headers()))
+        for name in ("team", "dag", "task", "secret"):
+            answers.append(
+                httpx.get(
+                    f"{broker.url}/v1/audit/report",
+                    params={"format": "table", name: f"x{char}y"},
+                    headers=broker.headers(),
+                    timeout=30,
+                )
+            )
+        for answer in answers:
+            assert answer.status_code == 422, (repr(char), answer.request.url, answer.text)
+            assert char not in answer.json()["reason"], (repr(char), answer.text)
+
+
 def test_airflow_ids_are_accepted(guarded: BrokerHandle) -> None:
     body = launch_body(
         "analytics_etl_ids.v2-x",
@@ -274,6 +318,54 @@ def test_refusals_are_audited_counted_and_reported(
     assert "401 unauthenticated on GET /v1/launches/{launch_id}" in table
 
 
+def refusal_counts(broker: BrokerHandle) -> dict[tuple[Any, ...], int]:
+    totals: dict[tuple[Any, ...], int] = {}
+    for e in events(broker, EventKind.REQUEST_REFUSED):
+        d = e.details
+        key = (e.caller, d["endpoint"], d["status"], d["reason_class"])
+        totals[key] = totals.get(key, 0) + d["count"]
+    return totals
+
+
+def test_refusals_on_status_logs_and_kill_are_audited_and_reported(
+    guarded: BrokerHandle,
+) -> None:
+    """A caller asking for a launch of a DAG outside its scope gets 403 on status, logs
+    and kill, and a malformed log read 422: each is recorded and is a denial of the
+    report, like a refused launch."""
+    dag_id = f"ml_refused_{uuid.uuid4().hex[:6]}"
+    made = post(guarded, launch_body(dag_id))
+    assert made.status_code == 201, made.text
+    one = f"{guarded.url}/v1/launches/{made.json()['launch_id']}"
+    etl = {"Authorization": f"Bearer {guarded.etl_token}"}
+    assert httpx.get(one, headers=etl, timeout=30).status_code == 403
+    assert httpx.get(f"{one}/logs", headers=etl, timeout=30).status_code == 403
+    assert httpx.delete(one, headers=etl, timeout=30).status_code == 403
+    bad_read = httpx.get(
+        f"{one}/logs", params={"since_seconds": 0}, headers=guarded.headers(), timeout=30
+    )
+    assert bad_read.status_code == 422, bad_read.text
+    # The launch is untouched: the refused kill did not reach it.
+    assert httpx.get(one, headers=guarded.headers(), timeout=30).json()["phase"] != "Deleted"
+
+    want = [
+        ("static:etl-only", "GET /v1/launches/{launch_id}", 403, "out_of_scope"),
+        ("static:etl-only", "GET /v1/launches/{launch_id}/logs", 403, "out_of_scope"),
+        ("static:etl-only", "DELETE /v1/launches/{launch_id}", 403, "out_of_scope"),
+        ("static:dev", "GET /v1/launches/{launch_id}/logs", 422, "invalid_request"),
+    ]
+    assert eventually(lambda: all(refusal_counts(guarded).get(k, 0) >= 1 for k in want), 20), (
+        refusal_counts(guarded)
+    )
+    report = httpx.get(f"{guarded.url}/v1/audit/report", headers=guarded.headers(), timeout=30)
+    rows = [(d["caller"], d["reasons"][0]) for d in report.json()["denials"] if not d["launch_id"]]
+    for caller, endpoint, status, reason_class in want:
+        shown = f"{status} {reason_class} on {endpoint}:"
+        assert any(c == caller and r.startswith(shown) for c, r in rows), (shown, rows)
+    out_of_scope = [r for _, r in rows if r.startswith("403 out_of_scope on GET /v1/launches/{")]
+    assert any(dag_id in r for r in out_of_scope), out_of_scope
+
+
 def test_report_is_scoped_to_its_reader(guarded: BrokerHandle, kube: ControlPlane) -> None:
     unique = uuid.uuid4().hex[:6]
     etl_dag, other_dag = f"analytics_etl_scope{unique}", f"ml_scope{unique}"
@@ -323,3 +415,19 @@ def test_the_schema_documents_what_the_broker_answers(guarded: BrokerHandle) -> 
     assert {"application/json", "text/csv", "text/html", "text/plain"} <= set(report)
     assert "Retry-After" in launch["503"]["headers"]
     assert spec["components"]["securitySchemes"]
+    # A URL over uvicorn's limit (many long dag_ids; httpx will not even build one) is
+    # uvicorn's 400 in plain text: documented for every operation under /v1.
+    query = "&".join([f"dag_ids={'d' * 249}"] * 300).encode()
+    host, port = guarded.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as raw:
+        raw.sendall(
+            b"GET /v1/audit/report?" + query + b" HTTP/1.1\r\nHost: broker\r\n"
+            b"Authorization: Bearer " + guarded.token.encode() + b"\r\n\r\n"
+        )
+        head = raw.recv(4096).lower()
+    assert head.startswith(b"http/1.1 400"), head
+    assert b"content-type: text/plain" in head, head
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            if path.startswith("/v1/"):
+                assert "text/plain" in operation["responses"]["400"]["content"], (method, path)

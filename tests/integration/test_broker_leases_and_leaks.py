@@ -23,7 +23,10 @@ from hvac.exceptions import InvalidRequest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from broker.audit.store import open_audit_store
+from broker.core.audit_events import AuditEvent, EventKind
 from broker.core.policy import Constraints, DatabaseSecret, Grant, KvSecret, PolicySet, Team
+from broker.core.report import compute_report
 from broker.vault.bootstrap import BootstrapOptions, bootstrap
 from podbroker_devstack.broker_env import BrokerHandle, start_broker
 from podbroker_devstack.kube import RUN_DURATION_ANNOTATION, ControlPlane
@@ -328,6 +331,29 @@ def test_a_one_shot_read_after_the_pod_ended_and_its_secret_went_is_masked_or_re
     assert "leak_guard.retain_seconds" in refused.text
     assert [i for i, v in enumerate((*planted, user)) if v in refused.text] == []
     assert "task: connecting" not in refused.text
+
+    # The refused read is audited like any refused request (a report reader sees it).
+    def refusals() -> list[AuditEvent]:
+        with open_audit_store(lease_broker.audit_url, create=False) as store:
+            return [
+                e
+                for e in store.events()
+                if e.kind == EventKind.REQUEST_REFUSED
+                and e.details["endpoint"] == "GET /v1/launches/{launch_id}/logs"
+            ]
+
+    assert eventually(lambda: bool(refusals()), timeout=20)
+    [record] = refusals()
+    assert (record.caller, record.details["status"], record.details["reason_class"]) == (
+        "static:dev",
+        409,
+        "log_unmaskable",
+    )
+    assert launch_id in record.details["reason"]
+    denials = compute_report(refusals()).denials
+    assert [d.reasons[0].split(":")[0] for d in denials] == [
+        "409 log_unmaskable on GET /v1/launches/{launch_id}/logs"
+    ]
     broker_log = Path(lease_broker.log_path).read_text()
     assert [i for i, v in enumerate(planted) if v in broker_log] == []
 

@@ -1,6 +1,7 @@
 """Injection into the real broker's outputs (issue 12, item 7): report CSV cells cannot
-start a spreadsheet formula, ids with control characters cannot forge lines of the
-table report, and ``serve --log-format json`` writes one JSON object per line."""
+start a spreadsheet formula, text that passes input validation cannot forge lines of
+the table report or of the plain-text log, and ``serve --log-format json`` writes one
+JSON object per line."""
 
 from __future__ import annotations
 
@@ -11,8 +12,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+from kubernetes import client
 
-from podbroker_devstack.broker_env import BrokerHandle, start_broker
+from podbroker_devstack.broker_env import (
+    AIRFLOW_NAMESPACE,
+    TOKEN_AUDIENCE,
+    BrokerHandle,
+    start_broker,
+)
 from podbroker_devstack.kube import RUN_DURATION_ANNOTATION, ControlPlane
 from podbroker_devstack.openbao import OpenBao
 from podbroker_devstack.postgres import Postgres
@@ -67,18 +74,81 @@ def test_report_csv_cells_cannot_start_a_formula(broker: BrokerHandle, unique: s
     assert not any(cell.startswith(("=", "+", "-", "@", "\t", "\r")) for cell in cells), cells
 
 
-def test_report_table_cannot_be_forged_by_control_characters(
-    broker: BrokerHandle, unique: str
+# Characters input validation lets through (they are not control characters) that still
+# break or reorder a line where they are shown: line and paragraph separators (Python's
+# splitlines, editors, JavaScript), a bidi override (the row reads backwards), a BOM.
+LINE_BREAKERS = "\u2028\u2029\u202e\ufeff"
+
+
+def assert_neutralised(text: str, forged: str) -> None:
+    """No raw line breaker in ``text``, no line of it starting with the forged record,
+    and the forged text there in escaped form."""
+    assert not any(ch in text for ch in LINE_BREAKERS), [c for c in LINE_BREAKERS if c in text]
+    assert not any(line.lstrip().startswith(forged) for line in text.splitlines())
+    assert f"\\u2028{forged}" in text
+
+
+def test_what_validation_lets_through_cannot_forge_the_table_report_or_the_text_log(
+    broker: BrokerHandle, kube: ControlPlane, kube_api: client.ApiClient, unique: str
 ) -> None:
-    dag_id = f"x{unique}\n2026-01-01T00:00:00Z  forged-{unique}  load\x1b[2J"
-    answer = launch(broker, dag_id)
-    if answer.status_code == 422:
-        pytest.skip("control characters are refused at the door (issue 12, item 1)")
-    assert answer.status_code == 403, answer.text
+    """Control characters (C0, DEL, C1: newline, CR, ESC, NEL) are refused with 422 at
+    the door (test_broker_input_limits, on SQLite and PostgreSQL). Line separators, a
+    bidi override and a BOM are not control characters: they pass in an image name, a
+    resource name and a report filter, and reach the table report and the broker's
+    plain-text log (the text of a 422 quotes the resource name). There they are written
+    out visibly, so they cannot start a forged line."""
+    forged = f"2026-01-01T00:00:00Z  forged-{unique}"
+    dag_id = f"analytics_etl_forge{unique}"
+    answer = httpx.post(
+        f"{broker.url}/v1/launches",
+        headers=broker.headers(),
+        timeout=30,
+        json={
+            "task": {"dag_id": dag_id, "task_id": "load", "run_id": "r1"},
+            "container": {"image": f"python:3.12-slim\u2028{forged}\u2029\u202e{unique}\ufeff"},
+            "secrets": ["warehouse-readonly"],
+            "scheduling": {"annotations": {RUN_DURATION_ANNOTATION: "1s"}},
+        },
+    )
+    assert answer.status_code == 201, answer.text
     table = report(broker, "table")
-    assert "\x1b" not in table
-    assert not any(line.startswith("2026-01-01T00:00:00Z") for line in table.splitlines())
-    assert f"x{unique}\\x0a2026-01-01T00:00:00Z  forged-{unique}" in table
+    assert f"\\u202e{unique}" in table  # the image, in the usage per secret
+    assert_neutralised(table, forged)
+
+    # A filter is echoed in the table's first line.
+    answer = httpx.get(
+        f"{broker.url}/v1/audit/report",
+        params={"format": "table", "dag": f"{dag_id}\u2028{forged}\u202e"},
+        headers=broker.headers(),
+        timeout=30,
+    )
+    assert answer.status_code == 200, answer.text
+    assert_neutralised(answer.text, forged)
+
+    # A resource name that is no quantity: the 422's reason quotes it, and the refusal
+    # is logged in plain text (at once: the first refusal of a caller that is new).
+    account = f"forger-{unique}"
+    client.CoreV1Api(kube_api).create_namespaced_service_account(
+        AIRFLOW_NAMESPACE, client.V1ServiceAccount(metadata=client.V1ObjectMeta(name=account))
+    )
+    token = kube.mint_token(AIRFLOW_NAMESPACE, account, audiences=[TOKEN_AUDIENCE])
+    refused = httpx.post(
+        f"{broker.url}/v1/launches",
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=30,
+        json={
+            "task": {"dag_id": dag_id, "task_id": "load", "run_id": "r2"},
+            "container": {
+                "image": "python:3.12-slim",
+                "resources": {"limits": {f"cpu\u2028{forged}\u202e\u2029": "x"}},
+            },
+        },
+    )
+    assert refused.status_code == 422, refused.text
+    assert forged in refused.json()["reason"]
+    log = Path(broker.log_path)
+    assert eventually(lambda: f"\\u2028{forged}" in log.read_text(), timeout=20)
+    assert_neutralised(log.read_text(), forged)
 
 
 def test_log_format_json_writes_one_object_per_line(
