@@ -138,15 +138,13 @@ def test_a_required_check_without_airflow_configured_fails_closed() -> None:
 def test_secrets_reach_only_images_their_grant_lists() -> None:
     svc = make_services()
     policy = sample_policy()
-    pinned = Grant(
-        id="pinned", dags="etl_*", secrets=("wh",), images=("registry.local/etl@sha256:*",)
-    )
+    digest = "registry.local/etl@sha256:" + "a" * 64
+    pinned = Grant(id="pinned", dags="etl_*", secrets=("wh",), images=(digest,))
     svc.policies.policy = policy.model_copy(update={"teams": {"etl": Team(grants=(pinned,))}})
     with pytest.raises(DeniedError, match="allow only images") as refused:
         svc.launch("wh", image="python:3.12")
     assert refused.value.denied == ["wh"]
     assert svc.cluster.count("create_pod") == 0
-    digest = "registry.local/etl@sha256:" + "a" * 64
     assert svc.launch("wh", image=digest).created
 
 
