@@ -73,3 +73,13 @@ with DAG("analytics_etl_verify_e2e_long", schedule=None, start_date=START, catch
         annotations={RUN_DURATION: "300s"},
         poll_interval=0.5,
     )
+
+with DAG("analytics_etl_verify_e2e_paged", schedule=None, start_date=START, catchup=False):
+    # Four task instances of one task (map indexes 0-3), the last one long: the broker's
+    # reconciler, asking Airflow 2 per page, finds that running launch on a later page.
+    BrokerPodOperator.partial(
+        task_id="load_part",
+        image="python:3.12-slim",
+        secrets=["warehouse-readonly"],
+        poll_interval=0.5,
+    ).expand(annotations=[{}, {}, {}, {RUN_DURATION: "300s"}])

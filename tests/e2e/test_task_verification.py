@@ -3,7 +3,8 @@
 fixture, over the database `airflow dags test` writes) about every launch. Only the
 running task instance itself obtains secrets; forged identities get 403 and nothing is
 created; a differing second launch of a running try is a 409; a task instance marked
-failed in Airflow loses its pod and its database lease (checked in Vault)."""
+failed in Airflow loses its pod and its database lease (checked in Vault), while a running
+one whose record lies on a later page of Airflow's answer keeps its pod."""
 
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ pytestmark = [pytest.mark.stack, pytest.mark.airflow]
 
 AIRFLOW = Path(sys.executable).parent / "airflow"
 LONG_DAG = "analytics_etl_verify_e2e_long"
+PAGED_DAG = "analytics_etl_verify_e2e_paged"
 
 
 @pytest.fixture(scope="module")
@@ -257,6 +259,109 @@ def test_a_running_task_is_guarded_and_ended_with_its_task_instance(
             if e.kind == EventKind.LAUNCH_KILLED and e.dag_id == LONG_DAG
         ]
         assert killed and "task instance ended in Airflow" in killed[-1].details["reason"]
+    finally:
+        if runner.poll() is None:
+            os.killpg(runner.pid, signal.SIGTERM)
+        runner.wait(60)
+
+
+def airflow_list_calls(broker: BrokerHandle) -> float:
+    """How many times the broker's reconciler has asked Airflow for its running launches'
+    task instances (one per sweep, however many pages), from the broker's /metrics."""
+    metric = 'podbroker_airflow_call_seconds_count{operation="list_task_instances"}'
+    for line in httpx.get(f"{broker.url}/metrics", timeout=10).text.splitlines():
+        if line.startswith(metric):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_a_running_launch_on_a_later_page_of_airflows_answer_keeps_its_pod(
+    env: dict[str, str],
+    verified_broker: BrokerHandle,
+    airflow_api: AirflowApi,
+    core: client.CoreV1Api,
+) -> None:
+    runner = subprocess.Popen(
+        [str(AIRFLOW), "dags", "test", PAGED_DAG],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    namespace = verified_broker.namespace
+
+    def long_pods() -> list[client.V1Pod]:
+        return [
+            p
+            for p in broker_pods(core, namespace, PAGED_DAG)
+            if p.metadata.labels.get("map_index") == "3"
+            and p.status.phase == "Running"
+            and p.metadata.deletion_timestamp is None
+        ]
+
+    try:
+        assert eventually(lambda: bool(long_pods()), timeout=180), "map index 3 never ran"
+        (pod,) = long_pods()
+        run_id = latest_ti(env, PAGED_DAG)["run_id"]
+        viewer = {"Authorization": f"Bearer {airflow_api.token('podbroker')}"}
+        ti = httpx.get(
+            f"{airflow_api.url}/api/v2/dags/{PAGED_DAG}/dagRuns/{run_id}/taskInstances/load_part/3",
+            headers=viewer,
+            timeout=30,
+        ).json()
+        assert ti["state"] == "running"
+
+        # Airflow's answer to the broker's question, 2 per page: four task instances
+        # (map indexes 0-3), the running one not on the first page.
+        first_page = httpx.post(
+            f"{airflow_api.url}/api/v2/dags/~/dagRuns/~/taskInstances/list",
+            json={
+                "dag_ids": [PAGED_DAG],
+                "dag_run_ids": [run_id],
+                "task_ids": ["load_part"],
+                "order_by": "id",
+                "page_limit": 2,
+            },
+            headers=viewer,
+            timeout=30,
+        ).json()
+        assert first_page["total_entries"] == 4
+        assert ti["id"] not in {t["id"] for t in first_page["task_instances"]}
+
+        # Enough sweeps after the pod ran that a launch taken for "no longer exists"
+        # would have been killed (grace 5 s, a sweep every 5 s; the fourth call comes
+        # after the third sweep has finished acting).
+        seen = airflow_list_calls(verified_broker)
+        assert eventually(
+            lambda: airflow_list_calls(verified_broker) >= seen + 4 or not long_pods(),
+            timeout=120,
+        ), "the reconciler stopped asking Airflow"
+        killed = [
+            e.details["reason"]
+            for e in audit_events(verified_broker)
+            if e.kind == EventKind.LAUNCH_KILLED and e.dag_id == PAGED_DAG
+        ]
+        assert killed == []
+        assert [p.metadata.uid for p in long_pods()] == [pod.metadata.uid]
+
+        # Its record on the later page is read: marked failed there, the pod is ended.
+        admin = airflow_api.token("admin")
+        patched = httpx.patch(
+            f"{airflow_api.url}/api/v2/dags/{PAGED_DAG}/dagRuns/{run_id}/taskInstances/load_part/3",
+            json={"new_state": "failed"},
+            headers={"Authorization": f"Bearer {admin}"},
+            timeout=30,
+        )
+        assert patched.status_code == 200, patched.text
+        assert eventually(lambda: not long_pods(), timeout=90), "the failed task kept its pod"
+        killed = [
+            e
+            for e in audit_events(verified_broker)
+            if e.kind == EventKind.LAUNCH_KILLED and e.dag_id == PAGED_DAG
+        ]
+        assert killed and killed[-1].details["reason"] == (
+            "task instance ended in Airflow: its task instance is failed in Airflow"
+        )
     finally:
         if runner.poll() is None:
             os.killpg(runner.pid, signal.SIGTERM)
