@@ -203,6 +203,12 @@ class AirflowSettings(_Section):
     cache_seconds: float = Field(default=5.0, ge=0, le=300)
     ended_grace_seconds: int = Field(default=60, ge=0)
     """A running pod whose task instance Airflow has ended is killed after this long."""
+    list_page_size: int = Field(default=1000, ge=1, le=10_000)
+    """Task instances per page when the reconciler lists those of its running launches
+    (Airflow may send fewer; the broker reads every page)."""
+    list_budget_seconds: float = Field(default=20.0, gt=0, le=600)
+    """The reconciler stops reading pages after this long; launches on pages left unread
+    are not judged that pass (never taken for ended)."""
     auth: AirflowAuthSettings = Field(default_factory=AirflowAuthSettings)
 
     @model_validator(mode="after")

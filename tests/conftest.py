@@ -138,7 +138,8 @@ def verified_broker(
 ) -> Iterator[BrokerHandle]:
     """A broker that checks every launch with the real Airflow API server
     (``airflow.verification: enforce``), in a task namespace of its own so its
-    reconciler judges only launches made through it."""
+    reconciler judges only launches made through it. It reads Airflow's task-instance
+    list 2 per page, so a few task instances already take several pages."""
     handle = start_broker(
         stack_folder / "verified-broker",
         kube,
@@ -146,7 +147,7 @@ def verified_broker(
         postgres,
         sources,
         task_namespace="tasks-verified",
-        extra_settings={"airflow": airflow_api.settings("enforce")},
+        extra_settings={"airflow": {**airflow_api.settings("enforce"), "list_page_size": 2}},
     )
     yield handle
     handle.stop()

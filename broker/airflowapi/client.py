@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -21,10 +22,12 @@ from urllib.parse import quote
 import httpx
 
 from broker.core.models import TaskIdentity
-from broker.core.verification import TaskInstanceRecord
+from broker.core.verification import TaskInstanceBatch, TaskInstanceRecord
 from broker.errors import AirflowUnavailableError
 
 log = logging.getLogger("podbroker.airflow")
+
+LIST_PATH = "/api/v2/dags/~/dagRuns/~/taskInstances/list"
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,10 @@ class AirflowTaskInstances:
         *,
         ca_file: str | None = None,
         timeout: float = 5.0,
+        page_size: int = 1000,
+        list_budget_seconds: float = 20.0,
+        clock: Callable[[], float] = time.monotonic,
+        transport: httpx.BaseTransport | None = None,
     ) -> None:
         verify: ssl.SSLContext | bool = True
         if ca_file:
@@ -74,7 +81,11 @@ class AirflowTaskInstances:
             verify=verify,
             headers={"User-Agent": "podbroker"},
             trust_env=False,
+            transport=transport,
         )
+        self.page_size = page_size
+        self.list_budget_seconds = list_budget_seconds
+        self._clock = clock
         self._token: str | None = None
         self._lock = threading.Lock()
 
@@ -149,21 +160,56 @@ class AirflowTaskInstances:
         self._raise_for(response, "read a task instance")
         return _record(response.json())
 
-    def get_many(self, tasks: Sequence[TaskIdentity]) -> list[TaskInstanceRecord]:
-        """The task instances of several launches in one call (the reconciler's)."""
+    def get_many(self, tasks: Sequence[TaskIdentity]) -> TaskInstanceBatch:
+        """The task instances of several launches (the reconciler's question), paged:
+        the filter (every DAG x run x task id named, all map indexes) may match more than
+        one page, so pages are read by ``page_offset`` until Airflow's ``total_entries``
+        is covered, ordered by id so the pages do not overlap. Reading stops after
+        ``list_budget_seconds``; an answer cut short (budget spent, a short page, the
+        list changing while paged) comes back with ``complete=False``. Raises
+        AirflowUnavailableError when a page cannot be read at all."""
         if not tasks:
-            return []
-        body = {
+            return TaskInstanceBatch()
+        body: dict[str, Any] = {
             "dag_ids": sorted({t.dag_id for t in tasks}),
             "dag_run_ids": sorted({t.run_id for t in tasks}),
             "task_ids": sorted({t.task_id for t in tasks}),
-            "page_limit": 1000,
+            "order_by": "id",
+            "page_limit": self.page_size,
         }
-        response = self._authorized(
-            "POST", "/api/v2/dags/~/dagRuns/~/taskInstances/list", json=body
-        )
-        self._raise_for(response, "list task instances")
-        return [_record(item) for item in response.json().get("task_instances") or []]
+        deadline = self._clock() + self.list_budget_seconds
+        found: dict[tuple[str, str, str, int], TaskInstanceRecord] = {}
+        total: int | None = None
+        offset = 0
+        while True:
+            response = self._authorized("POST", LIST_PATH, json={**body, "page_offset": offset})
+            self._raise_for(response, "list task instances")
+            page = response.json()
+            items = page.get("task_instances") or []
+            for item in items:
+                record = _record(item)
+                found[record.instance_key] = record
+            # Airflow may cap page_limit: move on by what it sent, not by what was asked.
+            offset += len(items)
+            entries = page.get("total_entries")
+            if not isinstance(entries, int) or (total is not None and entries != total):
+                complete = False  # no total to cover, or the list changed under the pages
+                break
+            total = entries
+            if offset >= total:
+                # Rows that moved between pages show up twice and leave others out.
+                complete = len(found) >= total
+                break
+            if not items or self._clock() >= deadline:
+                complete = False
+                break
+        if not complete:
+            log.warning(
+                "Airflow's task-instance list was cut short (%d of %s records read)",
+                len(found),
+                total if total is not None else "unknown",
+            )
+        return TaskInstanceBatch(tuple(found.values()), complete=complete)
 
     @staticmethod
     def _raise_for(response: httpx.Response, what: str) -> None:

@@ -47,6 +47,17 @@ class TaskInstanceRecord:
 
 
 @dataclass(frozen=True)
+class TaskInstanceBatch:
+    """What Airflow's REST API says about several task instances at once (the
+    reconciler's question). ``complete`` is False when the answer was cut short (pages
+    left unread within the budget, or the list changed while it was being paged): a
+    launch whose record is absent from an incomplete batch is unknown, not ended."""
+
+    records: tuple[TaskInstanceRecord, ...] = ()
+    complete: bool = True
+
+
+@dataclass(frozen=True)
 class PodBinding:
     """The pod a caller's ServiceAccount token is bound to (TokenReview extras)."""
 

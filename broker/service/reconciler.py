@@ -218,19 +218,28 @@ class Reconciler:
                 result.interrupted_launches_closed += 1
 
     def _end_pods_of_ended_tasks(self, running: list[PodInfo], result: SweepResult) -> None:
-        """Secrets live no longer than their task instance: ask Airflow (one batched
-        call) about every running launch; a pod whose task instance has ended, been
-        reset or moved to a newer try is killed after ``ended_grace_seconds``."""
+        """Secrets live no longer than their task instance: ask Airflow (one batched,
+        paged question) about every running launch; a pod whose task instance has ended,
+        been reset or moved to a newer try is killed after ``ended_grace_seconds``. A
+        launch missing from an answer that was cut short is unknown this pass: neither
+        judged nor cleared (its grace clock, if started, keeps running)."""
         verifier = self.verifier
         if verifier is None or not verifier.active or verifier.mode == "off" or not running:
             self._ended_since.clear()
             return
-        records = {r.instance_key: r for r in verifier.records([pod.task for pod in running])}
+        batch = verifier.records([pod.task for pod in running])
+        records = {r.instance_key: r for r in batch.records}
         now = self._clock()
         flagged: set[str] = set()
+        unknown = 0
         for pod in running:
             task = pod.task
             record = records.get(task.instance_key)
+            if record is None and not batch.complete:
+                unknown += 1
+                if pod.launch_id is not None and pod.launch_id in self._ended_since:
+                    flagged.add(pod.launch_id)
+                continue
             why = ended_reason(task, record)
             if why is None or pod.launch_id is None:
                 continue
@@ -243,6 +252,11 @@ class Reconciler:
             )
             result.ended_task_pods_killed += 1
         self._ended_since = {k: v for k, v in self._ended_since.items() if k in flagged}
+        if unknown:
+            result.errors.append(
+                f"airflow: its task-instance list was cut short; {unknown} running "
+                "launch(es) not in it were left alone this pass"
+            )
 
     def _sweep_namespace(
         self,

@@ -137,6 +137,8 @@ def _airflow_source(settings: BrokerSettings) -> AirflowTaskInstances | None:
         ),
         ca_file=str(airflow.ca_file) if airflow.ca_file else None,
         timeout=airflow.timeout_seconds,
+        page_size=airflow.list_page_size,
+        list_budget_seconds=airflow.list_budget_seconds,
     )
 
 

@@ -15,6 +15,7 @@ from broker.core.models import Caller, TaskIdentity
 from broker.core.verification import (
     LAUNCHABLE_STATES,
     PodBinding,
+    TaskInstanceBatch,
     TaskInstanceRecord,
     Verdict,
     VerificationMode,
@@ -31,7 +32,7 @@ class TaskInstanceSource(Protocol):
     """Airflow's view of task instances (the Airflow REST API adapter)."""
 
     def get(self, task: TaskIdentity) -> TaskInstanceRecord | None: ...
-    def get_many(self, tasks: Sequence[TaskIdentity]) -> list[TaskInstanceRecord]: ...
+    def get_many(self, tasks: Sequence[TaskIdentity]) -> TaskInstanceBatch: ...
 
 
 @dataclass(frozen=True)
@@ -135,9 +136,10 @@ class TaskVerifier:
             self._cache[key] = (now + self.cache_seconds, record)
         return record
 
-    def records(self, tasks: Sequence[TaskIdentity]) -> list[TaskInstanceRecord]:
-        """Airflow's records of several task instances in one call (reconciler)."""
+    def records(self, tasks: Sequence[TaskIdentity]) -> TaskInstanceBatch:
+        """Airflow's records of several task instances in one batched question
+        (reconciler); uncached: ending a pod acts on Airflow's current answer."""
         if self.source is None or not tasks:
-            return []
+            return TaskInstanceBatch()
         with AIRFLOW_LATENCY.labels("list_task_instances").time():
             return self.source.get_many(tasks)

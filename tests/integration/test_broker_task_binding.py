@@ -23,6 +23,7 @@ from tests.helpers import eventually
 pytestmark = pytest.mark.stack
 
 PINNED = "ghcr.io/example/payments-sync@sha256:" + "ab" * 32
+"""The one image policies/teams/payments.yaml lets receive payments-api."""
 
 
 def body(
@@ -58,7 +59,7 @@ def test_a_secret_reaches_only_the_images_its_grant_lists(broker: BrokerHandle) 
     assert refused.status_code == 403, refused.text
     error = refused.json()
     assert error["denied_secrets"] == ["payments-api"]
-    assert "allow only images ghcr.io/example/payments-sync@sha256:*" in error["reason"]
+    assert f"allow only images {PINNED}" in error["reason"]
 
 
 def test_a_grant_requiring_a_verified_task_fails_closed_without_airflow(

@@ -37,7 +37,7 @@ from broker.core.plan import (
 from broker.core.podmeta import VaultHoldings
 from broker.core.policy import DatabaseSecret, Grant, KvSecret, PolicySet, Team
 from broker.core.secret_value import SecretValue
-from broker.core.verification import TaskInstanceRecord
+from broker.core.verification import TaskInstanceBatch, TaskInstanceRecord
 from broker.errors import (
     AirflowUnavailableError,
     AuditUnavailableError,
@@ -709,6 +709,8 @@ class FakeTaskInstances:
         self.records: dict[tuple[str, str, str, int], TaskInstanceRecord] = {}
         self.calls = 0
         self.down = False
+        self.cut_short_after: int | None = None
+        """Answer batches with only this many records, marked incomplete."""
 
     def add(
         self,
@@ -736,12 +738,15 @@ class FakeTaskInstances:
             raise AirflowUnavailableError("Airflow API unreachable (ConnectError)")
         return self.records.get((task.dag_id, task.run_id, task.task_id, task.map_index))
 
-    def get_many(self, tasks: Sequence[TaskIdentity]) -> list[TaskInstanceRecord]:
+    def get_many(self, tasks: Sequence[TaskIdentity]) -> TaskInstanceBatch:
         self.calls += 1
         if self.down:
             raise AirflowUnavailableError("Airflow API unreachable (ConnectError)")
         keys = {(t.dag_id, t.run_id, t.task_id, t.map_index) for t in tasks}
-        return [r for k, r in self.records.items() if k in keys]
+        found = tuple(r for k, r in self.records.items() if k in keys)
+        if self.cut_short_after is not None:
+            return TaskInstanceBatch(found[: self.cut_short_after], complete=False)
+        return TaskInstanceBatch(found)
 
 
 def sample_policy() -> PolicySet:

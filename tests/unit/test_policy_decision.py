@@ -230,8 +230,8 @@ def test_image_globs_bind_a_secret_to_approved_images() -> None:
     from broker.core.policy import lint_policy
 
     catalog = {"api": KvSecret(mount="kv", path="api", sensitive=True)}
-    pinned = Grant(id="sync", dags="sync_*", secrets=("api",), images=("reg/sync@sha256:*",))
-    policy = PolicySet(catalog=catalog, teams={"t": Team(grants=(pinned,))})
+    by_digest = Grant(id="sync", dags="sync_*", secrets=("api",), images=("reg/sync@sha256:*",))
+    policy = PolicySet(catalog=catalog, teams={"t": Team(grants=(by_digest,))})
     task = TaskIdentity(dag_id="sync_daily", task_id="run", run_id="r")
     request = [SecretRequest(name="api")]
     refused = decide(policy, task, request, image="reg/sync:latest")
@@ -239,15 +239,19 @@ def test_image_globs_bind_a_secret_to_approved_images() -> None:
     assert "allow only images reg/sync@sha256:*, not 'reg/sync:latest'" in refused.reasons[0]
     assert not decide(policy, task, request).allowed  # no image named: refused
     assert decide(policy, task, request, image="reg/sync@sha256:" + "0" * 64).allowed
-    # lint: tags on sensitive secrets warn, match-all or empty lists are errors
-    tagged = pinned.model_copy(update={"images": ("reg/sync:1.*",)})
-    everything = pinned.model_copy(update={"images": ("*",)})
-    none = pinned.model_copy(update={"images": ()})
+    # lint: tags and digest globs on sensitive secrets warn (neither pins the image),
+    # an exact digest does not; match-all or empty lists are errors
+    tagged = by_digest.model_copy(update={"images": ("reg/sync:1.*",)})
+    everything = by_digest.model_copy(update={"images": ("*",)})
+    none = by_digest.model_copy(update={"images": ()})
+    pinned = by_digest.model_copy(update={"images": ("reg/sync@sha256:" + "0" * 64,)})
     messages = {
         f.severity + ": " + f.message
-        for grant in (tagged, everything, none)
+        for grant in (by_digest, tagged, everything, none, pinned)
         for f in lint_policy(PolicySet(catalog=catalog, teams={"t": Team(grants=(grant,))}))
     }
     assert any(m.startswith("warning: ") and "pin a digest" in m for m in messages)
+    assert any(m.startswith("warning: ") and "digest is not a pin" in m for m in messages)
+    assert not any("0" * 64 in m for m in messages)
     assert any(m.startswith("error: ") and "matches every image" in m for m in messages)
     assert any(m.startswith("error: ") and "lists no image" in m for m in messages)

@@ -136,6 +136,40 @@ def test_lint_findings(tmp_path: Path) -> None:
     assert "ghost" in result.output and "warning:" in result.output
 
 
+def test_lint_warns_that_a_digest_glob_is_not_a_pin(tmp_path: Path) -> None:
+    digest = "sha256:" + "0123456789abcdef" * 4
+    write(
+        tmp_path,
+        {
+            "catalog.yaml": CATALOG,
+            "teams/t.yaml": team(
+                f"""\
+                - id: sync
+                  dags: sync
+                  secrets: [api]
+                  images:
+                    - reg/sync@sha256:*
+                    - reg/sync@sha256:0123?*
+                    - reg/sync@{digest}
+                    - reg/*@{digest}
+                """
+            ),
+        },
+    )
+    team_file = tmp_path / "teams/t.yaml"
+    about_images = [str(i) for i in lint_policy_dir(tmp_path) if ".images[" in str(i)]
+    assert [w.split(": ", 2)[:2] for w in about_images] == [
+        [f"{team_file}:8", "grants[0].images[0]"],
+        [f"{team_file}:9", "grants[0].images[1]"],
+    ]
+    assert all("a glob in the digest is not a pin" in w for w in about_images)
+    # On a grant of nothing sensitive neither a digest glob nor a tag is flagged.
+    (tmp_path / "teams/t.yaml").write_text(
+        team("- id: sync\n  dags: sync\n  secrets: [wh]\n  images: [reg/sync@sha256:*]\n")
+    )
+    assert not [i for i in lint_policy_dir(tmp_path) if ".images[" in str(i)]
+
+
 def test_task_glob_makes_a_star_grant_narrow(tmp_path: Path) -> None:
     write(
         tmp_path,

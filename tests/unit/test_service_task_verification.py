@@ -138,15 +138,13 @@ def test_a_required_check_without_airflow_configured_fails_closed() -> None:
 def test_secrets_reach_only_images_their_grant_lists() -> None:
     svc = make_services()
     policy = sample_policy()
-    pinned = Grant(
-        id="pinned", dags="etl_*", secrets=("wh",), images=("registry.local/etl@sha256:*",)
-    )
+    digest = "registry.local/etl@sha256:" + "a" * 64
+    pinned = Grant(id="pinned", dags="etl_*", secrets=("wh",), images=(digest,))
     svc.policies.policy = policy.model_copy(update={"teams": {"etl": Team(grants=(pinned,))}})
     with pytest.raises(DeniedError, match="allow only images") as refused:
         svc.launch("wh", image="python:3.12")
     assert refused.value.denied == ["wh"]
     assert svc.cluster.count("create_pod") == 0
-    digest = "registry.local/etl@sha256:" + "a" * 64
     assert svc.launch("wh", image=digest).created
 
 
@@ -227,3 +225,46 @@ def test_the_sweep_asks_airflow_nothing_when_verification_is_off() -> None:
     svc.launch("wh")
     svc.reconciler.sweep()
     assert airflow.calls == 0
+
+
+def test_a_launch_missing_from_a_cut_short_answer_is_unknown_not_ended() -> None:
+    airflow = FakeTaskInstances()
+    airflow.add(make_task("a"))
+    airflow.add(make_task("b"))
+    now = [100.0]
+    verifier = TaskVerifier(airflow, "enforce", cache_seconds=0)
+    svc = make_services(verifier=verifier, ended_grace_seconds=30)
+    svc.reconciler._clock = lambda: now[0]
+    first = svc.launch("wh", task_identity=make_task("a"))
+    beyond = svc.launch("wh", task_identity=make_task("b"))
+    airflow.add(make_task("a"), state="failed")
+    airflow.cut_short_after = 1  # Airflow's answer holds "a" only, and says it is partial
+    swept = svc.reconciler.sweep()
+    assert swept.ended_task_pods_killed == 0 and any("cut short" in e for e in swept.errors)
+    now[0] += 31
+    swept = svc.reconciler.sweep()
+    assert swept.ended_task_pods_killed == 1  # "a" is known to have failed
+    assert svc.cluster.read_pod(first.namespace, first.pod_name) is None
+    assert svc.cluster.read_pod(beyond.namespace, beyond.pod_name) is not None
+    killed = [e for e in svc.audit.events if e.kind == EventKind.LAUNCH_KILLED]
+    assert [e.launch_id for e in killed] == [first.launch_id]
+
+
+def test_a_grace_clock_started_before_a_cut_short_answer_keeps_running() -> None:
+    airflow = FakeTaskInstances()
+    airflow.add(make_task("a"))
+    airflow.add(make_task("b"))
+    now = [100.0]
+    verifier = TaskVerifier(airflow, "enforce", cache_seconds=0)
+    svc = make_services(verifier=verifier, ended_grace_seconds=30)
+    svc.reconciler._clock = lambda: now[0]
+    svc.launch("wh", task_identity=make_task("a"))
+    gone = svc.launch("wh", task_identity=make_task("b"))
+    del airflow.records[("etl_daily", "manual__1", "b", -1)]  # its run deleted in Airflow
+    assert svc.reconciler.sweep().ended_task_pods_killed == 0  # grace starts
+    airflow.cut_short_after = 1
+    now[0] += 31
+    assert svc.reconciler.sweep().ended_task_pods_killed == 0  # unknown: not judged
+    airflow.cut_short_after = None
+    assert svc.reconciler.sweep().ended_task_pods_killed == 1  # missing again, grace spent
+    assert svc.cluster.read_pod(gone.namespace, gone.pod_name) is None

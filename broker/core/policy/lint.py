@@ -27,13 +27,21 @@ def is_match_all(glob: str) -> bool:
     return "*" in glob and set(glob) <= {"*", "?"}
 
 
+def has_digest_glob(image_glob: str) -> bool:
+    """True when the digest part (after ``@``) holds a glob character: such a pattern
+    matches whatever digest the repository gets next, so it pins nothing."""
+    _, at, digest = image_glob.partition("@")
+    return bool(at) and any(c in digest for c in "*?[")
+
+
 def lint_policy(policy: PolicySet) -> list[Finding]:
     """Grants naming unknown secrets (error), duplicate grant ids in a team (error),
     duplicate secrets within a grant (warning), match-all DAG globs on sensitive secrets
     (error: over-broad), catalog secrets no grant uses (warning), dynamic-credential
     grants without ``max_lease_ttl`` (warning), ``max_lease_ttl`` on grants without
     dynamic secrets (warning), image globs that match every image or list none (error),
-    sensitive secrets given to images by tag instead of digest (warning)."""
+    sensitive secrets given to images by tag or by a digest glob (``@sha256:*``) instead
+    of an exact digest (warning: neither pins the image)."""
     findings: list[Finding] = []
     used: set[str] = set()
     for team_name, team in sorted(policy.teams.items()):
@@ -76,6 +84,17 @@ def lint_policy(policy: PolicySet) -> list[Finding]:
                 if is_match_all(glob):
                     findings.append(
                         Finding("error", where, f"image glob {glob!r} matches every image")
+                    )
+                elif sensitive and has_digest_glob(glob):
+                    findings.append(
+                        Finding(
+                            "warning",
+                            where,
+                            f"grant {team_name}/{grant.id} gives sensitive secrets to any "
+                            f"digest matching {glob!r}: a glob in the digest is not a pin "
+                            "(every image pushed to the repository matches); list exact "
+                            "digests (@sha256:<64 hex>)",
+                        )
                     )
                 elif sensitive and "@sha256:" not in glob:
                     findings.append(

@@ -114,8 +114,9 @@ class Grant(StrictModel):
     secrets: tuple[Annotated[str, Field(pattern=SECRET_NAME_PATTERN)], ...] = Field(min_length=1)
     constraints: Constraints = Field(default_factory=Constraints)
     images: tuple[Annotated[str, Field(pattern=IMAGE_GLOB_PATTERN)], ...] | None = None
-    """Globs over the full image reference the pod runs (``None``: any image). Pin
-    digests (``registry/etl@sha256:...``) for sensitive secrets: tags can move."""
+    """Globs over the full image reference the pod runs (``None``: any image). List
+    exact digests (``registry/etl@sha256:<64 hex>``) for sensitive secrets: tags can
+    move, and a glob in the digest (``@sha256:*``) matches any image pushed there."""
     pod_templates: tuple[Annotated[str, Field(min_length=1, max_length=253)], ...] | None = None
     """The platform pod templates launches receiving these secrets must run under
     (``None``: any template, or none)."""
