@@ -19,6 +19,10 @@ FINISHED_PHASES = frozenset({"Succeeded", "Failed"})
 ContainerStateName = Literal["running", "waiting", "terminated", "unknown"]
 
 
+def _age_seconds(created_at: dt.datetime | None, now: dt.datetime) -> float:
+    return (now - created_at).total_seconds() if created_at else 0.0
+
+
 @dataclass(frozen=True)
 class PodRef:
     namespace: str
@@ -99,7 +103,7 @@ class PodInfo:
         return PodRef(self.namespace, self.name, self.uid)
 
     def age_seconds(self, now: dt.datetime) -> float:
-        return (now - self.created_at).total_seconds() if self.created_at else 0.0
+        return _age_seconds(self.created_at, now)
 
 
 @dataclass(frozen=True)
@@ -121,7 +125,7 @@ class SecretMeta:
         return podmeta.holdings_of(self.annotations)
 
     def age_seconds(self, now: dt.datetime) -> float:
-        return (now - self.created_at).total_seconds() if self.created_at else 0.0
+        return _age_seconds(self.created_at, now)
 
 
 @dataclass(frozen=True)

@@ -556,6 +556,14 @@ _CONTROL_PLANE_PREFIX = "node-role.kubernetes.io/"
 _RESERVED_MOUNT_PATHS = ("/var/run/secrets", "/run/secrets")
 
 
+def _allow_volume_source(kind: str, name: str, allowed: list[str], namespace: str) -> None:
+    if not _matches_any(name, allowed):
+        raise InvalidRequestError(
+            f"volumes: {kind} {name!r} is not allowed in namespace {namespace!r} "
+            "(kubernetes.namespace_rules or the pod template)"
+        )
+
+
 def _matches_any(name: str, globs: Sequence[str]) -> bool:
     return any(fnmatchcase(name, glob) for glob in globs)
 
@@ -673,20 +681,19 @@ def _volumes(
             )
         names.add(volume.name)
         claim = volume.persistent_volume_claim
-        if claim is not None and not _matches_any(
-            claim.claim_name, [*rules.persistent_volume_claims, *template.persistent_volume_claims]
-        ):
-            raise InvalidRequestError(
-                f"volumes: persistent volume claim {claim.claim_name!r} is not allowed in "
-                f"namespace {namespace!r} (kubernetes.namespace_rules or the pod template)"
+        if claim is not None:
+            _allow_volume_source(
+                "persistent volume claim",
+                claim.claim_name,
+                [*rules.persistent_volume_claims, *template.persistent_volume_claims],
+                namespace,
             )
-        config_map = volume.config_map
-        if config_map is not None and not _matches_any(
-            config_map.name, [*rules.config_maps, *template.config_maps]
-        ):
-            raise InvalidRequestError(
-                f"volumes: ConfigMap {config_map.name!r} is not allowed in namespace "
-                f"{namespace!r} (kubernetes.namespace_rules or the pod template)"
+        if volume.config_map is not None:
+            _allow_volume_source(
+                "ConfigMap",
+                volume.config_map.name,
+                [*rules.config_maps, *template.config_maps],
+                namespace,
             )
     secret_dirs = [
         s.delivery.mount_path.rstrip("/") or "/"
