@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import datetime as dt
 import json
 import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import urllib3
 from kubernetes import client, config
@@ -96,25 +97,30 @@ def _json(response: Any) -> Any:
         response.release_conn()
 
 
-def _drain(response: Any) -> None:
-    """Read and release a response whose body is not needed."""
+def _drain(response: Any) -> bool:
+    """Read and release a response whose body is not needed; True: it was answered."""
     try:
         _ = response.data
     finally:
         response.release_conn()
+    return True
 
 
-def _event(item: client.CoreV1Event) -> PodEvent:
-    series = item.series
+def _stamp(text: object) -> dt.datetime | None:
+    return podmeta.parse_stamp(text) if isinstance(text, str) and text else None
+
+
+def _event(item: Mapping[str, Any]) -> PodEvent:
+    series = item.get("series") or {}
     return pod_event(
-        type=item.type,
-        reason=item.reason,
-        message=item.message,
-        count=item.count or (series.count if series else None),
-        last_seen=item.last_timestamp
-        or (series.last_observed_time if series else None)
-        or item.event_time
-        or item.first_timestamp,
+        type=item.get("type"),
+        reason=item.get("reason"),
+        message=item.get("message"),
+        count=item.get("count") or series.get("count"),
+        last_seen=_stamp(item.get("lastTimestamp"))
+        or _stamp(series.get("lastObservedTime"))
+        or _stamp(item.get("eventTime"))
+        or _stamp(item.get("firstTimestamp")),
     )
 
 
@@ -152,12 +158,27 @@ def load_api_client(kubeconfig: str | None) -> client.ApiClient:
     return client.ApiClient(configuration)
 
 
+_POD = "/api/v1/namespaces/{namespace}/pods/{name}"
+_PODS = "/api/v1/namespaces/{namespace}/pods"
+_POD_LOG = "/api/v1/namespaces/{namespace}/pods/{name}/log"
+_SECRET = "/api/v1/namespaces/{namespace}/secrets/{name}"
+_SECRETS = "/api/v1/namespaces/{namespace}/secrets"
+_EVENTS = "/api/v1/namespaces/{namespace}/events"
+_TOKEN_REVIEWS = "/apis/authentication.k8s.io/v1/tokenreviews"
+_JSON = "application/json"
+_MERGE_PATCH = "application/merge-patch+json"
+
+
 class KubeCluster:
     """Every call is bounded: ``connect_timeout`` to reach the API server (TCP and TLS),
     ``timeout`` to wait for each read of its answer. A followed log stream waits up to
     ``follow_idle_timeout`` for its next line and then ends (the caller follows again
     from its last timestamp); the watch is bounded a little past its server-side
-    timeout. A hung API server therefore costs a caller seconds, not a worker thread."""
+    timeout. A hung API server therefore costs a caller seconds, not a worker thread.
+
+    Requests go through the client's ``ApiClient`` (its configuration, credentials, TLS
+    and connection pool) but not its generated API classes: importing ``CoreV1Api``
+    alone costs about 80 MB of memory, two thirds of an idle broker's."""
 
     def __init__(
         self,
@@ -168,10 +189,40 @@ class KubeCluster:
         follow_idle_timeout: float = 60.0,
     ) -> None:
         self.api = api
-        self.core = client.CoreV1Api(api)
-        self.auth = client.AuthenticationV1Api(api)
         self.timeout: tuple[float, float] = (min(connect_timeout, timeout), timeout)
         self.follow_timeout: tuple[float, float] = (self.timeout[0], follow_idle_timeout)
+
+    def _open(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        query: Mapping[str, object] | None = None,
+        body: object = None,
+        accept: str = _JSON,
+        content_type: str | None = None,
+        timeout: tuple[float, float] | None = None,
+    ) -> Any:
+        """One request; the raw urllib3 response, to be read with :func:`_json` or
+        :func:`_drain` (or streamed). A non-2xx answer raises ApiException."""
+        headers = {"Accept": accept}
+        if content_type is not None:
+            headers["Content-Type"] = content_type
+        request = self.api.param_serialize(
+            method,
+            path,
+            path_params=dict(params or {}),
+            query_params=[(k, v) for k, v in (query or {}).items() if v is not None],
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        response = self.api.call_api(*request, _request_timeout=timeout or self.timeout)
+        if not 200 <= response.status <= 299:
+            response.read()
+            raise ApiException.from_response(http_resp=response, body=None, data=None)
+        return response.response
 
     def _call(self, verb: str, fn: Callable[[], T], *, what: str) -> T:
         started = time.perf_counter()
@@ -195,55 +246,50 @@ class KubeCluster:
 
     def ping(self) -> None:
         """GET /version: is the API server reachable."""
-        self._call(
-            "version",
-            lambda: client.VersionApi(self.api).get_code(_request_timeout=self.timeout),
-            what="version check",
-        )
+        self._call("version", lambda: _drain(self._open("GET", "/version/")), what="version check")
 
     def create_pod(self, manifest: dict[str, Any]) -> PodRef:
         """POST pods. ConflictError if a pod of that name exists."""
         namespace = manifest["metadata"]["namespace"]
-        response = self._call(
+        body = self._call(
             "create_pod",
-            lambda: self.core.create_namespaced_pod(
-                namespace, manifest, _request_timeout=self.timeout, _preload_content=False
+            lambda: _json(
+                self._open(
+                    "POST",
+                    _PODS,
+                    params={"namespace": namespace},
+                    body=manifest,
+                    content_type=_JSON,
+                )
             ),
             what=f"create pod {namespace}/{manifest['metadata']['name']}",
         )
-        meta = _json(response)["metadata"]
-        return PodRef(namespace, meta["name"], meta["uid"])
+        return PodRef(namespace, body["metadata"]["name"], body["metadata"]["uid"])
 
     def read_pod(self, namespace: str, name: str) -> PodInfo | None:
         """GET pods/NAME, or None when it does not exist."""
-        response = self._call_if_found(
+        body = self._call_if_found(
             "read_pod",
-            lambda: self.core.read_namespaced_pod(
-                name, namespace, _request_timeout=self.timeout, _preload_content=False
-            ),
+            lambda: _json(self._open("GET", _POD, params={"namespace": namespace, "name": name})),
             what=f"read pod {namespace}/{name}",
         )
-        if response is None:
-            return None
-        return pod_info(_json(response))
+        return None if body is None else pod_info(body)
 
     def delete_pod(self, namespace: str, name: str, *, grace_seconds: int = 0) -> bool:
         """DELETE pods/NAME. True if it was there."""
         found = self._call_if_found(
             "delete_pod",
-            lambda: self.core.delete_namespaced_pod(
-                name,
-                namespace,
-                grace_period_seconds=grace_seconds,
-                _request_timeout=self.timeout,
-                _preload_content=False,
+            lambda: _drain(
+                self._open(
+                    "DELETE",
+                    _POD,
+                    params={"namespace": namespace, "name": name},
+                    query={"gracePeriodSeconds": grace_seconds},
+                )
             ),
             what=f"delete pod {namespace}/{name}",
         )
-        if found is None:
-            return False
-        _drain(found)
-        return True
+        return found is not None
 
     def claim_pod(
         self, namespace: str, name: str, resource_version: str, annotations: dict[str, str]
@@ -253,43 +299,57 @@ class KubeCluster:
         one broker replica acts on a pod's end."""
         body = {"metadata": {"resourceVersion": resource_version, "annotations": annotations}}
         try:
-            response = self._call(
+            self._call(
                 "patch_pod",
-                lambda: self.core.patch_namespaced_pod(
-                    name, namespace, body, _request_timeout=self.timeout, _preload_content=False
+                lambda: _drain(
+                    self._open(
+                        "PATCH",
+                        _POD,
+                        params={"namespace": namespace, "name": name},
+                        body=body,
+                        content_type=_MERGE_PATCH,
+                    )
                 ),
                 what=f"claim pod {namespace}/{name}",
             )
         except ConflictError:
             return False
-        _drain(response)
         return True
 
     def create_secret(self, manifest: dict[str, Any]) -> None:
         """POST secrets. The manifest holds values: it is never logged or echoed."""
         namespace = manifest["metadata"]["namespace"]
-        response = self._call(
+        self._call(
             "create_secret",
-            lambda: self.core.create_namespaced_secret(
-                namespace, manifest, _request_timeout=self.timeout, _preload_content=False
+            lambda: _drain(
+                self._open(
+                    "POST",
+                    _SECRETS,
+                    params={"namespace": namespace},
+                    body=manifest,
+                    content_type=_JSON,
+                    # The answer would echo the values: ask for metadata only.
+                    accept=_PARTIAL_METADATA,
+                )
             ),
             what=f"create secret {namespace}/{manifest['metadata']['name']}",
         )
-        _drain(response)
 
     def delete_secret(self, namespace: str, name: str) -> bool:
         """DELETE secrets/NAME. True if it was there."""
         found = self._call_if_found(
             "delete_secret",
-            lambda: self.core.delete_namespaced_secret(
-                name, namespace, _request_timeout=self.timeout, _preload_content=False
+            lambda: _drain(
+                self._open(
+                    "DELETE",
+                    _SECRET,
+                    params={"namespace": namespace, "name": name},
+                    accept=_PARTIAL_METADATA,
+                )
             ),
             what=f"delete secret {namespace}/{name}",
         )
-        if found is None:
-            return False
-        _drain(found)
-        return True
+        return found is not None
 
     def read_launch_secret_values(
         self, namespace: str, launch_id: str
@@ -300,16 +360,15 @@ class KubeCluster:
         launch is read; values stay wrapped and in memory for the stream's lifetime.
         None when the Secret is gone (the launch ended)."""
         name = secret_name_for(launch_id)
-        response = self._call_if_found(
+        body = self._call_if_found(
             "read_secret_values",
-            lambda: self.core.read_namespaced_secret(
-                name, namespace, _request_timeout=self.timeout, _preload_content=False
+            lambda: _json(
+                self._open("GET", _SECRET, params={"namespace": namespace, "name": name})
             ),
             what=f"read secret {namespace}/{name}",
         )
-        if response is None:
+        if body is None:
             return None
-        body = _json(response)
         labels = (body.get("metadata") or {}).get("labels") or {}
         if labels.get(podmeta.LAUNCH_ID_LABEL) != launch_id:
             return None
@@ -332,17 +391,19 @@ class KubeCluster:
         """LIST pods with the broker's managed-by label (and one launch id, or more
         labels, if given)."""
         selector = podmeta.selector_for(launch_id, labels)
-        response = self._call(
+        body = self._call(
             "list_pods",
-            lambda: self.core.list_namespaced_pod(
-                namespace,
-                label_selector=selector,
-                _request_timeout=self.timeout,
-                _preload_content=False,
+            lambda: _json(
+                self._open(
+                    "GET",
+                    _PODS,
+                    params={"namespace": namespace},
+                    query={"labelSelector": selector},
+                )
             ),
             what=f"list pods in {namespace}",
         )
-        return [pod_info(pod) for pod in _json(response).get("items") or ()]
+        return [pod_info(pod) for pod in body.get("items") or ()]
 
     def pod_events(self, namespace: str, name: str, uid: str = "") -> list[PodEvent]:
         """LIST events whose involvedObject is this pod (by name, and uid when known):
@@ -351,48 +412,54 @@ class KubeCluster:
         selector = f"involvedObject.kind=Pod,involvedObject.name={name}"
         if uid:
             selector += f",involvedObject.uid={uid}"
-        result = self._call(
+        body = self._call(
             "list_events",
-            lambda: self.core.list_namespaced_event(
-                namespace, field_selector=selector, limit=100, _request_timeout=self.timeout
+            lambda: _json(
+                self._open(
+                    "GET",
+                    _EVENTS,
+                    params={"namespace": namespace},
+                    query={"fieldSelector": selector, "limit": 100},
+                )
             ),
             what=f"list events of {namespace}/{name}",
         )
-        return recent_events([_event(item) for item in result.items])
+        return recent_events([_event(item) for item in body.get("items") or ()])
 
     def read_secret_metadata(self, namespace: str, name: str) -> SecretMeta | None:
         """GET secrets/NAME as a PartialObjectMetadata: the API server sends metadata
         only, so values never travel to the broker. None when it does not exist."""
-        response = self._call_if_found(
+        body = self._call_if_found(
             "read_secret",
-            lambda: self.core.read_namespaced_secret(
-                name,
-                namespace,
-                _request_timeout=self.timeout,
-                _preload_content=False,
-                _headers={"Accept": _PARTIAL_METADATA},
+            lambda: _json(
+                self._open(
+                    "GET",
+                    _SECRET,
+                    params={"namespace": namespace, "name": name},
+                    accept=_PARTIAL_METADATA,
+                )
             ),
             what=f"read secret metadata {namespace}/{name}",
         )
-        if response is None:
-            return None
-        return _secret_meta(namespace, _json(response).get("metadata") or {})
+        return None if body is None else _secret_meta(namespace, body.get("metadata") or {})
 
     def list_managed_secrets(self, namespace: str) -> list[SecretMeta]:
         """LIST secrets with the managed-by label as PartialObjectMetadataList: metadata
         only, values never leave the API server."""
-        response = self._call(
+        body = self._call(
             "list_secrets",
-            lambda: self.core.list_namespaced_secret(
-                namespace,
-                label_selector=podmeta.MANAGED_SELECTOR,
-                _request_timeout=self.timeout,
-                _preload_content=False,
-                _headers={"Accept": _PARTIAL_METADATA_LIST},
+            lambda: _json(
+                self._open(
+                    "GET",
+                    _SECRETS,
+                    params={"namespace": namespace},
+                    query={"labelSelector": podmeta.MANAGED_SELECTOR},
+                    accept=_PARTIAL_METADATA_LIST,
+                )
             ),
             what=f"list secrets in {namespace}",
         )
-        items = _json(response).get("items") or []  # null when empty
+        items = body.get("items") or []  # null when empty
         return [_secret_meta(namespace, item.get("metadata") or {}) for item in items]
 
     def pod_logs(
@@ -406,18 +473,21 @@ class KubeCluster:
         timestamps: bool = False,
     ) -> Iterator[bytes]:
         """GET pods/NAME/log, streamed in chunks."""
-        kwargs: dict[str, Any] = {
-            "container": container,
-            "follow": follow,
-            "timestamps": timestamps,
-            "_preload_content": False,
-        }
-        if since_seconds:
-            kwargs["since_seconds"] = since_seconds
-        kwargs["_request_timeout"] = self.follow_timeout if follow else self.timeout
         response = self._call(
             "pod_logs",
-            lambda: self.core.read_namespaced_pod_log(name, namespace, **kwargs),
+            lambda: self._open(
+                "GET",
+                _POD_LOG,
+                params={"namespace": namespace, "name": name},
+                query={
+                    "container": container,
+                    "follow": follow,
+                    "timestamps": timestamps,
+                    "sinceSeconds": since_seconds or None,
+                },
+                accept="*/*",
+                timeout=self.follow_timeout if follow else self.timeout,
+            ),
             what=f"read logs of {namespace}/{name}",
         )
         try:
@@ -437,29 +507,30 @@ class KubeCluster:
     def token_review(self, token: str, audience: str) -> ReviewedToken | None:
         """POST tokenreviews: who ``token`` (with ``audience``) authenticates as, and the
         pod it is bound to if any; None when the API server does not authenticate it."""
-        review = self._call(
+        review = {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenReview",
+            "spec": {"token": token, "audiences": [audience]},
+        }
+        body = self._call(
             "token_review",
-            lambda: self.auth.create_token_review(
-                client.V1TokenReview(
-                    spec=client.V1TokenReviewSpec(token=token, audiences=[audience])
-                ),
-                _request_timeout=self.timeout,
-            ),
+            lambda: _json(self._open("POST", _TOKEN_REVIEWS, body=review, content_type=_JSON)),
             what="token review",
         )
-        status = review.status
-        if not status or not status.authenticated or not status.user:
+        status = body.get("status") or {}
+        user = status.get("user") or {}
+        if not status.get("authenticated") or not user.get("username"):
             return None
-        if audience not in (status.audiences or []):  # empty means the API server's own
+        if audience not in (status.get("audiences") or []):  # empty: the API server's own
             return None
-        extra = status.user.extra or {}
+        extra = user.get("extra") or {}
 
         def first(key: str) -> str | None:
             values = extra.get(key) or []
             return str(values[0]) if values else None
 
         return ReviewedToken(
-            username=cast(str, status.user.username),
+            username=str(user["username"]),
             pod_name=first("authentication.kubernetes.io/pod-name"),
             pod_uid=first("authentication.kubernetes.io/pod-uid"),
         )
@@ -472,24 +543,25 @@ class KubeCluster:
         timeout_seconds: int = 30,
     ) -> None:
         """WATCH pods with the managed-by label until ``stop()``; reconnects on expiry.
-        Events are read as JSON lines (the client's ``Watch`` would build a model object
-        of every pod of every event)."""
+        Events are read as JSON lines."""
         resource_version: str | None = None
         while not stop():
-            kwargs: dict[str, Any] = {
-                "label_selector": podmeta.MANAGED_SELECTOR,
-                "watch": True,
-                "timeout_seconds": timeout_seconds,
-                # The server ends the watch after timeout_seconds; a hung one is given up
-                # on a little later and the watch starts again.
-                "_request_timeout": (self.timeout[0], timeout_seconds + self.timeout[1]),
-                "_preload_content": False,
-            }
-            if resource_version:
-                kwargs["resource_version"] = resource_version
             response = None
             try:
-                response = self.core.list_namespaced_pod(namespace, **kwargs)
+                response = self._open(
+                    "GET",
+                    _PODS,
+                    params={"namespace": namespace},
+                    query={
+                        "labelSelector": podmeta.MANAGED_SELECTOR,
+                        "watch": True,
+                        "timeoutSeconds": timeout_seconds,
+                        "resourceVersion": resource_version,
+                    },
+                    # The server ends the watch after timeout_seconds; a hung one is
+                    # given up on a little later and the watch starts again.
+                    timeout=(self.timeout[0], timeout_seconds + self.timeout[1]),
+                )
                 for line in iter_resp_lines(response):
                     event = json.loads(line)
                     body = event.get("object") or {}

@@ -229,9 +229,14 @@ def test_an_orphaned_secret_is_deleted_and_its_database_lease_revoked(
 
     assert eventually(lambda: broker_objects(core, namespace)[1] == [], timeout=40)
     assert eventually(lease_revoked, timeout=10), "the orphan's database lease survived"
-    revoked = [
-        e.details
-        for e in audit_events(own_broker)
-        if e.kind == EventKind.LEASES_REVOKED and e.launch_id == view["launch_id"]
-    ]
-    assert revoked and revoked[-1]["revoked"] is True
+
+    def revocations() -> list[dict[str, object]]:
+        return [
+            e.details
+            for e in audit_events(own_broker)
+            if e.kind == EventKind.LEASES_REVOKED and e.launch_id == view["launch_id"]
+        ]
+
+    # Recorded once revoked (revocation never waits for the audit store): wait for it.
+    assert eventually(lambda: bool(revocations()), timeout=10)
+    assert revocations()[-1]["revoked"] is True

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from kubernetes import client
 
@@ -35,12 +37,32 @@ def test_secret_reads_and_lists_carry_no_data(
     assert cluster.secret_exists(namespace, "podbroker-meta")
     assert not cluster.secret_exists(namespace, "podbroker-missing")
     assert cluster.read_secret_metadata(namespace, "podbroker-missing") is None
-    # What the API server sent: partial metadata, no data field at all.
-    raw = cluster.core.read_namespaced_secret(
-        "podbroker-meta",
-        namespace,
-        _preload_content=False,
-        _headers={"Accept": "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"},
+    # What the API server sent: partial metadata, no data field at all; also in its
+    # answers to the adapter's own create and delete of a Secret (which would echo it).
+    answers: list[bytes] = []
+    real_open = cluster._open
+
+    def spying(*args: Any, **kwargs: Any) -> Any:
+        response = real_open(*args, **kwargs)
+        answers.append(response.data)  # read once; urllib3 keeps it for the caller
+        return response
+
+    cluster._open = spying  # type: ignore[method-assign]
+    cluster.read_secret_metadata(namespace, "podbroker-meta")
+    manifest = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "podbroker-made", "namespace": namespace},
+        "stringData": {"password": "PLANTED-adapter"},
+    }
+    cluster.create_secret(manifest)
+    assert cluster.delete_secret(namespace, "podbroker-made")
+    assert not cluster.delete_secret(namespace, "podbroker-made")
+    assert len(answers) == 3  # the second delete is a 404: raised, not answered
+    read, created, deleted = answers
+    assert (
+        b'"kind":"PartialObjectMetadata"' in read and b'"kind":"PartialObjectMetadata"' in created
     )
-    assert b'"kind":"PartialObjectMetadata"' in raw.data
-    assert b'"data"' not in raw.data
+    assert b'"kind":"Status"' in deleted  # a Secret's delete answers with a Status
+    for answer in answers:
+        assert b'"data"' not in answer and b"PLANTED" not in answer

@@ -108,15 +108,20 @@ class _Lines:
         self.released = True
 
 
-class _WatchingCore:
-    """Serves one scripted watch response per call and records what each call asked."""
+class _WatchingServer:
+    """Serves one scripted watch response per request and records each one's query."""
 
     def __init__(self, responses: list[_Lines]) -> None:
         self.responses = responses
         self.calls: list[dict[str, Any]] = []
 
-    def list_namespaced_pod(self, namespace: str, **kwargs: Any) -> _Lines:
-        self.calls.append(kwargs)
+    def open(self, method: str, path: str, **kwargs: Any) -> _Lines:
+        assert (method, path, kwargs["params"]) == (
+            "GET",
+            "/api/v1/namespaces/{namespace}/pods",
+            {"namespace": "jobs"},
+        )
+        self.calls.append({k: v for k, v in kwargs["query"].items() if v is not None})
         return self.responses.pop(0)
 
 
@@ -134,9 +139,9 @@ def test_the_watch_resumes_from_its_last_event_and_lists_afresh_after_410() -> N
     )
     gone = _Lines([{"type": "ERROR", "object": {"kind": "Status", "code": 410}}])
     last = _Lines([{"type": "DELETED", "object": _pod("a", "30")}])
-    core = _WatchingCore([first, gone, last])
+    core = _WatchingServer([first, gone, last])
     cluster = KubeCluster.__new__(KubeCluster)  # no API client: only the watch loop runs
-    cluster.core = core  # type: ignore[assignment]
+    cluster._open = core.open  # type: ignore[method-assign]
     cluster.timeout = (1.0, 1.0)
     seen: list[tuple[str, str, str]] = []
     cluster.watch_managed_pods(
@@ -146,7 +151,7 @@ def test_the_watch_resumes_from_its_last_event_and_lists_afresh_after_410() -> N
     )
     # Bookmarks move the position but are not pod events.
     assert seen == [("ADDED", "a", "10"), ("MODIFIED", "a", "12"), ("DELETED", "a", "30")]
-    assert "resource_version" not in core.calls[0]
-    assert core.calls[1]["resource_version"] == "12"
-    assert "resource_version" not in core.calls[2]  # 410: history gone, list afresh
+    assert core.calls[0]["watch"] is True and "resourceVersion" not in core.calls[0]
+    assert core.calls[1]["resourceVersion"] == "12"
+    assert "resourceVersion" not in core.calls[2]  # 410: history gone, list afresh
     assert first.released and gone.released and last.released
