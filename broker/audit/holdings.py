@@ -18,7 +18,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from broker.core.leases import IssuedLease, LeaseRecord
 from broker.core.objects import HeldByLaunch
 from broker.core.podmeta import VaultHoldings
-from broker.errors import AuditUnavailableError
+from broker.errors import AuditUnavailableError, BrokerUnavailableError
 
 T = TypeVar("T")
 
@@ -28,15 +28,27 @@ def _now() -> str:
 
 
 def open_launch(conn: Connection, launch_id: str, namespace: str) -> None:
-    """Open a launch's row (holding nothing yet) inside the caller's transaction; an
-    existing row (a reattach) is left as it is."""
-    conn.execute(
+    """Open a launch's row (holding nothing yet) inside the caller's transaction. One
+    attempt of a launch at a time: a row given back earlier starts afresh, but a row
+    still open (another request for the same task try between its intent and its pod,
+    or one that died there and awaits the sweep) refuses this one, retryably. Two
+    attempts under one launch id would otherwise share one record of what Vault issued,
+    and one's token or lease would be lost or revoked under the other's pod."""
+    opened = conn.execute(
         text(
             "INSERT INTO launch_holdings (launch_id, namespace, lease_ids, token_accessor, "
-            "created_at) VALUES (:id, :ns, '[]', NULL, :t) ON CONFLICT (launch_id) DO NOTHING"
+            "created_at) VALUES (:id, :ns, '[]', NULL, :t) ON CONFLICT (launch_id) DO UPDATE "
+            "SET namespace = :ns, lease_ids = '[]', token_accessor = NULL, created_at = :t, "
+            "released_at = NULL WHERE launch_holdings.released_at IS NOT NULL"
         ),
         {"id": launch_id, "ns": namespace, "t": _now()},
     )
+    if opened.rowcount == 0:
+        raise BrokerUnavailableError(
+            f"another request for this task try (launch {launch_id}) is still launching, or "
+            "stopped mid-launch and is being cleaned up: retry shortly",
+            retry_after=5,
+        )
 
 
 def _ms(seconds: float) -> int:

@@ -270,6 +270,8 @@ class LaunchExecutor:
         except BrokerError as exc:
             if bundle_future is not None:
                 self._discard_bundle(bundle_future, plan, caller)
+            else:
+                self._give_back(plan, caller, podmeta.VaultHoldings())  # close its row
             self._audit_failure(plan, caller, "create_pod", exc)
             raise
         if bundle_future is None:

@@ -27,8 +27,9 @@ from broker.audit.keys import generate_signing_key, load_signing_key
 from broker.audit.store import AuditStore, TaskTryPage, open_audit_store, task_launches_query
 from broker.core import audit_events as ev
 from broker.core.models import TaskIdentity
+from broker.core.podmeta import VaultHoldings
 from broker.core.timeline import TaskTry
-from broker.errors import AuditUnavailableError, InvalidRequestError
+from broker.errors import AuditUnavailableError, BrokerUnavailableError, InvalidRequestError
 from podbroker_devstack.postgres import Postgres
 
 PLANTED = "pl4nted-audit-S3CRET-7c1e"
@@ -522,4 +523,36 @@ def test_ledger_writes_join_the_audit_writers_groups(
     held = {h.launch_id for h in ledger.unreleased()}
     assert held == {f"L{n}" for n in range(1, callers, 2)}  # opened, holding nothing yet
     assert all(ledger.held(f"L{n}") is None for n in range(0, callers, 2))  # released
+    assert store.verify(key.public_key()).ok
+
+
+def test_one_attempt_of_a_launch_at_a_time(store: AuditStore, key: Ed25519PrivateKey) -> None:
+    """Opening a launch whose row is still open is refused, retryably, and changes
+    nothing (its events are not written either); a row given back starts afresh. Two
+    attempts at once, in one group or in two, get one opening between them."""
+    ledger = store.holdings()
+    store.append_many([event(1)], opens=("L1", "tasks"))
+    ledger.hold("L1", "tasks", token_accessor="acc-first", lease_ids=["lease-first"])
+    before = store.last_position()
+    with pytest.raises(BrokerUnavailableError, match="still launching"):
+        store.append_many([event(2)], opens=("L1", "tasks"))
+    assert store.last_position() == before
+    assert ledger.held("L1") == VaultHoldings(("lease-first",), "acc-first")
+
+    ledger.released("L1")
+    store.append_many([event(3)], opens=("L1", "tasks"))
+    assert ledger.held("L1") == VaultHoldings()  # afresh: nothing of the first attempt
+
+    barrier = threading.Barrier(8)
+
+    def race(n: int) -> bool:
+        barrier.wait()
+        try:
+            store.append_many([event(10 + n)], opens=("L-raced", "tasks"))
+        except BrokerUnavailableError:
+            return False
+        return True
+
+    with ThreadPoolExecutor(8) as pool:
+        assert sum(pool.map(race, range(8))) == 1
     assert store.verify(key.public_key()).ok

@@ -42,6 +42,7 @@ from broker.errors import (
     AirflowUnavailableError,
     AuditUnavailableError,
     BrokerError,
+    BrokerUnavailableError,
     ConflictError,
     NotFoundError,
 )
@@ -606,6 +607,15 @@ class FakeLedger:
             )
             self.rows[launch_id] = (namespace, merged, created, False)
 
+    def open(self, launch_id: str, namespace: str) -> None:
+        """As the store's ``open_launch``: afresh, or refused while a row is open."""
+        with self._lock:
+            row = self.rows.get(launch_id)
+            if row is not None and not row[3]:
+                raise BrokerUnavailableError(f"launch {launch_id} is still launching (fake)")
+            self.holds += 1
+            self.rows[launch_id] = (namespace, VaultHoldings(), utc_now(), False)
+
     def held(self, launch_id: str) -> VaultHoldings | None:
         self._check()
         with self._lock:
@@ -662,10 +672,10 @@ class FakeAudit:
         self, events: Sequence[AuditEvent], *, opens: tuple[str, str] | None = None
     ) -> object:
         self._check()
+        if opens is not None and self.ledger is not None:  # first: all or nothing
+            self.ledger.open(*opens)
         with self._lock:
             self.events.extend(events)
-        if opens is not None and self.ledger is not None and self.ledger.held(opens[0]) is None:
-            self.ledger.hold(*opens)
         return list(events)
 
     def ping(self) -> None:

@@ -8,7 +8,7 @@ import pytest
 
 from broker.core.audit_events import EventKind
 from broker.core.podmeta import VaultHoldings
-from broker.errors import VaultUnavailableError
+from broker.errors import BrokerUnavailableError, KubernetesUnavailableError, VaultUnavailableError
 from tests.unit.fakes import CALLER, make_services, make_task, wait_until
 
 
@@ -111,3 +111,29 @@ def test_a_kill_does_not_wait_for_a_down_audit_store_and_records_afterwards() ->
         lambda: {EventKind.LAUNCH_KILLED, EventKind.LEASES_REVOKED} <= set(svc.audit.kinds()),
         timeout=10,
     )
+
+
+def test_a_second_attempt_of_a_try_in_flight_is_refused_before_vault_is_asked() -> None:
+    """Two requests for one task try (an operator's retry reaching another replica while
+    the first still launches): one launch id, one record of what Vault issued. The
+    second waits (retryable) instead of minting a token the record cannot keep."""
+    svc = make_services()
+    task = make_task("raced")
+    first = svc.launch("db", task_identity=task)
+    svc.cluster.pods.clear()  # as if the first were between its intent and its pod
+    with pytest.raises(BrokerUnavailableError, match="still launching"):
+        svc.launch("db", task_identity=task)
+    assert len(svc.store.issued) == 1  # nothing minted for the second
+    assert svc.ledger.held(first.launch_id) == VaultHoldings(
+        tuple(svc.store.issued[0].lease_ids), svc.store.issued[0].token_accessor
+    )
+
+
+def test_a_pod_create_that_fails_closes_the_launchs_row_so_a_retry_can_open_it() -> None:
+    svc = make_services()
+    task = make_task("api-down")
+    svc.cluster.fail("create_pod", KubernetesUnavailableError("api server gone"))
+    with pytest.raises(KubernetesUnavailableError):
+        svc.launch(task_identity=task)
+    view = svc.launch(task_identity=task)  # the operator's in-process retry
+    assert view.created
