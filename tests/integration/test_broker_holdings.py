@@ -16,7 +16,6 @@ from typing import Any
 import httpx
 import hvac
 import pytest
-from hvac.exceptions import InvalidRequest
 from kubernetes import client
 
 from podbroker_devstack.broker_env import BrokerHandle, start_broker
@@ -25,7 +24,7 @@ from podbroker_devstack.openbao import OpenBao
 from podbroker_devstack.postgres import Postgres
 from podbroker_devstack.sources import SourceTree
 from tests.helpers import eventually
-from tests.integration.vault_database import lease_alive
+from tests.integration.vault_database import lease_alive, token_alive
 
 pytestmark = pytest.mark.stack
 
@@ -62,14 +61,6 @@ def ledger_rows(broker: BrokerHandle) -> list[dict[str, Any]]:
     with sqlite3.connect(path) as db:
         db.row_factory = sqlite3.Row
         return [dict(r) for r in db.execute("SELECT * FROM launch_holdings").fetchall()]
-
-
-def token_alive(vault_root: hvac.Client, accessor: str) -> bool:
-    try:
-        vault_root.auth.token.lookup_accessor(accessor)
-    except InvalidRequest:
-        return False
-    return True
 
 
 def launch(
