@@ -8,25 +8,32 @@ Exit codes: 0 every declared secret is granted, 1 denials / unknown names / DAG 
 errors / policy-file errors, 2 usage, 3 Vault unreachable or refused. Needs the
 ``airflow`` extra (DagBag); only names are read, never values.
 
-DAG files are arbitrary code, so they are parsed in a child process whose environment
-is scrubbed of credentials (:func:`scrubbed_environment`: Vault and broker settings,
-Airflow connections, tokens, secrets, passwords) and which is given no token or token
-file. The parent reads the policy first, then forgets the token and (on Linux) makes
-itself non-dumpable, so the child cannot read it from ``/proc/<parent>/environ``."""
+DAG files are arbitrary code, and no process alive while they run has ever held the
+Vault token. The command reads the policy first (from files, or from Vault with the
+token), writes it to a private temporary file and replaces itself (``execve``: same
+pid, new memory, argv and environment) with a fresh interpreter whose argv names only
+the DAG folder and that file and whose environment is scrubbed of credentials
+(:func:`scrubbed_environment`: Vault and broker settings, Airflow connections, tokens,
+secrets, passwords). That process parses the DAGs in a child of its own (same clean
+argv and environment; the decision is made outside the DAG code's process), where DAG
+code finds no token in its own or its parent's ``/proc/<pid>/environ``, ``cmdline``
+or memory.
+``--vault-token`` is deprecated: a command line is readable by every local process
+(``ps``, ``/proc/<pid>/cmdline``) until the exec replaces it; use ``VAULT_TOKEN``."""
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, NoReturn
 
 import typer
 
@@ -132,33 +139,6 @@ def scrubbed_environment(environ: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in environ.items() if not _CREDENTIAL_VARIABLE.search(k)}
 
 
-def _blank_process_environment(libc: ctypes.CDLL) -> None:
-    """Overwrite the values of credential variables in the C environment block, which
-    ``/proc/<pid>/environ`` shows (unsetting a variable leaves its bytes there)."""
-    environ = ctypes.POINTER(ctypes.c_void_p).in_dll(libc, "environ")
-    i = 0
-    while address := environ[i]:
-        entry = ctypes.string_at(address)
-        name, sep, value = entry.partition(b"=")
-        if sep and _CREDENTIAL_VARIABLE.search(name.decode(errors="replace")):
-            ctypes.memset(address + len(name) + 1, ord("x"), len(value))
-        i += 1
-
-
-def _forget_credentials() -> None:
-    """Drop credentials from this process's environment (also from the block that
-    ``/proc/<pid>/environ`` reads) and make the process non-dumpable (Linux
-    ``prctl(PR_SET_DUMPABLE, 0)``), which keeps other processes of the same user out of
-    its ``/proc`` files and memory."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        _blank_process_environment(libc)
-        pr_set_dumpable = 4
-        libc.prctl(pr_set_dumpable, 0, 0, 0, 0)
-    for name in [k for k in os.environ if _CREDENTIAL_VARIABLE.search(k)]:
-        os.environ.pop(name, None)
-
-
 def _task_to_json(task: DeclaredTask) -> dict[str, Any]:
     return {
         "dag_id": task.dag_id,
@@ -186,7 +166,14 @@ def load_declared_tasks_isolated(
     with tempfile.TemporaryDirectory(prefix="podbroker-check-dags-") as folder:
         result_path = Path(folder) / "result.json"
         child = subprocess.run(
-            [sys.executable, "-m", "broker.cli.check_dags", str(dags_dir), str(result_path)],
+            [
+                sys.executable,
+                "-m",
+                "broker.cli.check_dags",
+                "parse",
+                str(dags_dir),
+                str(result_path),
+            ],
             env=scrubbed_environment(os.environ if environ is None else environ),
             stdin=subprocess.DEVNULL,
             stdout=sys.stderr.fileno(),
@@ -204,9 +191,8 @@ def load_declared_tasks_isolated(
     return tasks, {str(k): str(v) for k, v in result["import_errors"].items()}
 
 
-def _child_main(argv: Sequence[str]) -> int:
-    """In the child: parse ``argv[0]`` and write the JSON result to ``argv[1]``."""
-    dags_dir, result_path = Path(argv[0]), Path(argv[1])
+def _parse_main(dags_dir: Path, result_path: Path) -> int:
+    """In the DAG-parsing child: parse ``dags_dir``, write the JSON result."""
     try:
         tasks, import_errors = load_declared_tasks(dags_dir)
         result: dict[str, Any] = {
@@ -217,6 +203,41 @@ def _child_main(argv: Sequence[str]) -> int:
         result = {"error": str(exc)}
     result_path.write_text(json.dumps(result))
     return 0
+
+
+def _continue_without_credentials(dags_dir: Path, policy: PolicySet) -> NoReturn:
+    """Replace this process (which may have held the token, in its memory, environment
+    or argv) with a fresh interpreter that decides ``policy`` for ``dags_dir``. The
+    policy goes through a file in a private (0700) temporary folder, which the new
+    process deletes before any DAG code runs."""
+    folder = Path(tempfile.mkdtemp(prefix="podbroker-check-dags-"))
+    policy_path = folder / "policy.json"
+    policy_path.write_text(policy.model_dump_json())
+    argv = [sys.executable, "-m", "broker.cli.check_dags", "decide"]
+    argv += [str(dags_dir.resolve()), str(policy_path)]
+    sys.stdout.flush()  # execve discards what is still buffered
+    sys.stderr.flush()
+    try:
+        os.execve(sys.executable, argv, scrubbed_environment(os.environ))  # noqa: S606 (our interpreter)
+    except OSError as exc:
+        shutil.rmtree(folder, ignore_errors=True)
+        typer.echo(f"error: could not start the checking process: {exc.strerror}", err=True)
+        raise typer.Exit(1) from exc
+
+
+def _decide_main(dags_dir: Path, policy_path: Path) -> int:
+    """In the process :func:`_continue_without_credentials` started: read and delete
+    the policy file, then parse (in a child) and report; returns the exit status."""
+    try:
+        policy = PolicySet.model_validate_json(policy_path.read_text())
+    finally:
+        shutil.rmtree(policy_path.parent, ignore_errors=True)
+    try:
+        tasks, import_errors = load_declared_tasks_isolated(dags_dir)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        return 1
+    return report(policy, tasks, import_errors)
 
 
 def render_table(rows: Sequence[Sequence[str]]) -> str:
@@ -247,6 +268,7 @@ def _policy_from_vault(
 
 
 def check_dags(
+    ctx: typer.Context,
     dags_dir: Annotated[
         Path,
         typer.Argument(exists=True, file_okay=False, dir_okay=True, help="The DAG folder."),
@@ -267,7 +289,11 @@ def check_dags(
     vault_token: Annotated[
         str,
         typer.Option(
-            "--vault-token", envvar="VAULT_TOKEN", help="Token (never printed).", show_default=False
+            "--vault-token",
+            envvar="VAULT_TOKEN",
+            help="Deprecated as an option (every local process can read a command line): "
+            "set VAULT_TOKEN. Never printed.",
+            show_default=False,
         ),
     ] = "",
     vault_ca_file: Annotated[
@@ -288,20 +314,25 @@ def check_dags(
                 typer.echo(f"error: {issue}", err=True)
             raise typer.Exit(1) from exc
     elif vault_addr:
+        source = ctx.get_parameter_source("vault_token")
+        if source is not None and source.name == "COMMANDLINE":
+            typer.echo(
+                "warning: --vault-token is deprecated: a command line is readable by every "
+                "local process (ps, /proc/PID/cmdline); set VAULT_TOKEN instead",
+                err=True,
+            )
         policy = _policy_from_vault(
             vault_addr, vault_token, vault_ca_file, config_mount, policy_prefix
         )
     else:
         typer.echo("error: give --policies DIR or --vault-addr (or VAULT_ADDR)", err=True)
         raise typer.Exit(2)
-    vault_token = ""  # the policy is read: nothing below needs the token
-    _forget_credentials()
+    _continue_without_credentials(dags_dir, policy)
 
-    try:
-        tasks, import_errors = load_declared_tasks_isolated(dags_dir)
-    except ValueError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from exc
+
+def report(policy: PolicySet, tasks: list[DeclaredTask], import_errors: dict[str, str]) -> int:
+    """Print the import errors, the table and the reasons; the exit status (1 when a
+    task has secrets not granted or a DAG file failed to import)."""
     for file, message in sorted(import_errors.items()):
         last = message.strip().splitlines()[-1] if message.strip() else "import failed"
         typer.echo(f"error: {visible(file)}: DAG import failed: {visible(last)}", err=True)
@@ -329,8 +360,7 @@ def check_dags(
         f"{len(results)} task(s) checked, {len(failing)} with secrets not granted, "
         f"{len(import_errors)} DAG file(s) failed to import"
     )
-    if failing or import_errors:
-        raise typer.Exit(1)
+    return 1 if failing or import_errors else 0
 
 
 def register(policies_app: typer.Typer) -> None:
@@ -339,4 +369,8 @@ def register(policies_app: typer.Typer) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(_child_main(sys.argv[1:]))
+    # Internal entry points: "decide DAGS_DIR POLICY_FILE" (the credential-free process
+    # check-dags execs into) and "parse DAGS_DIR RESULT_FILE" (its DAG-parsing child).
+    _step, _dags, _file = sys.argv[1:4]
+    _steps = {"decide": _decide_main, "parse": _parse_main}
+    sys.exit(_steps[_step](Path(_dags), Path(_file)))

@@ -33,20 +33,31 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def stop(process: ManagedProcess) -> list[int]:
+    """SIGSTOP ``process`` and its descendants; the pids stopped, for :func:`resume`."""
+    stopped: list[int] = []
+    for pid in descendants(process.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGSTOP)
+            stopped.append(pid)
+    return stopped
+
+
+def resume(stopped: list[int]) -> None:
+    for pid in stopped:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+
+
 @contextlib.contextmanager
 def frozen(process: ManagedProcess) -> Iterator[None]:
     """SIGSTOP ``process`` and its descendants; SIGCONT them all on the way out."""
     stopped: list[int] = []
     try:
-        for pid in descendants(process.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGSTOP)
-                stopped.append(pid)
+        stopped = stop(process)
         yield
     finally:
-        for pid in stopped:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
+        resume(stopped)
 
 
 def sigkill(process: ManagedProcess) -> None:

@@ -29,7 +29,9 @@ def test_smallest_chaos_loops_keep_every_invariant(
         vault.stop()
     for title, figures in results.items():
         assert figures.accepted > 0, title
+        assert figures.attempted >= sum(figures.tries.values()), title
         assert figures.lost == 0, title
         assert not any(figures.orphans.values()), (title, figures.orphans)
         assert not any(figures.violations.values()), (title, figures.violations)
         assert figures.failed_otherwise == 0, title
+        assert not any(figures.known.values()), (title, figures.known)

@@ -1,14 +1,22 @@
 """`podbroker policies check-dags` on real DAG folders with Airflow's DagBag: the
-example DAGs against the example policies (files), and a broken DAG file."""
+example DAGs against the example policies (files), a broken DAG file, and DAG code
+looking for credentials (policy from files, and from the stack's OpenBao)."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
+import hvac
 import pytest
+
+from broker.core.policy import Grant, KvSecret, PolicySet, Team
+from podbroker_devstack.openbao import OpenBao
+from tests.integration.vault_policy_env import make_env
 
 pytestmark = pytest.mark.airflow
 
@@ -78,33 +86,71 @@ def test_no_policy_source_is_a_usage_error(airflow_env: dict[str, str], tmp_path
     assert "give --policies DIR or --vault-addr" in result.stderr
 
 
+# Reads what DAG code could reach of a credential: its own environment, its parent's
+# /proc environ and cmdline, and (readable as root, or to a same-user process without
+# Yama) its parent's memory, scanned for strings shaped like the token.
 NOSY_DAG = """
 import json
 import os
+import re
 from pathlib import Path
 
 from airflow.sdk import DAG
 from airflow_plugin.operator import BrokerPodOperator
 
+PARENT = os.getppid()
 PROC = {}
-for source in ("/proc/self/environ", f"/proc/{os.getppid()}/environ"):
+for source in ("/proc/self/environ", f"/proc/{PARENT}/environ", f"/proc/{PARENT}/cmdline"):
     try:
         PROC[source] = Path(source).read_bytes().decode(errors="replace")
     except OSError as exc:
         PROC[source] = f"unreadable: {exc.strerror}"
-Path(LEAK_FILE).write_text(json.dumps({"environ": dict(os.environ), "proc": PROC}))
+
+SHAPE = re.compile(re.escape(TOKEN_PREFIX.encode()) + rb"[A-Za-z0-9._-]{%d}" % TOKEN_TAIL)
+memory = {"readable": False, "marker_seen": False, "token_shaped": []}
+try:
+    with open(f"/proc/{PARENT}/maps") as maps, open(f"/proc/{PARENT}/mem", "rb") as mem:
+        for line in maps:
+            fields = line.split()
+            if not fields[1].startswith("rw"):
+                continue
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            try:
+                mem.seek(start)
+                chunk = mem.read(end - start)
+            except (OSError, OverflowError, ValueError):
+                continue
+            memory["readable"] = True
+            memory["marker_seen"] |= MARKER.encode() in chunk
+            found = {m.decode() for m in SHAPE.findall(chunk)}
+            memory["token_shaped"] = sorted(set(memory["token_shaped"]) | found)
+except OSError as exc:
+    memory["error"] = exc.strerror
+seen = {"environ": dict(os.environ), "proc": PROC, "memory": memory}
+Path(LEAK_FILE).write_text(json.dumps(seen))
 
 with DAG("ml_score_nosy", schedule=None):
     BrokerPodOperator(task_id="score", image="x", secrets=["model-registry"])
 """
 
 
-def test_dag_code_cannot_read_the_vault_token(airflow_env: dict[str, str], tmp_path: Path) -> None:
-    """DAG files are arbitrary code: parsed in a child process that has no credential."""
-    dags = tmp_path / "dags"
+def nosy_dags(folder: Path, leak: Path, token: str, marker: str) -> Path:
+    dags = folder / "dags"
     dags.mkdir()
+    (dags / "nosy.py").write_text(
+        f"LEAK_FILE = {str(leak)!r}\nTOKEN_PREFIX = {token[:2]!r}\nTOKEN_TAIL = {len(token) - 2}\n"
+        f"MARKER = {marker!r}\n" + NOSY_DAG
+    )
+    return dags
+
+
+def test_dag_code_cannot_read_planted_credentials(
+    airflow_env: dict[str, str], tmp_path: Path
+) -> None:
+    """DAG files are arbitrary code: the process that parses them, and its parent, have
+    no credential in their environment (policy from files here)."""
     leak = tmp_path / "seen.txt"
-    (dags / "nosy.py").write_text(f"LEAK_FILE = {str(leak)!r}\n" + NOSY_DAG)
+    dags = nosy_dags(tmp_path, leak, "s.PLANTED-vault-token", "model-registry")
     planted = {
         "VAULT_TOKEN": "s.PLANTED-vault-token",
         "BAO_TOKEN": "PLANTED-bao-token",
@@ -124,3 +170,78 @@ def test_dag_code_cannot_read_the_vault_token(airflow_env: dict[str, str], tmp_p
     for value in planted.values():
         # nor in /proc/self/environ, nor in the parent's (as root, readable to the DAG)
         assert value not in everything
+
+
+@pytest.mark.stack
+def test_dag_code_cannot_read_the_vault_token(
+    airflow_env: dict[str, str], vault: OpenBao, tmp_path: Path
+) -> None:
+    """The policy comes from the stack's OpenBao with a real token given both as
+    VAULT_TOKEN and (deprecated) --vault-token; DAG code finds it neither in its own
+    environment nor in its parent's environ, cmdline or memory."""
+    unique = uuid.uuid4().hex[:8]
+    root = hvac.Client(url=vault.url, token=vault.root_token)
+    env = make_env(vault, root, unique)
+    marker = f"ml/registry-{unique}"  # in the deciding process's memory (its policy)
+    env.apply(
+        PolicySet(
+            catalog={"model-registry": KvSecret(mount=env.kv_mount, path=marker)},
+            teams={
+                "ml": Team(
+                    grants=(Grant(id="score", dags="ml_score_*", secrets=("model-registry",)),)
+                )
+            },
+        )
+    )
+    # What a CI job's token needs for check-dags: read the policy documents.
+    reader = f"check-dags-{unique}"
+    root.sys.create_or_update_policy(
+        reader,
+        f'path "sys/mounts" {{ capabilities = ["read"] }}\n'
+        f'path "{env.layout.config_mount}/data/*" {{ capabilities = ["read"] }}\n',
+    )
+    token = root.auth.token.create(policies=[reader], ttl="10m")["auth"]["client_token"]
+    leak = tmp_path / "seen.txt"
+    dags = nosy_dags(tmp_path, leak, token, marker)
+    layout = [
+        "--config-mount",
+        env.layout.config_mount,
+        "--policy-prefix",
+        env.layout.policy_prefix,
+    ]
+    result = check_dags(
+        {**airflow_env, "VAULT_ADDR": vault.url, "VAULT_TOKEN": token},
+        dags,
+        "--vault-token",
+        token,
+        *layout,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ml_score_nosy  score  model-registry  granted" in result.stdout
+    assert "--vault-token is deprecated" in result.stderr
+    seen = json.loads(leak.read_text())
+    assert "AIRFLOW_HOME" in seen["environ"]  # the DAG ran
+    memory = seen["memory"]
+    places = {
+        **seen["proc"],
+        "own environment": json.dumps(seen["environ"]),
+        "parent's memory": json.dumps(memory["token_shaped"]),
+        "output": result.stdout + result.stderr,
+    }
+    # Names of the places only: a failure must not print the token.
+    assert [place for place, text in places.items() if token in text] == []
+    assert not {"VAULT_TOKEN", "VAULT_ADDR"} & set(seen["environ"])
+    cmdline = next(v for k, v in seen["proc"].items() if k.endswith("/cmdline"))
+    assert "broker.cli.check_dags\x00decide" in cmdline  # the parent's was read
+    if os.geteuid() == 0:  # root reads any process's memory
+        assert memory["readable"], memory.get("error")
+        assert memory["marker_seen"]  # the scan does see what the parent holds
+
+    # Through VAULT_TOKEN only: no deprecation warning, same result.
+    leak.unlink()
+    result = check_dags(
+        {**airflow_env, "VAULT_ADDR": vault.url, "VAULT_TOKEN": token}, dags, *layout
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "deprecated" not in result.stderr
+    assert token not in leak.read_text(), "the token reached the DAG"

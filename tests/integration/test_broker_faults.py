@@ -1,5 +1,6 @@
 """Fail closed and leave nothing behind: Vault down, an API-server error after the pod
-was created, and a broker killed between its two creates. Each test runs its own broker
+was created and Vault issued a dynamic login, and a broker killed between its two
+creates. Each test runs its own broker
 with its own OpenBao and task namespace, so stopping parts does not disturb others."""
 
 from __future__ import annotations
@@ -25,8 +26,12 @@ from podbroker_devstack.openbao import OpenBao
 from podbroker_devstack.postgres import Postgres
 from podbroker_devstack.sources import SourceTree
 from tests.helpers import eventually
+from tests.integration.vault_database import issued_to, lease_alive, token_alive
 
 pytestmark = pytest.mark.stack
+
+# The example catalog's orders-db: PostgreSQL logins under this lease prefix.
+DYNAMIC_LEASES = "database/creds/orders-readonly"
 
 
 @pytest.fixture
@@ -51,9 +56,9 @@ def audit_events(broker: BrokerHandle) -> list[AuditEvent]:
         return list(store.events())
 
 
-def launch_body(dag_id: str, secrets: list[str]) -> dict[str, Any]:
+def launch_body(dag_id: str, secrets: list[str], task_id: str = "load") -> dict[str, Any]:
     return {
-        "task": {"dag_id": dag_id, "task_id": "load", "run_id": "r1", "try_number": 1},
+        "task": {"dag_id": dag_id, "task_id": task_id, "run_id": "r1", "try_number": 1},
         "container": {"image": "python:3.12-slim"},
         "secrets": secrets,
         "scheduling": {"annotations": {RUN_DURATION_ANNOTATION: "30s"}},
@@ -104,12 +109,17 @@ def test_vault_down_gives_503_and_creates_nothing(
     assert ready.status_code == 503
 
 
-def test_api_server_error_after_the_pod_is_created_rolls_the_pod_back(
+def test_api_server_error_after_the_pod_is_created_rolls_the_launch_back(
     own_broker: BrokerHandle,
     kube_api: client.ApiClient,
+    own_vault: OpenBao,
 ) -> None:
+    """The Secret create fails after Vault issued a dynamic login (a lease under a child
+    token) and the pod exists: the pod goes, and Vault's own lookups show the lease and
+    the token revoked."""
     core = client.CoreV1Api(kube_api)
     namespace = own_broker.namespace
+    root = hvac.Client(url=own_vault.url, token=own_vault.root_token)
     # A real admission failure for the second object: no Secrets may be created here.
     core.create_namespaced_resource_quota(
         namespace,
@@ -126,19 +136,24 @@ def test_api_server_error_after_the_pod_is_created_rolls_the_pod_back(
         f"{own_broker.url}/v1/launches",
         headers=own_broker.headers(),
         timeout=60,
-        json=launch_body("analytics_etl_quota", ["warehouse-readonly"]),
+        json=launch_body("analytics_etl_quota", ["orders-db"], task_id="extract_orders"),
     )
     assert response.status_code >= 400, response.text
     assert eventually(lambda: broker_objects(core, namespace) == ([], []), timeout=15), (
         "the pod created before the failing Secret create was not rolled back"
     )
-    kinds = [
-        (e.kind, e.details.get("stage"))
-        for e in audit_events(own_broker)
-        if e.task_id == "load" and e.dag_id == "analytics_etl_quota"
+    events = [
+        e for e in audit_events(own_broker) if e.dag_id == "analytics_etl_quota" and e.launch_id
     ]
+    kinds = [(e.kind, e.details.get("stage")) for e in events]
     assert (EventKind.POD_CREATED, None) in kinds
     assert (EventKind.LAUNCH_FAILED, "create_secret") in kinds
+    leases, accessor = issued_to(own_broker.audit_url, events[0].launch_id or "")
+    assert leases and accessor, "Vault issued nothing: the test did not reach the Secret create"
+    assert not any(lease_alive(root, lease) for lease in leases)
+    assert not token_alive(root, accessor)
+    listed = root.list(f"sys/leases/lookup/{DYNAMIC_LEASES}") or {}
+    assert not (listed.get("data") or {}).get("keys"), "a lease of the role is still alive"
 
 
 def test_reconciler_removes_a_pod_left_without_its_secret(

@@ -12,19 +12,23 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import hvac
 import psycopg
 import pytest
+from kubernetes import client
 
 from broker.audit.store import open_audit_store
 from broker.core.audit_events import EventKind
+from broker.core.podmeta import LAUNCH_ID_LABEL
 from podbroker_devstack.broker_env import BrokerHandle, start_broker
 from podbroker_devstack.kube import RUN_DURATION_ANNOTATION, ControlPlane
 from podbroker_devstack.openbao import OpenBao
-from podbroker_devstack.postgres import Postgres
+from podbroker_devstack.postgres import Postgres, start_postgres
 from podbroker_devstack.procs import ManagedProcess
 from podbroker_devstack.sources import SourceTree
 from tests.chaos.faults import frozen
 from tests.helpers import eventually
+from tests.integration.vault_database import issued_to, lease_alive, token_alive
 
 pytestmark = pytest.mark.stack
 
@@ -38,12 +42,24 @@ def apiserver(kube: ControlPlane) -> ManagedProcess:
     return next(p for p in kube.processes if p.name == "kube-apiserver")
 
 
+@pytest.fixture(scope="module")
+def orders_postgres(stack_folder: Path) -> Iterator[Postgres]:
+    """The PostgreSQL behind the dynamic orders-db logins, apart from the audit database
+    these tests freeze, as in production (Vault revokes a login on the team's database,
+    not on the broker's; with one server frozen for both, no revocation could finish)."""
+    # (the stack folder, which PostgreSQL's own user may enter)
+    server = start_postgres(stack_folder / f"orders-postgres-{uuid.uuid4().hex[:6]}")
+    yield server
+    server.stop()
+
+
 @pytest.fixture
 def pg_broker(
     tmp_path: Path,
     kube: ControlPlane,
     own_vault: OpenBao,
     postgres: Postgres,
+    orders_postgres: Postgres,
     sources: SourceTree,
     unique: str,
 ) -> Iterator[BrokerHandle]:
@@ -55,7 +71,7 @@ def pg_broker(
         tmp_path / "broker",
         kube,
         own_vault,
-        postgres,
+        orders_postgres,
         sources,
         task_namespace=f"hang-{unique}",
         extra_settings={
@@ -67,11 +83,13 @@ def pg_broker(
     handle.stop()
 
 
-def launch_body(dag_id: str, **container: Any) -> dict[str, Any]:
+def launch_body(
+    dag_id: str, *, wanted: str = "warehouse-readonly", task_id: str = "load", **container: Any
+) -> dict[str, Any]:
     return {
-        "task": {"dag_id": dag_id, "task_id": "load", "run_id": uuid.uuid4().hex},
+        "task": {"dag_id": dag_id, "task_id": task_id, "run_id": uuid.uuid4().hex},
         "container": {"image": "python:3.12-slim", **container},
-        "secrets": ["warehouse-readonly"],
+        "secrets": [wanted],
         "scheduling": {"annotations": {RUN_DURATION_ANNOTATION: "300s"}},
     }
 
@@ -147,24 +165,43 @@ def test_a_frozen_audit_database_gives_prompt_503s(
 
 
 def test_a_kill_does_not_wait_for_a_frozen_audit_database(
-    pg_broker: BrokerHandle, postgres: Postgres
+    pg_broker: BrokerHandle, postgres: Postgres, own_vault: OpenBao, kube_api: client.ApiClient
 ) -> None:
     """Issue 12 item 10: a kill is not refused (nor held) while the audit store is down;
-    it is recorded afterwards."""
+    it is recorded afterwards. The launch holds a dynamic login: Vault's lookups show
+    its lease and child token revoked, and the pod and its Secret go."""
+    root = hvac.Client(url=own_vault.url, token=own_vault.root_token)
     launched = httpx.post(
         f"{pg_broker.url}/v1/launches",
         headers=pg_broker.headers(),
         timeout=30,
-        json=launch_body("analytics_etl_kill_frozen"),
+        json=launch_body("analytics_etl_kill_frozen", wanted="orders-db", task_id="extract_orders"),
     )
     assert launched.status_code == 201, launched.text
     view = launched.json()
+    leases, accessor = issued_to(pg_broker.audit_url, view["launch_id"])
+    assert leases and accessor and all(lease_alive(root, lease) for lease in leases)
     with frozen(postgres.process):
         killed, took = timed(
             "DELETE", f"{pg_broker.url}/v1/launches/{view['launch_id']}", pg_broker
         )
-    assert killed.status_code == 200, killed.text
-    assert took < PROMPT, f"took {took:.1f}s"
+        assert killed.status_code == 200, killed.text
+        assert took < PROMPT, f"took {took:.1f}s"
+        # Given back while the store is still frozen (from the Secret's record).
+        assert eventually(
+            lambda: not any(lease_alive(root, lease) for lease in leases), timeout=30
+        ), "the lease outlived the kill"
+        assert not token_alive(root, accessor)
+
+    core = client.CoreV1Api(kube_api)
+    selector = f"{LAUNCH_ID_LABEL}={view['launch_id']}"
+
+    def gone() -> bool:
+        pods = core.list_namespaced_pod(pg_broker.namespace, label_selector=selector).items
+        secrets = core.list_namespaced_secret(pg_broker.namespace, label_selector=selector).items
+        return not pods and not secrets
+
+    assert eventually(gone, timeout=60), "the pod or its Secret outlived the kill"
 
     def recorded() -> bool:
         with open_audit_store(pg_broker.audit_url, create=False) as store:

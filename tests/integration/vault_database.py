@@ -1,5 +1,5 @@
 """Vault's database secrets engine on the real PostgreSQL, for the tests that need
-dynamic credentials: mount one, and check a login or a lease."""
+dynamic credentials: mount one, and check a login, a lease or a child token."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import hvac
 import psycopg
 from hvac.exceptions import InvalidRequest
 
+from broker.audit.store import open_audit_store
+from broker.core.audit_events import EventKind
 from podbroker_devstack.postgres import Postgres
 
 
@@ -67,3 +69,23 @@ def lease_alive(root: hvac.Client, lease_id: str) -> bool:
     except InvalidRequest:
         return False
     return True
+
+
+def token_alive(root: hvac.Client, accessor: str) -> bool:
+    try:
+        root.auth.token.lookup_accessor(accessor)
+    except InvalidRequest:
+        return False
+    return True
+
+
+def issued_to(audit_url: str, launch_id: str) -> tuple[list[str], str | None]:
+    """The lease ids and child token accessor that a broker's audit trail says Vault
+    issued to ``launch_id`` (its ``secrets_resolved`` event)."""
+    with open_audit_store(audit_url, create=False) as store:
+        for event in store.events():
+            if event.kind == EventKind.SECRETS_RESOLVED and event.launch_id == launch_id:
+                secrets = event.details.get("secrets") or []
+                leases = [str(s["lease_id"]) for s in secrets if s.get("lease_id")]
+                return leases, event.details.get("token_accessor")
+    return [], None
