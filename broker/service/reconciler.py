@@ -160,13 +160,14 @@ class Reconciler:
         live = 0
         running: list[PodInfo] = []
         held_by = self.cleanup.issued.checkpoint()
-        swept = True
+        listed: set[str] = set()
         for namespace in self.namespaces:
             try:
                 live += self._sweep_namespace(namespace, now, result, running)
+                listed.add(namespace)
             except BrokerError as exc:
-                swept = False
                 result.errors.append(f"{namespace}: {exc.reason}")
+        swept = listed == set(self.namespaces)
         if swept:
             # Ends this replica did not see start the retention of their held values.
             self.cleanup.issued.ended_unless({p.launch_id for p in running}, held_by=held_by)
@@ -176,24 +177,27 @@ class Reconciler:
         except BrokerError as exc:
             result.errors.append(f"airflow: {exc.reason}")
         try:
-            self._give_back_orphan_holdings(running, now, result)
+            self._give_back_orphan_holdings(running, listed, now, result)
         except BrokerError as exc:
             result.errors.append(f"holdings: {exc.reason}")
         _count_findings(result)
         return result
 
     def _give_back_orphan_holdings(
-        self, running: list[PodInfo], now: dt.datetime, result: SweepResult
+        self, running: list[PodInfo], listed: set[str], now: dt.datetime, result: SweepResult
     ) -> None:
         """What Vault issued to a launch whose pod no longer runs is revoked, from the
         ledger: whatever deleted the pod or its Secret (a crash between the pod and its
-        Secret, the garbage collector while the broker was down, a failed rollback)."""
+        Secret, the garbage collector while the broker was down, a failed rollback).
+        Only in the namespaces whose pods this pass could list (``listed``): when the
+        API server does not answer, no pod seems to run, and every running launch would
+        lose its leases."""
         ledger = self.cleanup.ledger
         if ledger is None:
             return
         alive = {pod.launch_id for pod in running}
         unreleased = ledger.unreleased()
-        mine = [h for h in unreleased if h.namespace in self.namespaces]
+        mine = [h for h in unreleased if h.namespace in listed]
         CLEANUP_BACKLOG.set(sum(1 for held in mine if held.launch_id not in alive))
         for held in mine:
             if held.launch_id in alive:

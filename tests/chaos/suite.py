@@ -201,8 +201,7 @@ class Load:
         threads: int = 1,
         race: float = 0.0,
     ) -> None:
-        self.urls, self.token, self.figures, self.race = urls, token, figures, race
-        self.seed = seed
+        self.urls, self.figures, self.race = urls, figures, race
         self._stop = threading.Event()
         self._threads = [
             threading.Thread(target=self._run, args=(seed + i,), daemon=True)
@@ -211,7 +210,8 @@ class Load:
         self.http = httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=30)
 
     def post(self, url: str, body: dict[str, Any]) -> tuple[str, dict[str, Any] | None, float]:
-        """One request: ("ok", view) | ("retry", wait) | ("failed", None)."""
+        """One request; (outcome, view, wait): ("ok", the launch, 0), ("retry", None,
+        seconds the operator would wait) or ("failed", None, 0)."""
         self.figures.add(attempted=1)
         try:
             response = self.http.post(f"{url}/v1/launches", json=body)
@@ -225,7 +225,7 @@ class Load:
                 self.figures.accepted_ids.add(view["launch_id"])
                 self.figures.reattached += not view.get("created", True)
             return "ok", view, 0.0
-        if response.status_code == 503 or response.json().get("retryable"):
+        if response.status_code == 503 or _says_retryable(response):
             self.figures.add(failed_retryably=1)
             return "retry", None, float(response.headers.get("Retry-After", "5"))
         self.figures.add(failed_otherwise=1)
@@ -298,6 +298,13 @@ class Load:
         for thread in self._threads:
             thread.join(60)
         self.http.close()
+
+
+def _says_retryable(response: httpx.Response) -> bool:
+    try:
+        return bool(response.json().get("retryable"))
+    except ValueError:
+        return False
 
 
 @dataclass
@@ -516,9 +523,10 @@ def check(
     # One pod per task try: the task annotation names the try (dag, task, run, try, map).
     tries = Counter((p.metadata.annotations or {}).get(TASK_ANNOTATION) for p in pods)
     figures.violations["duplicate pod per task try"] = [str(k) for k, n in tries.items() if n > 1]
-    figures.violations["lease or token revoked under a running pod"] = _revoked_under_running_pods(
-        core, broker.namespace, root
-    )
+    revoked = _revoked_under_running_pods(core, broker.namespace, root)
+    figures.violations["lease or token revoked under a running pod"] = revoked
+    for item in revoked[:3]:
+        explain(broker, item.split(":")[0])
 
     started = time.monotonic()
     # Every launch the broker recorded, also those whose answer the client never got (the

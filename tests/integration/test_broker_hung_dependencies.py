@@ -141,6 +141,41 @@ def test_a_frozen_api_server_gives_prompt_503s_and_readyz_tells_the_truth(
     assert again.status_code == 200, again.text
 
 
+def sweep_errors(broker: BrokerHandle) -> float:
+    text = httpx.get(f"{broker.url}/metrics", timeout=10).text
+    for line in text.splitlines():
+        if line.startswith("podbroker_sweep_errors_total "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def test_a_sweep_during_an_api_server_freeze_leaves_running_launches_their_leases(
+    pg_broker: BrokerHandle, kube: ControlPlane, own_vault: OpenBao
+) -> None:
+    """A sweep that cannot list the pods must not take every launch for ended and
+    revoke its holdings (make chaos found running pods left with revoked logins)."""
+    root = hvac.Client(url=own_vault.url, token=own_vault.root_token)
+    launched = httpx.post(
+        f"{pg_broker.url}/v1/launches",
+        headers=pg_broker.headers(),
+        timeout=30,
+        json=launch_body(
+            "analytics_etl_sweep_frozen", wanted="orders-db", task_id="extract_orders"
+        ),
+    )
+    assert launched.status_code == 201, launched.text
+    leases, accessor = issued_to(pg_broker.audit_url, launched.json()["launch_id"])
+    assert leases and accessor
+    # Past the orphan grace (5 s here), a ledger record whose pod is not seen is revoked.
+    time.sleep(6)
+    before = sweep_errors(pg_broker)
+    with frozen(apiserver(kube)):
+        # A whole sweep pass that failed to list the pods (counted at its end).
+        assert eventually(lambda: sweep_errors(pg_broker) > before, timeout=60)
+    assert all(lease_alive(root, lease) for lease in leases), "a running launch lost its lease"
+    assert token_alive(root, accessor)
+
+
 def test_a_frozen_audit_database_gives_prompt_503s(
     pg_broker: BrokerHandle, postgres: Postgres
 ) -> None:

@@ -71,6 +71,19 @@ def test_the_sweep_leaves_running_launches_alone() -> None:
     assert svc.ledger.held(view.launch_id) is not None
 
 
+def test_a_sweep_that_cannot_list_the_pods_revokes_nothing() -> None:
+    """With the API server unreachable no pod seems to run; that is no reason to revoke
+    the leases of launches that do (make chaos found it freezing the API server)."""
+    svc = make_services(grace_seconds=0)
+    view = svc.launch("db")
+    svc.ledger.age(view.launch_id, 3600)
+    svc.cluster.fail("list_managed_pods", KubernetesUnavailableError("api server frozen"))
+    result = svc.reconciler.sweep()
+    assert result.errors and result.orphan_holdings_revoked == 0
+    assert svc.store.revoked_leases == [] and svc.store.revoked_accessors == []
+    assert svc.ledger.held(view.launch_id) is not None
+
+
 def test_a_deleted_pod_whose_secret_is_already_gone_is_revoked_from_the_ledger() -> None:
     svc = make_services()
     view = svc.launch("db")
