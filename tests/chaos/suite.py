@@ -601,7 +601,7 @@ def run_all(stack: ChaosStack, sizes: Sizes, seed: int = 12) -> dict[str, Figure
     loops = {
         "SIGKILL the broker across launches": sigkill_loop,
         "freeze Vault, API server, audit database": freeze_loop,
-        "two replicas racing on tries, one killed": replicas_loop,
+        "two replicas, one killed": replicas_loop,
     }
     for title, loop in loops.items():
         figures = Figures()
