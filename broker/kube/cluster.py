@@ -80,7 +80,7 @@ def pod_info(pod: Mapping[str, Any]) -> PodInfo:
         phase=status.get("phase"),
         reason=status.get("reason"),
         containers=tuple(_container_status(item) for item in status.get("containerStatuses") or ()),
-        created_at=podmeta.parse_stamp(created) if created else None,
+        created_at=_stamp(created),
         deleting=meta.get("deletionTimestamp") is not None,
         active_deadline_seconds=spec.get("activeDeadlineSeconds"),
         scheduled=scheduled is not None and scheduled.get("status") == "True",
@@ -131,7 +131,7 @@ def _secret_meta(namespace: str, metadata: dict[str, Any]) -> SecretMeta:
         name=str(metadata.get("name")),
         labels=dict(metadata.get("labels") or {}),
         annotations=dict(metadata.get("annotations") or {}),
-        created_at=podmeta.parse_stamp(created) if created else None,
+        created_at=_stamp(created),
     )
 
 
@@ -237,57 +237,77 @@ class KubeCluster:
         finally:
             KUBERNETES_LATENCY.labels(verb).observe(time.perf_counter() - started)
 
-    def _call_if_found(self, verb: str, fn: Callable[[], T], *, what: str) -> T | None:
-        """``_call``, with None for an object that does not exist (404)."""
+    def _send(
+        self,
+        verb: str,
+        what: str,
+        method: str,
+        path: str,
+        *,
+        read: Callable[[Any], T],
+        **request: Any,
+    ) -> T:
+        """One request (:meth:`_open`) under :meth:`_call`, its answer read by ``read``:
+        :func:`_json`, :func:`_drain`, or kept raw to be streamed."""
+        return self._call(verb, lambda: read(self._open(method, path, **request)), what=what)
+
+    def _send_if_found(
+        self,
+        verb: str,
+        what: str,
+        method: str,
+        path: str,
+        *,
+        read: Callable[[Any], T],
+        **request: Any,
+    ) -> T | None:
+        """:meth:`_send`, with None for an object that does not exist (404)."""
         try:
-            return self._call(verb, fn, what=what)
+            return self._send(verb, what, method, path, read=read, **request)
         except NotFoundError:
             return None
 
     def ping(self) -> None:
         """GET /version: is the API server reachable."""
-        self._call("version", lambda: _drain(self._open("GET", "/version/")), what="version check")
+        self._send("version", "version check", "GET", "/version/", read=_drain)
 
     def create_pod(self, manifest: dict[str, Any]) -> PodRef:
         """POST pods. ConflictError if a pod of that name exists."""
         namespace = manifest["metadata"]["namespace"]
-        body = self._call(
+        body = self._send(
             "create_pod",
-            lambda: _json(
-                self._open(
-                    "POST",
-                    _PODS,
-                    params={"namespace": namespace},
-                    body=manifest,
-                    content_type=_JSON,
-                )
-            ),
-            what=f"create pod {namespace}/{manifest['metadata']['name']}",
+            f"create pod {namespace}/{manifest['metadata']['name']}",
+            "POST",
+            _PODS,
+            params={"namespace": namespace},
+            body=manifest,
+            content_type=_JSON,
+            read=_json,
         )
         return PodRef(namespace, body["metadata"]["name"], body["metadata"]["uid"])
 
     def read_pod(self, namespace: str, name: str) -> PodInfo | None:
         """GET pods/NAME, or None when it does not exist."""
-        body = self._call_if_found(
+        body = self._send_if_found(
             "read_pod",
-            lambda: _json(self._open("GET", _POD, params={"namespace": namespace, "name": name})),
-            what=f"read pod {namespace}/{name}",
+            f"read pod {namespace}/{name}",
+            "GET",
+            _POD,
+            params={"namespace": namespace, "name": name},
+            read=_json,
         )
         return None if body is None else pod_info(body)
 
     def delete_pod(self, namespace: str, name: str, *, grace_seconds: int = 0) -> bool:
         """DELETE pods/NAME. True if it was there."""
-        found = self._call_if_found(
+        found = self._send_if_found(
             "delete_pod",
-            lambda: _drain(
-                self._open(
-                    "DELETE",
-                    _POD,
-                    params={"namespace": namespace, "name": name},
-                    query={"gracePeriodSeconds": grace_seconds},
-                )
-            ),
-            what=f"delete pod {namespace}/{name}",
+            f"delete pod {namespace}/{name}",
+            "DELETE",
+            _POD,
+            params={"namespace": namespace, "name": name},
+            query={"gracePeriodSeconds": grace_seconds},
+            read=_drain,
         )
         return found is not None
 
@@ -299,18 +319,15 @@ class KubeCluster:
         one broker replica acts on a pod's end."""
         body = {"metadata": {"resourceVersion": resource_version, "annotations": annotations}}
         try:
-            self._call(
+            self._send(
                 "patch_pod",
-                lambda: _drain(
-                    self._open(
-                        "PATCH",
-                        _POD,
-                        params={"namespace": namespace, "name": name},
-                        body=body,
-                        content_type=_MERGE_PATCH,
-                    )
-                ),
-                what=f"claim pod {namespace}/{name}",
+                f"claim pod {namespace}/{name}",
+                "PATCH",
+                _POD,
+                params={"namespace": namespace, "name": name},
+                body=body,
+                content_type=_MERGE_PATCH,
+                read=_drain,
             )
         except ConflictError:
             return False
@@ -319,35 +336,29 @@ class KubeCluster:
     def create_secret(self, manifest: dict[str, Any]) -> None:
         """POST secrets. The manifest holds values: it is never logged or echoed."""
         namespace = manifest["metadata"]["namespace"]
-        self._call(
+        self._send(
             "create_secret",
-            lambda: _drain(
-                self._open(
-                    "POST",
-                    _SECRETS,
-                    params={"namespace": namespace},
-                    body=manifest,
-                    content_type=_JSON,
-                    # The answer would echo the values: ask for metadata only.
-                    accept=_PARTIAL_METADATA,
-                )
-            ),
-            what=f"create secret {namespace}/{manifest['metadata']['name']}",
+            f"create secret {namespace}/{manifest['metadata']['name']}",
+            "POST",
+            _SECRETS,
+            params={"namespace": namespace},
+            body=manifest,
+            content_type=_JSON,
+            # The answer would echo the values: ask for metadata only.
+            accept=_PARTIAL_METADATA,
+            read=_drain,
         )
 
     def delete_secret(self, namespace: str, name: str) -> bool:
         """DELETE secrets/NAME. True if it was there."""
-        found = self._call_if_found(
+        found = self._send_if_found(
             "delete_secret",
-            lambda: _drain(
-                self._open(
-                    "DELETE",
-                    _SECRET,
-                    params={"namespace": namespace, "name": name},
-                    accept=_PARTIAL_METADATA,
-                )
-            ),
-            what=f"delete secret {namespace}/{name}",
+            f"delete secret {namespace}/{name}",
+            "DELETE",
+            _SECRET,
+            params={"namespace": namespace, "name": name},
+            accept=_PARTIAL_METADATA,
+            read=_drain,
         )
         return found is not None
 
@@ -360,12 +371,13 @@ class KubeCluster:
         launch is read; values stay wrapped and in memory for the stream's lifetime.
         None when the Secret is gone (the launch ended)."""
         name = secret_name_for(launch_id)
-        body = self._call_if_found(
+        body = self._send_if_found(
             "read_secret_values",
-            lambda: _json(
-                self._open("GET", _SECRET, params={"namespace": namespace, "name": name})
-            ),
-            what=f"read secret {namespace}/{name}",
+            f"read secret {namespace}/{name}",
+            "GET",
+            _SECRET,
+            params={"namespace": namespace, "name": name},
+            read=_json,
         )
         if body is None:
             return None
@@ -391,17 +403,14 @@ class KubeCluster:
         """LIST pods with the broker's managed-by label (and one launch id, or more
         labels, if given)."""
         selector = podmeta.selector_for(launch_id, labels)
-        body = self._call(
+        body = self._send(
             "list_pods",
-            lambda: _json(
-                self._open(
-                    "GET",
-                    _PODS,
-                    params={"namespace": namespace},
-                    query={"labelSelector": selector},
-                )
-            ),
-            what=f"list pods in {namespace}",
+            f"list pods in {namespace}",
+            "GET",
+            _PODS,
+            params={"namespace": namespace},
+            query={"labelSelector": selector},
+            read=_json,
         )
         return [pod_info(pod) for pod in body.get("items") or ()]
 
@@ -412,52 +421,43 @@ class KubeCluster:
         selector = f"involvedObject.kind=Pod,involvedObject.name={name}"
         if uid:
             selector += f",involvedObject.uid={uid}"
-        body = self._call(
+        body = self._send(
             "list_events",
-            lambda: _json(
-                self._open(
-                    "GET",
-                    _EVENTS,
-                    params={"namespace": namespace},
-                    query={"fieldSelector": selector, "limit": 100},
-                )
-            ),
-            what=f"list events of {namespace}/{name}",
+            f"list events of {namespace}/{name}",
+            "GET",
+            _EVENTS,
+            params={"namespace": namespace},
+            query={"fieldSelector": selector, "limit": 100},
+            read=_json,
         )
         return recent_events([_event(item) for item in body.get("items") or ()])
 
     def read_secret_metadata(self, namespace: str, name: str) -> SecretMeta | None:
         """GET secrets/NAME as a PartialObjectMetadata: the API server sends metadata
         only, so values never travel to the broker. None when it does not exist."""
-        body = self._call_if_found(
+        body = self._send_if_found(
             "read_secret",
-            lambda: _json(
-                self._open(
-                    "GET",
-                    _SECRET,
-                    params={"namespace": namespace, "name": name},
-                    accept=_PARTIAL_METADATA,
-                )
-            ),
-            what=f"read secret metadata {namespace}/{name}",
+            f"read secret metadata {namespace}/{name}",
+            "GET",
+            _SECRET,
+            params={"namespace": namespace, "name": name},
+            accept=_PARTIAL_METADATA,
+            read=_json,
         )
         return None if body is None else _secret_meta(namespace, body.get("metadata") or {})
 
     def list_managed_secrets(self, namespace: str) -> list[SecretMeta]:
         """LIST secrets with the managed-by label as PartialObjectMetadataList: metadata
         only, values never leave the API server."""
-        body = self._call(
+        body = self._send(
             "list_secrets",
-            lambda: _json(
-                self._open(
-                    "GET",
-                    _SECRETS,
-                    params={"namespace": namespace},
-                    query={"labelSelector": podmeta.MANAGED_SELECTOR},
-                    accept=_PARTIAL_METADATA_LIST,
-                )
-            ),
-            what=f"list secrets in {namespace}",
+            f"list secrets in {namespace}",
+            "GET",
+            _SECRETS,
+            params={"namespace": namespace},
+            query={"labelSelector": podmeta.MANAGED_SELECTOR},
+            accept=_PARTIAL_METADATA_LIST,
+            read=_json,
         )
         items = body.get("items") or []  # null when empty
         return [_secret_meta(namespace, item.get("metadata") or {}) for item in items]
@@ -512,10 +512,14 @@ class KubeCluster:
             "kind": "TokenReview",
             "spec": {"token": token, "audiences": [audience]},
         }
-        body = self._call(
+        body = self._send(
             "token_review",
-            lambda: _json(self._open("POST", _TOKEN_REVIEWS, body=review, content_type=_JSON)),
-            what="token review",
+            "token review",
+            "POST",
+            _TOKEN_REVIEWS,
+            body=review,
+            content_type=_JSON,
+            read=_json,
         )
         status = body.get("status") or {}
         user = status.get("user") or {}
