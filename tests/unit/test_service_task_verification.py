@@ -201,7 +201,8 @@ def test_the_sweep_ends_pods_whose_task_instance_airflow_has_ended() -> None:
     )
 
 
-def test_the_sweep_waits_the_grace_and_asks_airflow_once_per_pass() -> None:
+def two_tasks_swept_with_a_grace_of_30s() -> tuple[FakeTaskInstances, Services, list[float]]:
+    """Airflow knows task instances "a" and "b"; the reconciler's clock is ``now[0]``."""
     airflow = FakeTaskInstances()
     airflow.add(make_task("a"))
     airflow.add(make_task("b"))
@@ -209,6 +210,11 @@ def test_the_sweep_waits_the_grace_and_asks_airflow_once_per_pass() -> None:
     verifier = TaskVerifier(airflow, "enforce", cache_seconds=0)
     svc = make_services(verifier=verifier, ended_grace_seconds=30)
     svc.reconciler._clock = lambda: now[0]
+    return airflow, svc, now
+
+
+def test_the_sweep_waits_the_grace_and_asks_airflow_once_per_pass() -> None:
+    airflow, svc, now = two_tasks_swept_with_a_grace_of_30s()
     svc.launch("wh", task_identity=make_task("a"))
     svc.launch("wh", task_identity=make_task("b"))
     airflow.records.clear()  # the run was deleted in Airflow
@@ -228,13 +234,7 @@ def test_the_sweep_asks_airflow_nothing_when_verification_is_off() -> None:
 
 
 def test_a_launch_missing_from_a_cut_short_answer_is_unknown_not_ended() -> None:
-    airflow = FakeTaskInstances()
-    airflow.add(make_task("a"))
-    airflow.add(make_task("b"))
-    now = [100.0]
-    verifier = TaskVerifier(airflow, "enforce", cache_seconds=0)
-    svc = make_services(verifier=verifier, ended_grace_seconds=30)
-    svc.reconciler._clock = lambda: now[0]
+    airflow, svc, now = two_tasks_swept_with_a_grace_of_30s()
     first = svc.launch("wh", task_identity=make_task("a"))
     beyond = svc.launch("wh", task_identity=make_task("b"))
     airflow.add(make_task("a"), state="failed")
@@ -251,13 +251,7 @@ def test_a_launch_missing_from_a_cut_short_answer_is_unknown_not_ended() -> None
 
 
 def test_a_grace_clock_started_before_a_cut_short_answer_keeps_running() -> None:
-    airflow = FakeTaskInstances()
-    airflow.add(make_task("a"))
-    airflow.add(make_task("b"))
-    now = [100.0]
-    verifier = TaskVerifier(airflow, "enforce", cache_seconds=0)
-    svc = make_services(verifier=verifier, ended_grace_seconds=30)
-    svc.reconciler._clock = lambda: now[0]
+    airflow, svc, now = two_tasks_swept_with_a_grace_of_30s()
     svc.launch("wh", task_identity=make_task("a"))
     gone = svc.launch("wh", task_identity=make_task("b"))
     del airflow.records[("etl_daily", "manual__1", "b", -1)]  # its run deleted in Airflow
