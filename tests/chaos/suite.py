@@ -575,21 +575,29 @@ def check(
     core_api.close()
 
     key = load_signing_key(broker.config_path.parent / "audit-signing.pem")
-    with open_audit_store(broker.audit_url, create=False) as store:
-        result = store.verify(key.public_key())
-        if not result.ok:
-            figures.violations["audit chain"] = [str(result)]
-        requested: set[str] = set()
-        terminal: set[str] = set()
-        recorded: set[str] = set()
-        for event in store.events():
-            if not event.launch_id:
-                continue
-            recorded.add(event.launch_id)
-            if event.kind == EventKind.LAUNCH_REQUESTED:
-                requested.add(event.launch_id)
-            if event.kind in TERMINAL:
-                terminal.add(event.launch_id)
+    # A launch whose broker was killed between its intent and its pod is closed by the
+    # sweep once the orphan grace has passed (its retries are refused meanwhile, one
+    # attempt at a time): give the sweep that long (5 s grace + 5 s interval here).
+    deadline = time.monotonic() + 20
+    while True:
+        with open_audit_store(broker.audit_url, create=False) as store:
+            result = store.verify(key.public_key())
+            requested: set[str] = set()
+            terminal: set[str] = set()
+            recorded: set[str] = set()
+            for event in store.events():
+                if not event.launch_id:
+                    continue
+                recorded.add(event.launch_id)
+                if event.kind == EventKind.LAUNCH_REQUESTED:
+                    requested.add(event.launch_id)
+                if event.kind in TERMINAL:
+                    terminal.add(event.launch_id)
+        if not requested - terminal or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    if not result.ok:
+        figures.violations["audit chain"] = [str(result)]
     figures.violations["launch without a terminal record"] = sorted(requested - terminal)
     figures.lost = len(figures.accepted_ids - recorded)
 
