@@ -16,9 +16,9 @@ from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from broker.core.leases import IssuedLease, LeaseRecord
-from broker.core.objects import HeldByLaunch
+from broker.core.objects import HeldByLaunch, LaunchInProgressError
 from broker.core.podmeta import VaultHoldings
-from broker.errors import AuditUnavailableError, BrokerUnavailableError
+from broker.errors import AuditUnavailableError
 
 T = TypeVar("T")
 
@@ -44,7 +44,7 @@ def open_launch(conn: Connection, launch_id: str, namespace: str) -> None:
         {"id": launch_id, "ns": namespace, "t": _now()},
     )
     if opened.rowcount == 0:
-        raise BrokerUnavailableError(
+        raise LaunchInProgressError(
             f"another request for this task try (launch {launch_id}) is still launching, or "
             "stopped mid-launch and is being cleaned up: retry shortly",
             retry_after=5,

@@ -13,6 +13,7 @@ from broker.core import podmeta
 from broker.core.api_models import ContainerState, LaunchView, Phase
 from broker.core.models import TaskIdentity
 from broker.core.termination import result_check
+from broker.errors import BrokerUnavailableError
 
 CONTAINER_NAME = "base"  # the KubernetesPodOperator's name for the task container
 FINISHED_PHASES = frozenset({"Succeeded", "Failed"})
@@ -139,6 +140,12 @@ class HeldByLaunch:
 
     def age_seconds(self, now: dt.datetime) -> float:
         return (now - self.created_at).total_seconds()
+
+
+class LaunchInProgressError(BrokerUnavailableError):
+    """Another attempt of the same task try holds the launch's ledger row (between its
+    intent and its pod, or dead there and awaiting the sweep). On the wire a 503 like
+    its base; the launcher first waits for that attempt's pod to reattach to it."""
 
 
 def launch_view(pod: PodInfo, *, created: bool = True) -> LaunchView:

@@ -27,7 +27,7 @@ from broker.core.api_models import (
     PlannedToken,
 )
 from broker.core.models import Caller
-from broker.core.objects import PodInfo, launch_view
+from broker.core.objects import LaunchInProgressError, PodInfo, launch_view
 from broker.core.plan import (
     LaunchPlan,
     PlanPolicy,
@@ -48,6 +48,11 @@ from broker.service.verification import TaskVerifier, VerificationResult
 
 log = logging.getLogger("podbroker.launch")
 
+OTHER_ATTEMPT_WAIT_SECONDS = 10.0
+"""How long a duplicate request waits for the pod of the attempt already launching its
+task try before answering 503 (well under the Airflow client's request timeout)."""
+OTHER_ATTEMPT_POLL_SECONDS = 0.2
+
 
 def _holdings(bundle: BundleLike) -> podmeta.VaultHoldings:
     return podmeta.VaultHoldings(tuple(bundle.lease_ids), bundle.token_accessor)
@@ -67,6 +72,7 @@ class LaunchExecutor:
         limits: SecretLimits | None = None,
         workers: int = 16,
         renewals: LeaseRenewer | None = None,
+        other_attempt_wait: float = OTHER_ATTEMPT_WAIT_SECONDS,
     ) -> None:
         self.cluster = cluster
         self.policies = policies
@@ -77,6 +83,7 @@ class LaunchExecutor:
         self.verifier = verifier or TaskVerifier(None, "off")
         self.limits = limits or SecretLimits()
         self.renewals = renewals
+        self.other_attempt_wait = other_attempt_wait
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="launch")
 
     def close(self) -> None:
@@ -233,11 +240,34 @@ class LaunchExecutor:
         )
         # One commit before any side effect: if it fails, nothing has happened. It also
         # opens the launch in the holdings ledger, so a crash from here on is swept.
-        self.audit.append_many([requested, decided, intent], opens=(plan.launch_id, plan.namespace))
+        try:
+            self.audit.append_many(
+                [requested, decided, intent], opens=(plan.launch_id, plan.namespace)
+            )
+        except LaunchInProgressError:
+            # A concurrent duplicate (an HTTP retry, two schedulers): reattach to the pod
+            # the other attempt makes, as a duplicate that came a moment later would.
+            existing = self._await_other_attempt(plan)
+            if existing is None:
+                raise
+            self._check_same_request(plan, existing, caller, [requested, decided])
+            self.audit.append_many([requested, decided, self._reattached_event(plan, caller)])
+            return launch_view(existing, created=False)
         view = self._execute(plan, caller, pod_manifest)
         if view.created and plan.task.try_number > 1:
             self._pool.submit(self._end_earlier_tries, plan)
         return view
+
+    def _await_other_attempt(self, plan: LaunchPlan) -> PodInfo | None:
+        """The pod of the attempt that holds this task try, once it exists; None if it
+        did not appear in time (that attempt is slow, failed, or died and awaits the
+        sweep)."""
+        give_up = time.monotonic() + self.other_attempt_wait
+        while True:
+            existing = self.cluster.read_pod(plan.namespace, plan.pod_name)
+            if existing is not None or time.monotonic() >= give_up:
+                return existing
+            time.sleep(OTHER_ATTEMPT_POLL_SECONDS)
 
     def _execute(
         self, plan: LaunchPlan, caller: Caller, pod_manifest: dict[str, Any] | None

@@ -204,7 +204,9 @@ def test_a_try_retried_after_a_crash_waits_for_the_first_attempts_token_to_go_ba
     refused = launch()
     assert refused.status_code == 503, refused.text
     assert refused.headers["Retry-After"] and "still launching" in refused.json()["reason"]
-    assert tokens_of(vault_root, launch_id) == [earlier]  # nothing minted for the retry
+    # Nothing minted for the retry (the sweep may already have given the earlier back
+    # while the retry waited for a pod of the attempt that held the try).
+    assert set(tokens_of(vault_root, launch_id)) <= {earlier}
     answers: list[httpx.Response] = []
 
     def launched() -> bool:

@@ -24,7 +24,14 @@ from broker.core import podmeta
 from broker.core.api_models import ContainerSpec, LaunchRequest, LaunchView, PodEvent
 from broker.core.audit_events import AuditEvent, EventKind
 from broker.core.models import Caller, SecretRequest, TaskIdentity
-from broker.core.objects import ContainerStatus, HeldByLaunch, PodInfo, PodRef, SecretMeta
+from broker.core.objects import (
+    ContainerStatus,
+    HeldByLaunch,
+    LaunchInProgressError,
+    PodInfo,
+    PodRef,
+    SecretMeta,
+)
 from broker.core.plan import (
     DATABASE_KEYS,
     PlanPolicy,
@@ -42,7 +49,6 @@ from broker.errors import (
     AirflowUnavailableError,
     AuditUnavailableError,
     BrokerError,
-    BrokerUnavailableError,
     ConflictError,
     NotFoundError,
 )
@@ -612,7 +618,7 @@ class FakeLedger:
         with self._lock:
             row = self.rows.get(launch_id)
             if row is not None and not row[3]:
-                raise BrokerUnavailableError(f"launch {launch_id} is still launching (fake)")
+                raise LaunchInProgressError(f"launch {launch_id} is still launching (fake)")
             self.holds += 1
             self.rows[launch_id] = (namespace, VaultHoldings(), utc_now(), False)
 
@@ -832,6 +838,7 @@ def make_services(
         plan_policy=PlanPolicy(namespaces=(NAMESPACE,)),
         verifier=verifier,
         workers=4,
+        other_attempt_wait=0.3,
     )
     lookup = LaunchLookup(cluster=cluster, audit=audit, cleanup=cleanup, namespaces=(NAMESPACE,))
     reconciler = Reconciler(

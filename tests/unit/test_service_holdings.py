@@ -4,6 +4,8 @@ ports; the real-stack regressions are in tests/integration/test_broker_holdings.
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from broker.core.audit_events import EventKind
@@ -140,6 +142,23 @@ def test_a_second_attempt_of_a_try_in_flight_is_refused_before_vault_is_asked() 
     assert svc.ledger.held(first.launch_id) == VaultHoldings(
         tuple(svc.store.issued[0].lease_ids), svc.store.issued[0].token_accessor
     )
+
+
+def test_a_duplicate_arriving_while_its_try_launches_reattaches_once_the_pod_exists() -> None:
+    """Concurrent duplicates (an HTTP retry, two schedulers) get the pod the attempt in
+    flight makes, as a duplicate a moment later would, and mint nothing themselves.
+    (Regression: they were answered 503 while the first attempt was still launching.)"""
+    svc = make_services()
+    svc.launches.other_attempt_wait = 5.0
+    task = make_task("duplicated")
+    first = svc.launch("db", task_identity=task)
+    pods = dict(svc.cluster.pods)
+    svc.cluster.pods.clear()  # as if the first were between its intent and its pod
+    threading.Timer(0.2, lambda: svc.cluster.pods.update(pods)).start()
+    second = svc.launch("db", task_identity=task)
+    assert (second.launch_id, second.created) == (first.launch_id, False)
+    assert len(svc.store.issued) == 1  # nothing minted for the duplicate
+    assert svc.audit.kinds().count(EventKind.LAUNCH_REATTACHED) == 1
 
 
 def test_a_pod_create_that_fails_closes_the_launchs_row_so_a_retry_can_open_it() -> None:
