@@ -16,11 +16,18 @@ from typing import Any, Literal
 from urllib.parse import quote
 
 import httpx
+from pydantic import ValidationError
 
 from airflow_plugin.settings import BrokerConnectionSettings
 from broker.core.api_models import ErrorBody, LaunchDryRun, LaunchRequest, LaunchView
+from broker.core.report import ReportQuery
 from broker.core.timeline import TaskTry, TaskTryAudit
-from broker.errors import BrokerError, BrokerUnavailableError, error_for_status
+from broker.errors import (
+    BrokerError,
+    BrokerUnavailableError,
+    InvalidRequestError,
+    error_for_status,
+)
 
 TERMINAL_PHASES = frozenset({"Succeeded", "Failed", "Deleted"})
 _USER_AGENT = "podbroker-airflow/0.1"
@@ -200,20 +207,25 @@ class BrokerClient:
         dag: str | None = None,
         dag_ids: Sequence[str] | None = None,
     ) -> str:
-        """GET /v1/audit/report: the secret-usage report as HTML or JSON text.
-        ``dag_ids`` limits it to exactly those DAGs (a repeated ``dag_ids`` query
-        parameter). An empty sequence means no DAG at all, so the broker is not asked
-        and this raises ValueError: the caller shows an empty report instead."""
-        params: list[tuple[str, str]] = [("format", fmt)]
-        if since:
-            params.append(("since", since))
-        if dag:
-            params.append(("dag", dag))
-        if dag_ids is not None:
-            if not dag_ids:
-                raise ValueError("no DAG ids: an empty report needs no broker call")
-            params.extend(("dag_ids", d) for d in sorted(set(dag_ids)))
-        return self._request("GET", "/v1/audit/report", params=params).text
+        """POST /v1/audit/report: the secret-usage report as HTML or JSON text.
+        ``dag_ids`` limits it to exactly those DAGs: every DAG an Airflow user may read,
+        thousands of ids for an admin, so the query travels as a JSON body (a URL holds
+        a few hundred). An empty sequence means no DAG at all, so the broker is not
+        asked and this raises ValueError: the caller shows an empty report instead."""
+        if dag_ids is not None and not dag_ids:
+            raise ValueError("no DAG ids: an empty report needs no broker call")
+        try:
+            query = ReportQuery(
+                format=fmt,
+                since=since,  # type: ignore[arg-type]  # RFC 3339 text, read as a datetime
+                dag=dag,
+                dag_ids=sorted(set(dag_ids)) if dag_ids is not None else None,
+            )
+        except ValidationError as exc:  # the broker would answer 422 naming the field
+            fields = ", ".join(".".join(map(str, e["loc"])) for e in exc.errors())
+            raise InvalidRequestError(f"invalid report query: {fields}") from None
+        body = query.model_dump(mode="json", exclude_none=True)
+        return self._request("POST", "/v1/audit/report", json=body).text
 
     def launch_audit(self, task: TaskTry, *, max_pages: int = 10) -> TaskTryAudit:
         """GET /v1/audit/launches: what happened to the secrets of one task try (every

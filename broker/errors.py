@@ -47,7 +47,7 @@ class ContentTooLargeError(InvalidRequestError):
 
 
 class UnsupportedMediaTypeError(InvalidRequestError):
-    """A launch body must be ``application/json`` (HTTP 415)."""
+    """A request body must be ``application/json`` (HTTP 415)."""
 
 
 class AuthenticationError(PermanentError):

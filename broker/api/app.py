@@ -8,13 +8,12 @@ the report's denials."""
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import re
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from fnmatch import fnmatchcase
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final
 
 import anyio.to_thread
 from fastapi import Depends, FastAPI, Path, Query, Request
@@ -23,7 +22,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import AfterValidator, BeforeValidator, Field
+from pydantic import BeforeValidator, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -42,8 +41,9 @@ from broker.core.models import (
     INT32_MAX,
     PRINTABLE_PATTERN,
     Caller,
+    Timestamp,
 )
-from broker.core.report import ReportFilters, UsageReport
+from broker.core.report import ReportFormat, ReportQuery, UsageReport
 from broker.core.timeline import TaskTry, TaskTryAudit, in_scope, task_try_audit
 from broker.errors import (
     BrokerError,
@@ -110,8 +110,7 @@ CallerDep = Annotated[Caller, Depends(_caller)]
 LaunchId = Annotated[str, Path(pattern=r"^[0-9a-f]{20}$", description="from POST /v1/launches")]
 
 # Query values are text: accept exactly the spellings the schema promises, nothing lax
-# ("1" is no boolean, a number no timestamp).
-_RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d{1,6})?([Zz]|[+-]\d{2}:\d{2})$")
+# ("1" is no boolean).
 
 
 def _strict_bool(value: object) -> object:
@@ -120,23 +119,7 @@ def _strict_bool(value: object) -> object:
     return value == "true" if isinstance(value, str) else value
 
 
-def _rfc3339(value: object) -> object:
-    if isinstance(value, str) and not _RFC3339.match(value):
-        raise ValueError("use an RFC 3339 date-time with an offset, e.g. 2026-01-31T00:00:00Z")
-    return value
-
-
-def _utc(value: dt.datetime | None) -> dt.datetime | None:
-    if value is None:
-        return None
-    try:
-        return value.astimezone(dt.UTC)
-    except OverflowError:
-        raise ValueError("date-time out of range") from None
-
-
 StrictBool = Annotated[bool, BeforeValidator(_strict_bool)]
-Timestamp = Annotated[dt.datetime | None, BeforeValidator(_rfc3339), AfterValidator(_utc)]
 FilterText = Annotated[str | None, Query(max_length=250, pattern=PRINTABLE_PATTERN)]
 DagIds = Annotated[
     list[Annotated[str, Field(min_length=1, max_length=250, pattern=AIRFLOW_KEY_PATTERN)]] | None,
@@ -173,6 +156,9 @@ _BY_ID: Final[dict[int | str, dict[str, Any]]] = {
     **_COMMON,
     404: {**_ERROR, "description": "no such launch"},
 }
+_NOT_JSON: Final[dict[int | str, dict[str, Any]]] = {
+    415: {**_ERROR, "description": "the body is not application/json"}
+}
 _LAUNCH: Final[dict[int | str, dict[str, Any]]] = {
     **_BY_ID,
     200: {
@@ -182,7 +168,7 @@ _LAUNCH: Final[dict[int | str, dict[str, Any]]] = {
     },
     404: {**_ERROR, "description": "a requested secret is not in the catalog"},
     409: {**_ERROR, "description": "conflicts with existing state"},
-    415: {**_ERROR, "description": "the body is not application/json"},
+    **_NOT_JSON,
 }
 _REPORT_MEDIA: Final = {
     "json": "application/json",
@@ -352,26 +338,33 @@ def create_app(runtime: Runtime, *, refusals: RefusalRecorder | None = None) -> 
         ``reason`` (e.g. on_kill, on_finish_action) is recorded in the audit trail."""
         return runtime.lookup.kill(who, launch_id, reason)
 
-    @app.get(
-        "/v1/audit/report",
-        response_model=None,
-        responses={
-            **_COMMON,
-            200: {
-                "model": UsageReport,
-                "description": "the report in the asked format",
-                "content": {
-                    "text/html": {"schema": {"type": "string"}},
-                    "text/csv": {"schema": {"type": "string"}},
-                    "text/plain": {"schema": {"type": "string"}},
-                },
+    report_responses: dict[int | str, dict[str, Any]] = {
+        **_COMMON,
+        200: {
+            "model": UsageReport,
+            "description": "the report in the asked format",
+            "content": {
+                "text/html": {"schema": {"type": "string"}},
+                "text/csv": {"schema": {"type": "string"}},
+                "text/plain": {"schema": {"type": "string"}},
             },
-            403: {**_ERROR, "description": "the caller matches no callers rule"},
         },
-    )
+        403: {**_ERROR, "description": "the caller matches no callers rule"},
+    }
+
+    def report_response(who: Caller, query: ReportQuery) -> Response:
+        text = runtime.render_report(
+            query.format,
+            since=query.since,
+            until=query.until,
+            filters=query.filters(_report_scope(runtime, who)),
+        )
+        return Response(text, media_type=f"{_REPORT_MEDIA[query.format]}; charset=utf-8")
+
+    @app.get("/v1/audit/report", response_model=None, responses=report_responses)
     def report(
         who: CallerDep,
-        format: Literal["json", "html", "csv", "table"] = "json",
+        format: ReportFormat = "json",
         since: Timestamp = None,
         until: Timestamp = None,
         team: FilterText = None,
@@ -380,24 +373,27 @@ def create_app(runtime: Runtime, *, refusals: RefusalRecorder | None = None) -> 
         secret: FilterText = None,
         dag_ids: DagIds = None,
     ) -> Response:
-        """The secret-usage report, read-only (for the Airflow "Secret usage" page).
-        A caller reads the DAGs its ``callers`` rules cover (``auth.report_readers``
-        read every DAG, refused requests included); ``dag_ids`` narrows further."""
-        scope = _report_scope(runtime, who)
-        text = runtime.render_report(
-            format,
+        """The secret-usage report, read-only. A caller reads the DAGs its ``callers``
+        rules cover (``auth.report_readers`` read every DAG, refused requests included);
+        ``dag_ids`` narrows further (POST the same query for more ids than a URL holds)."""
+        query = ReportQuery(
+            format=format,
             since=since,
             until=until,
-            filters=ReportFilters(
-                team=team,
-                dag=dag,
-                task=task,
-                secret=secret,
-                dag_scope=scope,
-                dag_ids=tuple(dag_ids) if dag_ids else None,
-            ),
+            team=team,
+            dag=dag,
+            task=task,
+            secret=secret,
+            dag_ids=dag_ids or None,
         )
-        return Response(text, media_type=f"{_REPORT_MEDIA[format]}; charset=utf-8")
+        return report_response(who, query)
+
+    @app.post("/v1/audit/report", response_model=None, responses={**report_responses, **_NOT_JSON})
+    def report_by_body(who: CallerDep, query: ReportQuery) -> Response:
+        """The report of GET /v1/audit/report, its query as a JSON body: what the Airflow
+        "Secret usage" page sends, with every DAG id its user may read (up to
+        20,000, within ``limits.max_body_bytes``). Reads only, like GET."""
+        return report_response(who, query)
 
     @app.get(
         "/v1/audit/launches",

@@ -29,7 +29,6 @@ from broker.service.refusals import RefusalRecorder
 CALLER_STATE_KEY: Final = "caller"
 """Where the guard leaves the authenticated Caller in ``request.state``."""
 
-LAUNCHES_PATH: Final = "/v1/launches"
 _LAUNCH_ID_PATH = re.compile(r"^/v1/launches/[^/]+")
 _KNOWN_ENDPOINTS: Final = frozenset(
     {
@@ -79,7 +78,7 @@ class RequestGuard:
         try:
             self._check_declared_length(headers)
             caller = await run_in_threadpool(self.authenticate, headers.get("authorization"))
-            if scope["method"] == "POST" and scope["path"] == LAUNCHES_PATH:
+            if scope["method"] == "POST":
                 self._check_media_type(headers)
             body = await self._read_body(receive)
         except BrokerError as exc:
@@ -99,7 +98,7 @@ class RequestGuard:
     def _check_media_type(headers: Headers) -> None:
         media = headers.get("content-type", "").split(";", 1)[0].strip().lower()
         if media != "application/json":
-            raise UnsupportedMediaTypeError("a launch body must be application/json")
+            raise UnsupportedMediaTypeError("a request body must be application/json")
 
     async def _read_body(self, receive: Receive) -> bytes:
         chunks: list[bytes] = []

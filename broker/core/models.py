@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -50,6 +53,36 @@ NO_LAX_INTEGER = BeforeValidator(_json_integer)
 
 MAX_SECRET_KEYS = 256
 """At most this many keys in one ``mapping`` (a Kubernetes Secret holds 1 MiB anyway)."""
+
+
+_RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d{1,6})?([Zz]|[+-]\d{2}:\d{2})$")
+
+
+def _rfc3339(value: object) -> object:
+    """Exactly the spelling the schema promises: no number taken as epoch seconds, no
+    date-time without its offset."""
+    if value is None:
+        return value
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is None:
+            raise ValueError("a date-time needs its offset (UTC: Z)")
+        return value
+    if not isinstance(value, str) or not _RFC3339.match(value):
+        raise ValueError("use an RFC 3339 date-time with an offset, e.g. 2026-01-31T00:00:00Z")
+    return value
+
+
+def _utc(value: dt.datetime | None) -> dt.datetime | None:
+    if value is None:
+        return None
+    try:
+        return value.astimezone(dt.UTC)
+    except OverflowError:
+        raise ValueError("date-time out of range") from None
+
+
+Timestamp = Annotated[dt.datetime | None, BeforeValidator(_rfc3339), AfterValidator(_utc)]
+"""An RFC 3339 date-time with its offset, in UTC once read (None: open)."""
 
 
 class Strict(BaseModel):

@@ -25,16 +25,19 @@ Definitions the numbers follow:
 
 from __future__ import annotations
 
+import bisect
+import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from fnmatch import fnmatchcase
-from typing import Literal
+from typing import Annotated, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from broker.core.audit_events import AuditEvent, EventKind
+from broker.core.models import AIRFLOW_KEY_PATTERN, PRINTABLE_PATTERN, Timestamp
 from broker.core.policy import PolicySet
 
 
@@ -74,7 +77,13 @@ class ReportFilters(_Model):
     dag_scope: tuple[str, ...] | None = Field(default=None, exclude=True)
     """DAG globs the reader may see (None: every DAG, and refused requests too)."""
     dag_ids: tuple[str, ...] | None = Field(default=None, exclude=True)
-    """Exact DAG ids to keep (None: no such narrowing)."""
+    """Exact DAG ids to keep (None: no such narrowing), kept sorted and unique: an
+    Airflow user may read thousands, and each event and grant is looked up in them."""
+
+    @field_validator("dag_ids")
+    @classmethod
+    def _sorted_once(cls, ids: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        return None if ids is None else tuple(sorted(set(ids)))
 
     @property
     def unscoped(self) -> bool:
@@ -86,13 +95,68 @@ class ReportFilters(_Model):
             return self.unscoped
         if self.dag_scope is not None and not any(fnmatchcase(dag_id, g) for g in self.dag_scope):
             return False
-        return self.dag_ids is None or dag_id in self.dag_ids
+        if self.dag_ids is None:
+            return True
+        at = bisect.bisect_left(self.dag_ids, dag_id)
+        return at < len(self.dag_ids) and self.dag_ids[at] == dag_id
 
     def grant_visible(self, dag_glob: str) -> bool:
         """Whether a grant for ``dag_glob`` lies inside the reader's scope and ids."""
         if self.dag_scope is not None and not any(fnmatchcase(dag_glob, g) for g in self.dag_scope):
             return False
-        return self.dag_ids is None or any(fnmatchcase(d, dag_glob) for d in self.dag_ids)
+        return self.dag_ids is None or _any_matches(self.dag_ids, dag_glob)
+
+
+_GLOB_MAGIC = re.compile(r"[*?\[]")
+
+
+def _any_matches(sorted_ids: Sequence[str], glob: str) -> bool:
+    """Whether an id of ``sorted_ids`` matches ``glob``; only the ids sharing the glob's
+    literal prefix are tried (a bisect), not every id for every grant."""
+    prefix = _GLOB_MAGIC.split(glob, maxsplit=1)[0]
+    at = bisect.bisect_left(sorted_ids, prefix)
+    while at < len(sorted_ids) and sorted_ids[at].startswith(prefix):
+        if fnmatchcase(sorted_ids[at], glob):
+            return True
+        at += 1
+    return False
+
+
+MAX_REPORT_QUERY_DAG_IDS: Final = 20_000
+"""DAG ids one POST /v1/audit/report may name (the body limit bounds them too)."""
+ReportFormat = Literal["json", "html", "csv", "table"]
+ReportFilterText = Annotated[str | None, Field(max_length=250, pattern=PRINTABLE_PATTERN)]
+ReportDagId = Annotated[str, Field(min_length=1, max_length=250, pattern=AIRFLOW_KEY_PATTERN)]
+
+
+class ReportQuery(_Model):
+    """The body of POST /v1/audit/report: GET's query as JSON, for a list of DAG ids too
+    long for a URL (the Airflow page asks for every DAG its user may read: thousands,
+    for an admin of a large deployment)."""
+
+    format: ReportFormat = "json"
+    since: Timestamp = None
+    until: Timestamp = None
+    team: ReportFilterText = None
+    dag: ReportFilterText = None
+    task: ReportFilterText = None
+    secret: ReportFilterText = None
+    dag_ids: list[ReportDagId] | None = Field(
+        default=None,
+        max_length=MAX_REPORT_QUERY_DAG_IDS,
+        description="keep only these DAG ids (None: no such narrowing)",
+    )
+
+    def filters(self, dag_scope: tuple[str, ...] | None) -> ReportFilters:
+        """The report's filters for a reader whose scope is ``dag_scope``."""
+        return ReportFilters(
+            team=self.team,
+            dag=self.dag,
+            task=self.task,
+            secret=self.secret,
+            dag_scope=dag_scope,
+            dag_ids=tuple(self.dag_ids) if self.dag_ids is not None else None,
+        )
 
 
 class TaskRef(_Model):

@@ -5,6 +5,7 @@ and counted, and a usage report scoped to its reader."""
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 import uuid
@@ -15,8 +16,11 @@ import httpx
 import psycopg
 import pytest
 
+from airflow_plugin.client import BrokerClient
+from airflow_plugin.settings import settings_from_connection
 from broker.audit.store import open_audit_store
 from broker.core.audit_events import AuditEvent, EventKind
+from broker.core.report import MAX_REPORT_QUERY_DAG_IDS
 from podbroker_devstack.broker_env import (
     SYSTEM_NAMESPACE,
     TOKEN_AUDIENCE,
@@ -393,6 +397,39 @@ def test_report_is_scoped_to_its_reader(guarded: BrokerHandle, kube: ControlPlan
     answer = httpx.get(url, headers={"Authorization": f"Bearer {stranger}"}, timeout=30)
     assert answer.status_code == 403
     assert "matches no callers rule" in answer.json()["reason"]
+
+
+def test_the_airflow_pages_query_names_thousands_of_readable_dags(guarded: BrokerHandle) -> None:
+    """An Airflow admin of a large deployment may read thousands of DAGs, and the
+    "Secret usage" page asks for every one of them, through the plugin's client.
+    (Regression: the ids went into the URL; past a few hundred the page answered 500.)"""
+    unique = uuid.uuid4().hex[:6]
+    etl_dag, other_dag = f"analytics_etl_many{unique}", f"ml_many{unique}"
+    assert post(guarded, launch_body(etl_dag)).status_code == 201
+    assert post(guarded, launch_body(other_dag)).status_code == 201
+    # 5,000 ids of 72 characters: some 370 KB, far past any URL limit.
+    readable = [f"analytics_etl_reader_{n:05d}_{'x' * 45}" for n in range(5000)]
+
+    def reported(token: str, dag_ids: list[str]) -> set[str]:
+        connection = settings_from_connection(
+            host=guarded.url, port=None, password=token, extra={"auth_method": "static_token"}
+        )
+        with BrokerClient(connection) as client:
+            report = json.loads(client.audit_report(fmt="json", dag_ids=dag_ids))
+        return {d["dag_id"] for d in report["dags"]}
+
+    assert reported(guarded.token, [*readable, etl_dag, other_dag]) == {etl_dag, other_dag}
+    assert reported(guarded.token, [*readable, other_dag]) == {other_dag}
+    # The caller's own scope still applies: the etl-only token never sees ml_*.
+    assert reported(guarded.etl_token, [*readable, etl_dag, other_dag]) == {etl_dag}
+    # A body that is not JSON is 415; a list past the cap is 422 naming the field.
+    url = f"{guarded.url}/v1/audit/report"
+    form = httpx.post(url, headers=guarded.headers(), data={"format": "json"}, timeout=30)
+    assert form.status_code == 415, form.text
+    too_many = {"dag_ids": [f"d{n}" for n in range(MAX_REPORT_QUERY_DAG_IDS + 1)]}
+    refused = httpx.post(url, headers=guarded.headers(), json=too_many, timeout=30)
+    assert refused.status_code == 422, refused.text
+    assert "dag_ids" in refused.json()["reason"]
 
 
 def test_405_names_every_method_of_the_resource(guarded: BrokerHandle) -> None:

@@ -167,10 +167,14 @@ def test_audit_report_passes_filters(tmp_path: Path) -> None:
 
     with BrokerClient(settings(tmp_path), transport=httpx.MockTransport(handler)) as c:
         assert c.audit_report(dag="analytics_etl_daily") == "<h1>report</h1>"
-    assert dict(seen[0].url.params) == {"format": "html", "dag": "analytics_etl_daily"}
+        with pytest.raises(InvalidRequestError, match="since"):
+            c.audit_report(since="yesterday")
+    assert len(seen) == 1
+    assert (seen[0].method, seen[0].url.path) == ("POST", "/v1/audit/report")
+    assert json.loads(seen[0].content) == {"format": "html", "dag": "analytics_etl_daily"}
 
 
-def test_audit_report_repeats_dag_ids_and_never_asks_for_none(tmp_path: Path) -> None:
+def test_audit_report_sends_dag_ids_in_the_body_and_never_asks_for_none(tmp_path: Path) -> None:
     seen: list[httpx.Request] = []
 
     def handler(req: httpx.Request) -> httpx.Response:
@@ -182,8 +186,8 @@ def test_audit_report_repeats_dag_ids_and_never_asks_for_none(tmp_path: Path) ->
         with pytest.raises(ValueError, match="no DAG ids"):
             c.audit_report(dag_ids=[])
     assert len(seen) == 1
-    assert seen[0].url.params.get_list("dag_ids") == ["a_dag", "b_dag"]
-    assert seen[0].url.params["format"] == "html"
+    assert json.loads(seen[0].content) == {"format": "html", "dag_ids": ["a_dag", "b_dag"]}
+    assert seen[0].headers["content-type"] == "application/json"
 
 
 class _SilentAfter(httpx.SyncByteStream):

@@ -4,6 +4,10 @@ reader (fast, in memory)."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from fnmatch import fnmatchcase
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from broker.core import audit_events as ev
 from broker.core.models import TaskIdentity
@@ -106,3 +110,22 @@ def test_the_report_shows_a_scoped_reader_only_its_dags() -> None:
     assert full.totals.requests_refused == 7
     assert [d.count for d in full.denials] == [7]
     assert compute_report(events, filters=ReportFilters(dag_scope=("*",))).denials == []
+
+
+_ID = st.text(alphabet="ab_1", min_size=1, max_size=5)
+# Globs built from parts that often match such ids: literals, *, ?, sets, negated sets.
+_GLOB = st.lists(
+    st.sampled_from(["a", "b", "_", "1", "*", "?", "[ab]", "[!a]", "[", "]"]), max_size=5
+).map("".join)
+
+
+@given(ids=st.lists(_ID, max_size=30), dag_id=_ID, glob=_GLOB)
+@settings(max_examples=300, deadline=None)
+def test_the_readable_ids_lookups_agree_with_plain_matching(
+    ids: list[str], dag_id: str, glob: str
+) -> None:
+    """The sorted-ids lookups (bisect, literal prefix) used for thousands of readable
+    DAG ids answer as membership and fnmatch over every id would."""
+    filters = ReportFilters(dag_ids=tuple(ids))
+    assert filters.dag_visible(dag_id) == (dag_id in ids)
+    assert filters.grant_visible(glob) == any(fnmatchcase(d, glob) for d in ids)
