@@ -29,6 +29,8 @@ from broker.service.refusals import RefusalRecorder
 CALLER_STATE_KEY: Final = "caller"
 """Where the guard leaves the authenticated Caller in ``request.state``."""
 
+JSON_BODY_PATHS: Final = frozenset({"/v1/launches", "/v1/audit/report"})
+"""The routes that take a JSON body (POST); a POST elsewhere is the router's 405."""
 _LAUNCH_ID_PATH = re.compile(r"^/v1/launches/[^/]+")
 _KNOWN_ENDPOINTS: Final = frozenset(
     {
@@ -78,7 +80,7 @@ class RequestGuard:
         try:
             self._check_declared_length(headers)
             caller = await run_in_threadpool(self.authenticate, headers.get("authorization"))
-            if scope["method"] == "POST":
+            if scope["method"] == "POST" and scope["path"] in JSON_BODY_PATHS:
                 self._check_media_type(headers)
             body = await self._read_body(receive)
         except BrokerError as exc:
