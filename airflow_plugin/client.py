@@ -19,8 +19,13 @@ import httpx
 from pydantic import ValidationError
 
 from airflow_plugin.settings import BrokerConnectionSettings
-from broker.core.api_models import ErrorBody, LaunchDryRun, LaunchRequest, LaunchView
-from broker.core.report import ReportQuery
+from broker.core.api_models import (
+    ErrorBody,
+    LaunchDryRun,
+    LaunchRequest,
+    LaunchView,
+    ReportQuery,
+)
 from broker.core.timeline import TaskTry, TaskTryAudit
 from broker.errors import (
     BrokerError,

@@ -34,7 +34,14 @@ from broker.api.guard import (
     reason_class,
 )
 from broker.api.limits import InFlightLimiter
-from broker.core.api_models import ErrorBody, LaunchDryRun, LaunchRequest, LaunchView
+from broker.core.api_models import (
+    ErrorBody,
+    LaunchDryRun,
+    LaunchRequest,
+    LaunchView,
+    ReportFormat,
+    ReportQuery,
+)
 from broker.core.models import (
     AIRFLOW_KEY_PATTERN,
     AIRFLOW_RUN_ID_PATTERN,
@@ -43,7 +50,7 @@ from broker.core.models import (
     Caller,
     Timestamp,
 )
-from broker.core.report import ReportFormat, ReportQuery, UsageReport
+from broker.core.report import ReportFilters, UsageReport
 from broker.core.timeline import TaskTry, TaskTryAudit, in_scope, task_try_audit
 from broker.errors import (
     BrokerError,
@@ -357,7 +364,14 @@ def create_app(runtime: Runtime, *, refusals: RefusalRecorder | None = None) -> 
             query.format,
             since=query.since,
             until=query.until,
-            filters=query.filters(_report_scope(runtime, who)),
+            filters=ReportFilters(
+                team=query.team,
+                dag=query.dag,
+                task=query.task,
+                secret=query.secret,
+                dag_scope=_report_scope(runtime, who),
+                dag_ids=tuple(query.dag_ids) if query.dag_ids is not None else None,
+            ),
         )
         return Response(text, media_type=f"{_REPORT_MEDIA[query.format]}; charset=utf-8")
 

@@ -51,6 +51,17 @@ def open_launch(conn: Connection, launch_id: str, namespace: str) -> None:
         )
 
 
+def release_launch(conn: Connection, launch_id: str) -> None:
+    """Mark everything ``launch_id`` held given back, inside the caller's transaction."""
+    conn.execute(
+        text(
+            "UPDATE launch_holdings SET released_at = :t "
+            "WHERE launch_id = :id AND released_at IS NULL"
+        ),
+        {"id": launch_id, "t": _now()},
+    )
+
+
 def _ms(seconds: float) -> int:
     return int(seconds * 1000)
 
@@ -205,16 +216,7 @@ class HoldingsLedger:
     def released(self, launch_id: str) -> None:
         """Everything ``launch_id`` held was given back."""
 
-        def op(conn: Connection) -> None:
-            conn.execute(
-                text(
-                    "UPDATE launch_holdings SET released_at = :t "
-                    "WHERE launch_id = :id AND released_at IS NULL"
-                ),
-                {"id": launch_id, "t": _now()},
-            )
-
-        self._write_op("marking holdings released", op)
+        self._write_op("marking holdings released", lambda conn: release_launch(conn, launch_id))
 
     @_bounded("listing unreleased holdings")
     def unreleased(self, limit: int = 1000) -> list[HeldByLaunch]:

@@ -45,7 +45,7 @@ from broker.audit.chain import (
     verify_rows,
 )
 from broker.audit.group_commit import AbandonedError, GroupCommitter, Pending
-from broker.audit.holdings import HoldingsLedger, open_launch
+from broker.audit.holdings import HoldingsLedger, open_launch, release_launch
 from broker.audit.keys import key_id
 from broker.core.audit_events import AuditEvent, AuditEventError, format_time
 from broker.core.timeline import TaskTry
@@ -68,10 +68,12 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class _Append:
-    """One caller's events and the launch they open in the holdings ledger, if any."""
+    """One caller's events, the launch they open in the holdings ledger (if any) and
+    the launches they mark given back."""
 
     events: tuple[AuditEvent, ...]
     opens: tuple[str, str] | None
+    releases: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -201,13 +203,20 @@ class AuditStore:
         return self.append_many([event])[0]
 
     def append_many(
-        self, events: Sequence[AuditEvent], *, opens: tuple[str, str] | None = None
+        self,
+        events: Sequence[AuditEvent],
+        *,
+        opens: tuple[str, str] | None = None,
+        releases: Sequence[str] = (),
     ) -> list[AuditRecord]:
         """Append several events, chained in order, in ONE committed transaction: all are
         durable or none is. Saves a commit per event on a launch's critical path.
         ``opens=(launch_id, namespace)`` also opens the launch's row in the holdings
         ledger in the same transaction: a launch whose intent is recorded is always found
-        by the sweep, whatever happens to the broker next."""
+        by the sweep, whatever happens to the broker next. ``releases`` marks those
+        launches' rows given back in the same transaction: a clean-up's records and its
+        release are durable together, so a broker killed before the commit leaves the
+        row open and the sweep does the clean-up (and its records) again."""
         if self._key is None:
             raise AuditUnavailableError(
                 f"audit store {self.url} was opened without a signing key; it cannot record events"
@@ -215,7 +224,9 @@ class AuditStore:
         if not events or not all(isinstance(event, AuditEvent) for event in events):
             raise TypeError("append_many takes a non-empty sequence of AuditEvent")
         try:
-            rows: list[StoredRow] = self._write_through(_Append(tuple(events), opens), "appending")
+            rows: list[StoredRow] = self._write_through(
+                _Append(tuple(events), opens, tuple(releases)), "appending"
+            )
         except SQLAlchemyError as exc:
             raise self._unavailable(exc, "appending") from exc
         return [
@@ -304,6 +315,8 @@ class AuditStore:
         for append in appends:
             if append.opens is not None:
                 open_launch(conn, *append.opens)
+            for launch_id in append.releases:
+                release_launch(conn, launch_id)
         return chained
 
     def ping(self) -> None:

@@ -4,7 +4,7 @@ hook, which builds requests and reads responses without importing any broker ada
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import (
     AliasChoices,
@@ -17,6 +17,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from broker.core.models import (
+    AIRFLOW_KEY_PATTERN,
     ENV_VAR_PATTERN,
     NO_LAX_INTEGER,
     NO_NUL_PATTERN,
@@ -24,6 +25,7 @@ from broker.core.models import (
     SecretRequest,
     Strict,
     TaskIdentity,
+    Timestamp,
 )
 
 # Upper bounds of one launch request (README "Limits"). Each is far above what a task
@@ -548,3 +550,29 @@ class LaunchDryRun(Strict):
     no secret env vars or files yet."""
     vault_reads: list[PlannedRead] = Field(default_factory=list)
     token: PlannedToken | None = None
+
+
+MAX_REPORT_QUERY_DAG_IDS: Final = 20_000
+"""DAG ids one POST /v1/audit/report may name (the body limit bounds them too)."""
+ReportFormat = Literal["json", "html", "csv", "table"]
+ReportFilterText = Annotated[str | None, Field(max_length=250, pattern=PRINTABLE_PATTERN)]
+ReportDagId = Annotated[str, Field(min_length=1, max_length=250, pattern=AIRFLOW_KEY_PATTERN)]
+
+
+class ReportQuery(Strict):
+    """The body of POST /v1/audit/report: GET's query as JSON, for a list of DAG ids too
+    long for a URL (the Airflow page asks for every DAG its user may read: thousands,
+    for an admin of a large deployment)."""
+
+    format: ReportFormat = "json"
+    since: Timestamp = None
+    until: Timestamp = None
+    team: ReportFilterText = None
+    dag: ReportFilterText = None
+    task: ReportFilterText = None
+    secret: ReportFilterText = None
+    dag_ids: list[ReportDagId] | None = Field(
+        default=None,
+        max_length=MAX_REPORT_QUERY_DAG_IDS,
+        description="keep only these DAG ids (None: no such narrowing)",
+    )

@@ -32,12 +32,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from fnmatch import fnmatchcase
-from typing import Annotated, Final, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from broker.core.audit_events import AuditEvent, EventKind
-from broker.core.models import AIRFLOW_KEY_PATTERN, PRINTABLE_PATTERN, Timestamp
 from broker.core.policy import PolicySet
 
 
@@ -120,43 +119,6 @@ def _any_matches(sorted_ids: Sequence[str], glob: str) -> bool:
             return True
         at += 1
     return False
-
-
-MAX_REPORT_QUERY_DAG_IDS: Final = 20_000
-"""DAG ids one POST /v1/audit/report may name (the body limit bounds them too)."""
-ReportFormat = Literal["json", "html", "csv", "table"]
-ReportFilterText = Annotated[str | None, Field(max_length=250, pattern=PRINTABLE_PATTERN)]
-ReportDagId = Annotated[str, Field(min_length=1, max_length=250, pattern=AIRFLOW_KEY_PATTERN)]
-
-
-class ReportQuery(_Model):
-    """The body of POST /v1/audit/report: GET's query as JSON, for a list of DAG ids too
-    long for a URL (the Airflow page asks for every DAG its user may read: thousands,
-    for an admin of a large deployment)."""
-
-    format: ReportFormat = "json"
-    since: Timestamp = None
-    until: Timestamp = None
-    team: ReportFilterText = None
-    dag: ReportFilterText = None
-    task: ReportFilterText = None
-    secret: ReportFilterText = None
-    dag_ids: list[ReportDagId] | None = Field(
-        default=None,
-        max_length=MAX_REPORT_QUERY_DAG_IDS,
-        description="keep only these DAG ids (None: no such narrowing)",
-    )
-
-    def filters(self, dag_scope: tuple[str, ...] | None) -> ReportFilters:
-        """The report's filters for a reader whose scope is ``dag_scope``."""
-        return ReportFilters(
-            team=self.team,
-            dag=self.dag,
-            task=self.task,
-            secret=self.secret,
-            dag_scope=dag_scope,
-            dag_ids=tuple(self.dag_ids) if self.dag_ids is not None else None,
-        )
 
 
 class TaskRef(_Model):

@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from queue import Empty, Full, Queue
 
 from broker.core import audit_events as ev
@@ -29,6 +30,15 @@ log = logging.getLogger("podbroker.cleanup")
 _STORE_DOWN_SECONDS = 10.0
 _OUTBOX_SIZE = 10_000
 _FLUSH_IDLE_SECONDS = 5.0
+
+
+@dataclass
+class _Batch:
+    """What one clean-up block writes in one commit at its end."""
+
+    events: list[ev.AuditEvent] = field(default_factory=list)
+    releases: list[str] = field(default_factory=list)
+    """Launches whose ledger rows close with those records."""
 
 
 class Cleanup:
@@ -65,35 +75,57 @@ class Cleanup:
     @contextlib.contextmanager
     def recorded_together(self) -> Iterator[None]:
         """The steps of one clean-up are recorded in one commit once they are done (in
-        the order they happened), so undoing never waits for a commit per step.
-        Re-entrant: the outermost block writes."""
-        pending: list[ev.AuditEvent] | None = getattr(self._together, "pending", None)
-        if pending is not None:
+        the order they happened), so undoing never waits for a commit per step. The
+        ledger row's release joins that commit: a broker killed before it leaves the
+        row open, and the sweep cleans up (and records) again instead of the records
+        being lost. Re-entrant: the outermost block writes."""
+        batch: _Batch | None = getattr(self._together, "batch", None)
+        if batch is not None:
             yield
             return
-        self._together.pending = pending = []
+        self._together.batch = batch = _Batch()
         try:
             yield
         finally:
-            self._together.pending = None
-            if pending:
-                self._record_now(pending)
+            self._together.batch = None
+            if batch.events:
+                self._record_now(batch.events, batch.releases)
+            elif batch.releases:
+                self._release_rows(batch.releases)
 
     def record_quietly(self, event: ev.AuditEvent) -> None:
         """Audit a clean-up step without letting a down audit store stop the clean-up:
         when the store fails (or failed a moment ago) the record is kept and written
         afterwards, in order, by a background thread. Inside :meth:`recorded_together`
         it waits for the block's end."""
-        pending: list[ev.AuditEvent] | None = getattr(self._together, "pending", None)
-        if pending is not None:
-            pending.append(event)
+        batch: _Batch | None = getattr(self._together, "batch", None)
+        if batch is not None:
+            batch.events.append(event)
             return
         self._record_now([event])
 
-    def _record_now(self, events: list[ev.AuditEvent]) -> None:
+    def _mark_released(self, launch_id: str) -> None:
+        """Close ``launch_id``'s ledger row: with the records of the clean-up block it
+        belongs to, else now."""
+        batch: _Batch | None = getattr(self._together, "batch", None)
+        if batch is not None:
+            batch.releases.append(launch_id)
+        else:
+            self._release_rows([launch_id])
+
+    def _release_rows(self, launch_ids: Sequence[str]) -> None:
+        if self.ledger is None or self._store_down():
+            return  # (while the store is down the rows stay open: the sweep closes them)
+        for launch_id in launch_ids:
+            try:
+                self.ledger.released(launch_id)
+            except BrokerError as exc:
+                log.warning("could not mark %s released (%s)", launch_id, exc.reason)
+
+    def _record_now(self, events: list[ev.AuditEvent], releases: Sequence[str] = ()) -> None:
         if not self._store_down() and self._outbox.empty():
             try:
-                self.audit.append_many(events)
+                self.audit.append_many(events, releases=releases if self.ledger else ())
                 return
             except BrokerError as exc:
                 self._mark_store_down()
@@ -102,6 +134,7 @@ class Cleanup:
                     exc.reason,
                     ", ".join(e.kind for e in events),
                 )
+        self._release_rows(releases)  # the records wait in order; the rows need not
         for event in events:
             try:
                 self._outbox.put_nowait(event)
@@ -355,11 +388,7 @@ class Cleanup:
         if holdings:
             self.revoke(holdings, launch_id=launch_id, task=task, caller=caller)
             return
-        if self.ledger is not None and not self._store_down():
-            try:
-                self.ledger.released(launch_id)
-            except BrokerError as exc:
-                log.warning("could not close the ledger row of %s (%s)", launch_id, exc.reason)
+        self._mark_released(launch_id)
 
     def holdings_of(
         self, launch_id: str | None, annotated: podmeta.VaultHoldings
@@ -405,12 +434,6 @@ class Cleanup:
             log.warning(
                 "revocation failed for launch %s; the sweep retries from the ledger", launch_id
             )
-        if revoked and launch_id is not None and self.ledger is not None and not self._store_down():
-            # (while the store is down the row stays open: the sweep closes it later)
-            try:
-                self.ledger.released(launch_id)
-            except BrokerError as exc:
-                log.warning("could not mark %s released (%s)", launch_id, exc.reason)
         self.record_quietly(
             ev.launch_event(
                 ev.EventKind.LEASES_REVOKED,
@@ -423,6 +446,8 @@ class Cleanup:
                 error=error,
             )
         )
+        if revoked and launch_id is not None:
+            self._mark_released(launch_id)
 
     def reconciler_step(
         self, namespace: str, launch_id: str | None, action: str, name: str

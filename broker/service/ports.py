@@ -136,7 +136,11 @@ class HoldingsLedger(Protocol):
 class AuditSink(Protocol):
     def append(self, event: AuditEvent) -> object: ...
     def append_many(
-        self, events: Sequence[AuditEvent], *, opens: tuple[str, str] | None = None
+        self,
+        events: Sequence[AuditEvent],
+        *,
+        opens: tuple[str, str] | None = None,
+        releases: Sequence[str] = (),
     ) -> object: ...
     def ping(self) -> None: ...
 

@@ -556,3 +556,26 @@ def test_one_attempt_of_a_launch_at_a_time(store: AuditStore, key: Ed25519Privat
     with ThreadPoolExecutor(8) as pool:
         assert sum(pool.map(race, range(8))) == 1
     assert store.verify(key.public_key()).ok
+
+
+def test_a_clean_ups_records_and_its_release_are_durable_together(
+    store: AuditStore, key: Ed25519PrivateKey
+) -> None:
+    """``releases`` closes the launch's row in the records' own transaction; when that
+    transaction fails nothing is written and the row stays open for the sweep (a broker
+    killed between undoing and recording used to leave a closed row and no records)."""
+    ledger = store.holdings()
+    store.append_many([event(1)], opens=("L-done", "tasks"))
+    ledger.hold("L-done", "tasks", token_accessor="acc-done", lease_ids=["lease-done"])
+    store.append_many([event(2)], opens=("L-clash", "tasks"))
+    before = store.last_position()
+    # One request that fails as a whole: it would also reopen a launch that is open.
+    with pytest.raises(BrokerUnavailableError):
+        store.append_many([event(3)], opens=("L-clash", "tasks"), releases=["L-done"])
+    assert store.last_position() == before
+    assert ledger.held("L-done") == VaultHoldings(("lease-done",), "acc-done")  # still open
+    store.append_many([event(4), event(5)], releases=["L-done"])
+    assert store.last_position() == before + 2
+    assert ledger.held("L-done") is None
+    assert "L-done" not in {held.launch_id for held in ledger.unreleased()}
+    assert store.verify(key.public_key()).ok

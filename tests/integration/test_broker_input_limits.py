@@ -19,8 +19,8 @@ import pytest
 from airflow_plugin.client import BrokerClient
 from airflow_plugin.settings import settings_from_connection
 from broker.audit.store import open_audit_store
+from broker.core.api_models import MAX_REPORT_QUERY_DAG_IDS
 from broker.core.audit_events import AuditEvent, EventKind
-from broker.core.report import MAX_REPORT_QUERY_DAG_IDS
 from podbroker_devstack.broker_env import (
     SYSTEM_NAMESPACE,
     TOKEN_AUDIENCE,

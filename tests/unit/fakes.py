@@ -675,11 +675,18 @@ class FakeAudit:
         return event
 
     def append_many(
-        self, events: Sequence[AuditEvent], *, opens: tuple[str, str] | None = None
+        self,
+        events: Sequence[AuditEvent],
+        *,
+        opens: tuple[str, str] | None = None,
+        releases: Sequence[str] = (),
     ) -> object:
         self._check()
         if opens is not None and self.ledger is not None:  # first: all or nothing
             self.ledger.open(*opens)
+        if self.ledger is not None:
+            for launch_id in releases:
+                self.ledger.released(launch_id)
         with self._lock:
             self.events.extend(events)
         return list(events)

@@ -130,23 +130,39 @@ def test_a_secret_deleted_by_someone_else_is_given_back_from_the_ledger(svc: Ser
 
 def test_a_pods_end_is_recorded_in_one_commit_once_it_is_undone(svc: Services) -> None:
     """The Secret is deleted and Vault given back before anything waits for the audit
-    store; the steps then go in one commit, in the order they happened."""
+    store; the steps then go in one commit, in the order they happened, and the
+    launch's ledger row is closed in that same commit (a broker killed before it leaves
+    the row open for the sweep instead of losing the records)."""
     pod = finished_pod_with_secret(svc)
-    commits: list[list[EventKind]] = []
+    svc.ledger.hold(pod.launch_id, pod.namespace, lease_ids=[LEASE], token_accessor="acc-1")
+
+    def row_open() -> bool:
+        return pod.launch_id in {held.launch_id for held in svc.ledger.unreleased()}
+
+    commits: list[tuple[list[EventKind], list[str]]] = []
     undone_before_commit: list[bool] = []
+    open_before_commit: list[bool] = []
     append_many = svc.audit.append_many
 
-    def recording(events, *, opens=None):  # type: ignore[no-untyped-def]
+    def recording(events, *, opens=None, releases=()):  # type: ignore[no-untyped-def]
         undone_before_commit.append(
             len(svc.cluster.deleted_secrets) == 1 and svc.store.revoked_leases == [LEASE]
         )
-        commits.append([event.kind for event in events])
-        return append_many(events, opens=opens)
+        open_before_commit.append(row_open())
+        commits.append(([event.kind for event in events], list(releases)))
+        return append_many(events, opens=opens, releases=releases)
 
     svc.audit.append_many = recording  # type: ignore[method-assign]
     svc.cleanup.finish(pod)
-    assert commits == [[EventKind.POD_FINISHED, EventKind.SECRET_DELETED, EventKind.LEASES_REVOKED]]
+    assert commits == [
+        (
+            [EventKind.POD_FINISHED, EventKind.SECRET_DELETED, EventKind.LEASES_REVOKED],
+            [pod.launch_id],
+        )
+    ]
     assert undone_before_commit == [True]
+    assert open_before_commit == [True]
+    assert not row_open()
 
 
 def test_a_kill_is_recorded_with_its_steps_in_one_commit(svc: Services) -> None:
