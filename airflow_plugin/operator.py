@@ -34,7 +34,7 @@ from airflow_plugin.result import (
     ResultWithheldError,
     task_result,
 )
-from airflow_plugin.retry import DEFAULT_UNAVAILABLE_TIMEOUT_SECONDS
+from airflow_plugin.retry import DEFAULT_UNAVAILABLE_TIMEOUT_SECONDS, Outage
 from airflow_plugin.secrets import SecretSpec, parse_secrets
 from airflow_plugin.settings import DEFAULT_CONN_ID, ConnectionConfigError
 from airflow_plugin.trigger import ON_KILL_ACTIONS, BrokerLaunchTrigger, OnKillAction
@@ -59,7 +59,6 @@ from broker.errors import (
 
 OnFinishAction = Literal["delete_pod", "delete_succeeded_pod", "keep_pod"]
 _ON_FINISH_ACTIONS = ("delete_pod", "delete_succeeded_pod", "keep_pod")
-_LAUNCH_ATTEMPTS = 3
 # How long a succeeded pod's return value waits for the broker's leak guard verdict
 # (given as the broker cleans up the ended pod, normally within a second).
 RESULT_CHECK_TIMEOUT_SECONDS = 60.0
@@ -182,10 +181,11 @@ class BrokerPodOperator(BaseOperator):
         None: the log is copied once the pod has ended.
     :param launch_timeout_seconds: the broker stops the pod after this. Default:
         ``execution_timeout`` if set, else 7 days (the broker's maximum); logged at launch.
-    :param broker_unavailable_timeout_seconds: while the pod runs, keep retrying status
-        polls and log reconnects that find the broker unavailable (503, connection
-        errors, a 401 during token rotation) with capped exponential backoff for this long
-        before failing the try (0: fail at once). A try that fails after its launch was
+    :param broker_unavailable_timeout_seconds: keep retrying the launch, and while the
+        pod runs the status polls and log reconnects, that find the broker unavailable
+        (503, connection errors; for polls also a 401 during token rotation) with capped
+        exponential backoff (honouring Retry-After) for this long before failing the try
+        (0: fail at once). A try that fails after its launch was
         created deletes the launch first, so a retry never runs beside an orphaned pod.
     :param podbroker_conn_id: the ``podbroker`` connection.
     :param dry_run: launch nothing: ask the broker for the launch plan and its policy
@@ -600,23 +600,26 @@ class BrokerPodOperator(BaseOperator):
     # -- steps -------------------------------------------------------------------
 
     def _launch(self, client: BrokerClient, request: LaunchRequest) -> LaunchView:
-        """POST the launch; on unavailability retry in-process (the POST is idempotent per
-        task identity, so a lost response cannot start a second pod)."""
+        """POST the launch; while the broker is unavailable retry in-process, as status
+        polls do, for ``broker_unavailable_timeout_seconds`` (the POST is idempotent per
+        task identity, so a lost response cannot start a second pod). This rides out a
+        broker restart, and the wait after a broker died mid-launch until its sweep has
+        given back what that attempt held."""
         action = f"launching {request.task.dag_id}.{request.task.task_id}"
-        for attempt in range(1, _LAUNCH_ATTEMPTS + 1):
+        outage = Outage(self.broker_unavailable_timeout_seconds)
+        while True:
             try:
                 return client.launch(request)
             except TemporaryError as exc:
-                if attempt == _LAUNCH_ATTEMPTS:
+                delay = outage.next_delay(exc.retry_after)
+                if delay is None:
                     with broker_errors(action):
                         raise
-                delay = min(exc.retry_after, 10)
-                self.log.warning("broker unavailable (%s); retrying in %ss", exc.reason, delay)
+                self.log.warning("broker unavailable (%s); retrying in %.0fs", exc.reason, delay)
                 time.sleep(delay)
             except BrokerError:
                 with broker_errors(action):
                     raise
-        raise AssertionError("unreachable")  # pragma: no cover
 
     def _watcher(self, client: BrokerClient) -> LaunchWatcher:
         """Status polls ride out outages for ``broker_unavailable_timeout_seconds``; the

@@ -241,12 +241,28 @@ def test_launch_retries_unavailability_in_process(wire, monkeypatch) -> None:  #
 
 
 def test_persistent_unavailability_is_retryable(wire, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setattr("airflow_plugin.operator.time.sleep", lambda s: None)
+    """The launch is retried, honouring Retry-After, for the unavailability timeout
+    (not a fixed three attempts: a broker restart, or the sweep of an attempt that died
+    mid-launch, takes longer), then the try fails retryably."""
+    now = [0.0]
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        now[0] += seconds
+
+    monkeypatch.setattr("airflow_plugin.retry._clock", lambda: now[0])
+    monkeypatch.setattr("airflow_plugin.operator.time.sleep", sleep)
     broker = wire(ScriptedBroker(["Pending"]))
-    broker.launch_response = httpx.Response(503, json={"error": "u", "reason": "api down"})
+    broker.launch_response = httpx.Response(
+        503, headers={"Retry-After": "5"}, json={"error": "u", "reason": "api down"}
+    )
     with pytest.raises(AirflowException, match="will retry") as caught:
-        operator().execute({"ti": FakeTI()})  # type: ignore[arg-type]
+        operator(broker_unavailable_timeout_seconds=120).execute({"ti": FakeTI()})  # type: ignore[arg-type]
     assert not isinstance(caught.value, AirflowFailException)
+    assert sum(sleeps) == 120  # retried for the whole timeout, never past it
+    assert min(sleeps) >= 5  # Retry-After honoured
+    assert sum(r.method == "POST" for r in broker.requests) == len(sleeps) + 1
 
 
 def test_startup_timeout_kills_the_launch(wire) -> None:  # type: ignore[no-untyped-def]
