@@ -223,9 +223,7 @@ class LaunchExecutor:
         plan = complete_plan(plan, policy, decision, self.limits)
         existing = existing_future.result()
         if existing is not None:
-            self._check_same_request(plan, existing, caller, [requested, decided])
-            self.audit.append_many([requested, decided, self._reattached_event(plan, caller)])
-            return launch_view(existing, created=False)
+            return self._reattach(plan, existing, caller, [requested, decided])
         # Before anything is recorded or read: refs that cannot work are the caller's 422.
         pod_manifest = plan.initial_pod()
         intent = ev.launch_event(
@@ -250,13 +248,20 @@ class LaunchExecutor:
             existing = self._await_other_attempt(plan)
             if existing is None:
                 raise
-            self._check_same_request(plan, existing, caller, [requested, decided])
-            self.audit.append_many([requested, decided, self._reattached_event(plan, caller)])
-            return launch_view(existing, created=False)
+            return self._reattach(plan, existing, caller, [requested, decided])
         view = self._execute(plan, caller, pod_manifest)
         if view.created and plan.task.try_number > 1:
             self._pool.submit(self._end_earlier_tries, plan)
         return view
+
+    def _reattach(
+        self, plan: LaunchPlan, existing: PodInfo, caller: Caller, decided: list[ev.AuditEvent]
+    ) -> LaunchView:
+        """This task try's pod exists: answer with it if this request describes it (else
+        409), recorded after the request and its decision."""
+        self._check_same_request(plan, existing, caller, decided)
+        self.audit.append_many([*decided, self._reattached_event(plan, caller)])
+        return launch_view(existing, created=False)
 
     def _await_other_attempt(self, plan: LaunchPlan) -> PodInfo | None:
         """The pod of the attempt that holds this task try, once it exists; None if it
